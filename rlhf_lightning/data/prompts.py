@@ -1,0 +1,76 @@
+"""Prompts with optional gold answers, from the toy task's splits or a JSONL file, and their batches.
+
+Shared by every stage: SFT's and PPO's held-out evaluation, PPO's rollout prompts and `rlhf eval`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Dataset
+
+from rlhf_lightning.data.collate import left_pad
+from rlhf_lightning.data.jsonl import DataError, read_jsonl
+from rlhf_lightning.tasks.arithmetic import gold_answer, task_problems
+from rlhf_lightning.tokenizer import CharTokenizer
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    prompt: str
+    gold: str | None  # the answer the judge compares with, when known
+    where: str  # "file:line" or "task:split", for error messages
+
+
+def load_prompts(task: str = "toy", split: str = "val", path: str | None = None, limit: int | None = None) -> list[PromptRecord]:
+    """The task's `split` prompts, or the `{"prompt"[, "completion"]}` lines of a JSONL file."""
+    if path is not None:
+        rows = read_jsonl(path, required=["prompt"], optional={"completion": str})
+        records = [PromptRecord(r["prompt"], r.get("completion", gold_answer(r["prompt"])), f"{path}:{n}") for n, r in rows]
+    else:
+        records = [PromptRecord(p.prompt, p.answer, f"{task}:{split}") for p in task_problems(task, split)]
+    if limit is not None:
+        records = records[:limit]
+    if not records:
+        raise DataError("no prompts", path=path or f"{task}:{split}")
+    return records
+
+
+def encode_prompts(tokenizer: CharTokenizer, records: list[PromptRecord], max_len: int | None = None) -> list[list[int]]:
+    """BOS + prompt ids per record; errors name the record's file, line and field."""
+    out = []
+    for r in records:
+        ids = tokenizer.encode_prompt(r.prompt, where=f"{r.where}: field 'prompt'")
+        if max_len is not None and len(ids) >= max_len:
+            raise DataError(f"prompt is {len(ids)} tokens, the model's context is {max_len}", path=r.where, field="prompt")
+        out.append(ids)
+    return out
+
+
+class PromptDataset(Dataset):
+    """Encoded prompts; batches are left-padded for generation."""
+
+    def __init__(self, tokenizer: CharTokenizer, records: list[PromptRecord], max_len: int | None = None) -> None:
+        self.records = records
+        self.ids = encode_prompts(tokenizer, records, max_len)
+        self.pad_id = tokenizer.pad_id
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> tuple[list[int], PromptRecord]:
+        return self.ids[i], self.records[i]
+
+    def collate(self, items: list[tuple[list[int], PromptRecord]]) -> dict:
+        prompt_ids, prompt_mask = left_pad([ids for ids, _ in items], self.pad_id)
+        return {
+            "prompt_ids": prompt_ids,  # (B, P) left-padded
+            "prompt_mask": prompt_mask,  # (B, P)
+            "prompts": [r.prompt for _, r in items],
+            "golds": [r.gold for _, r in items],
+        }
+
+
+def move_batch(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -1,0 +1,109 @@
+"""SFT demonstrations: (prompt, completion) pairs from the toy task or a JSONL file."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from rlhf_lightning.data.collate import right_pad
+from rlhf_lightning.data.jsonl import DataError, read_jsonl
+from rlhf_lightning.data.prompts import PromptDataset, load_prompts
+from rlhf_lightning.tasks.arithmetic import demonstration_problems, task_problems
+from rlhf_lightning.tokenizer import CharTokenizer
+
+
+class SFTDataset(Dataset):
+    """Each example is BOS + prompt + completion + EOS and a mask of the tokens the loss predicts."""
+
+    def __init__(self, tokenizer: CharTokenizer, pairs: list[tuple[str, str, str]], max_len: int, prompt_loss: bool) -> None:
+        self.pad_id = tokenizer.pad_id
+        self.examples = []
+        for prompt, completion, where in pairs:
+            p = tokenizer.encode_prompt(prompt, where=f"{where}: field 'prompt'")
+            c = tokenizer.encode_completion(completion, where=f"{where}: field 'completion'")
+            if len(p) + len(c) > max_len:
+                raise DataError(
+                    f"prompt + completion is {len(p) + len(c)} tokens, the model's context is {max_len}",
+                    path=where, field="completion",
+                )
+            # target t is predicted from tokens < t; BOS is never a target
+            targets = [prompt_loss and t > 0 for t in range(len(p))] + [True] * len(c)
+            self.examples.append((p + c, targets))
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> tuple[list[int], list[bool]]:
+        return self.examples[i]
+
+    def collate(self, items: list[tuple[list[int], list[bool]]]) -> dict:
+        input_ids, attention_mask = right_pad([ids for ids, _ in items], self.pad_id)
+        loss_mask = torch.zeros_like(attention_mask)
+        for i, (_, targets) in enumerate(items):
+            loss_mask[i, : len(targets)] = torch.tensor(targets)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+
+
+class SFTDataModule(L.LightningDataModule):
+    """Demonstrations for `train`, the task's `val` prompts (or a JSONL file) for greedy evaluation.
+
+    The tokenizer belongs to the LightningModule (it travels inside the checkpoint); `setup` takes it
+    from there unless one was assigned to `self.tokenizer`.
+    """
+
+    def __init__(
+        self,
+        task: str = "toy",
+        train_file: str | None = None,
+        val_file: str | None = None,
+        demo_fraction: float = 1.0,
+        batch_size: int = 128,
+        eval_batch_size: int = 1024,
+        max_val_prompts: int | None = None,
+        num_workers: int = 0,
+    ) -> None:
+        """
+        Args:
+            task: "toy" (two-digit arithmetic with hash splits) or "seed" (the seed's 8 prompts).
+            train_file: JSONL of {"prompt", "completion"} lines; replaces the task's demonstrations.
+            val_file: JSONL of {"prompt"[, "completion"]} lines for evaluation; default: the task's `val`.
+            demo_fraction: fraction of `train` prompts that have a demonstration (toy task only).
+            batch_size: demonstrations per optimizer step.
+            eval_batch_size: prompts per batch of greedy evaluation.
+            max_val_prompts: evaluate on the first N `val` prompts only (None: all).
+            num_workers: DataLoader workers.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.tokenizer: CharTokenizer | None = None
+
+    def _tokenizer_and_context(self) -> tuple[CharTokenizer, int]:
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        tokenizer = self.tokenizer or module.tokenizer
+        return tokenizer, getattr(module, "context_length", 1 << 30) if module is not None else 1 << 30
+
+    def _pairs(self) -> list[tuple[str, str, str]]:
+        hp = self.hparams
+        if hp.train_file is not None:
+            rows = read_jsonl(hp.train_file, required=["prompt", "completion"])
+            return [(r["prompt"], r["completion"], f"{hp.train_file}:{n}") for n, r in rows]
+        problems = demonstration_problems(hp.demo_fraction) if hp.task == "toy" else task_problems(hp.task, "train")
+        return [(p.prompt, p.answer, f"{hp.task}:train") for p in problems]
+
+    def setup(self, stage: str) -> None:
+        tokenizer, context = self._tokenizer_and_context()
+        hp = self.hparams
+        if stage == "fit":
+            self.train_set = SFTDataset(tokenizer, self._pairs(), context, self.trainer.lightning_module.hparams.get("prompt_loss", False))
+        records = load_prompts(hp.task, "val", hp.val_file, hp.max_val_prompts)
+        self.val_set = PromptDataset(tokenizer, records, context)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.train_set, batch_size=self.hparams.batch_size, shuffle=True, drop_last=False,
+            collate_fn=self.train_set.collate, num_workers=self.hparams.num_workers,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.hparams.eval_batch_size, collate_fn=self.val_set.collate)

@@ -1,0 +1,83 @@
+"""`rlhf eval`: answer held-out prompts with a trained policy, report accuracy, write completions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from rlhf_lightning.data.jsonl import write_jsonl
+from rlhf_lightning.data.prompts import PromptDataset, load_prompts
+from rlhf_lightning.policy import complete, context_length, judge_scores, load_policy
+
+
+def evaluate_policy(
+    ckpt: str,
+    task: str = "toy",
+    split: str = "test",
+    prompts: str | None = None,
+    greedy: bool = True,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    max_new_tokens: int = 6,
+    batch_size: int = 1024,
+    seed: int = 0,
+) -> tuple[dict, list[dict]]:
+    """Return ({"accuracy", "num_prompts", ...}, one record per prompt)."""
+    model, tokenizer, _ = load_policy(ckpt, role="--ckpt")
+    model.eval()
+    records = load_prompts(task, split, prompts)
+    dataset = PromptDataset(tokenizer, records, context_length(model))
+    generator = torch.Generator().manual_seed(seed)
+    rows, scores = [], []
+    for start in range(0, len(dataset), batch_size):
+        batch = dataset.collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        completions, gen = complete(model, tokenizer, batch, max_new_tokens, greedy, temperature, top_k, generator)
+        batch_scores = judge_scores(completions, batch["golds"], gen.finished)
+        for p, c, g, e, s in zip(batch["prompts"], completions, batch["golds"], gen.finished.tolist(), batch_scores.tolist()):
+            rows.append({"prompt": p, "completion": c, "gold": g, "eos": e, "correct": None if g is None else bool(s)})
+        scores.append(batch_scores)
+    all_scores = torch.cat(scores)
+    known = ~all_scores.isnan()
+    summary = {
+        "ckpt": ckpt,
+        "source": prompts or f"{task}:{split}",
+        "num_prompts": len(rows),
+        "num_with_gold": int(known.sum()),
+        "accuracy": float(all_scores[known].mean()) if known.any() else None,
+        "eos_rate": sum(r["eos"] for r in rows) / len(rows),
+    }
+    return summary, rows
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="rlhf eval", description=__doc__)
+    parser.add_argument("--ckpt", required=True, help="an SFT or PPO checkpoint")
+    parser.add_argument("--task", default="toy", help="toy or seed (default: toy)")
+    parser.add_argument("--split", default="test", choices=["train", "val", "test"])
+    parser.add_argument("--prompts", default=None, help='JSONL of {"prompt"[, "completion" as gold]} lines')
+    parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top_k", type=int, default=None)
+    parser.add_argument("--max_new_tokens", type=int, default=6)
+    parser.add_argument("--batch_size", type=int, default=1024)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="completions JSONL (default: beside the checkpoint)")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    summary, rows = evaluate_policy(
+        args.ckpt, args.task, args.split, args.prompts, not args.sample, args.temperature, args.top_k,
+        args.max_new_tokens, args.batch_size, args.seed,
+    )
+    source = Path(args.prompts).stem if args.prompts else args.split
+    out = Path(args.out) if args.out else Path(args.ckpt).with_name(f"{Path(args.ckpt).stem}.eval_{source}.jsonl")
+    write_jsonl(out, rows)
+    summary["out"] = str(out)
+    summary["wall_s"] = round(time.perf_counter() - start, 3)
+    accuracy = "n/a (no gold answers)" if summary["accuracy"] is None else f"{summary['accuracy']:.4f}"
+    print(f"{summary['source']}: accuracy {accuracy} on {summary['num_prompts']} prompts; completions in {out}")
+    print(json.dumps(summary))
+    return 0

@@ -1,0 +1,90 @@
+"""Supervised fine-tuning: maximize the log-likelihood of demonstrated completions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torchmetrics import MeanMetric
+
+from rlhf_lightning.callbacks import log_samples
+from rlhf_lightning.losses import logprobs_from_logits, masked_mean
+from rlhf_lightning.optim import adamw, warmup_cosine
+from rlhf_lightning.policy import build_policy, complete, context_length, judge_scores
+
+
+class SFTModule(L.LightningModule):
+    """Negative log-likelihood of completion tokens (optionally prompt tokens too), mean over real tokens."""
+
+    def __init__(
+        self,
+        model: dict[str, Any] | None = None,
+        tokenizer: dict[str, Any] | None = None,
+        prompt_loss: bool = False,
+        lr: float = 3e-3,
+        weight_decay: float = 0.1,
+        warmup_steps: int = 50,
+        min_lr_ratio: float = 0.1,
+        max_new_tokens: int = 6,
+        num_logged_samples: int = 8,
+    ) -> None:
+        """
+        Args:
+            model: plain config of the causal LM, e.g. {"type": "gpt", "n_layer": 2, "n_embd": 64};
+                `vocab_size` is taken from the tokenizer.
+            tokenizer: `CharTokenizer.to_dict()` output; default: the toy task's alphabet.
+            prompt_loss: also train on prompt tokens (default: completion tokens only).
+            lr: peak AdamW learning rate.
+            weight_decay: AdamW weight decay on matrices (none on biases and norms).
+            warmup_steps: linear warm-up steps, then cosine decay to `min_lr_ratio * lr`.
+            min_lr_ratio: final learning rate as a fraction of `lr`.
+            max_new_tokens: completion budget of greedy evaluation.
+            num_logged_samples: evaluation completions written to TensorBoard as text.
+        """
+        super().__init__()
+        self.model, self.tokenizer, model_config = build_policy(model, tokenizer)
+        self.save_hyperparameters()
+        self.hparams.model = model_config  # resolved: the checkpoint rebuilds exactly this model
+        self.hparams.tokenizer = self.tokenizer.to_dict()
+        self.val_accuracy = MeanMetric()
+
+    @property
+    def context_length(self) -> int:
+        return context_length(self.model)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, attention_mask)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        logits = self.model(ids, mask)[:, :-1]  # (B, T-1, V): position t predicts token t+1
+        targets, loss_mask = ids[:, 1:], batch["loss_mask"][:, 1:]  # (B, T-1)
+        loss = -masked_mean(logprobs_from_logits(logits, targets), loss_mask)
+        token_accuracy = masked_mean((logits.argmax(-1) == targets).float(), loss_mask)
+        self.log("sft/loss", loss, prog_bar=True)
+        self.log("sft/token_accuracy", token_accuracy, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        completions, gen = complete(self.model, self.tokenizer, batch, self.hparams.max_new_tokens)
+        scores = judge_scores(completions, batch["golds"], gen.finished)
+        known = ~scores.isnan()
+        if known.any():
+            self.val_accuracy.update(scores[known])
+        if batch_idx == 0:
+            log_samples(self, "samples/val", batch["prompts"], completions, batch["golds"], self.hparams.num_logged_samples)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_accuracy.update_called:
+            self.log("eval/accuracy", self.val_accuracy.compute(), prog_bar=True)
+        self.val_accuracy.reset()
+
+    def configure_optimizers(self):
+        optimizer = adamw(self.model, self.hparams.lr, self.hparams.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = warmup_cosine(optimizer, self.hparams.warmup_steps, total, self.hparams.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rlhf"] = {"stage": "sft", "model": dict(self.hparams.model), "tokenizer": dict(self.hparams.tokenizer)}
