@@ -1,0 +1,180 @@
+"""Reward modelling: a Bradley-Terry loss on preference pairs, `-log sigmoid(r_chosen - r_rejected)`."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import CatMetric, MeanMetric
+
+from rlhf_lightning.checkpoints import read_checkpoint, submodule_state
+from rlhf_lightning.losses import bradley_terry_loss, pairwise_accuracy
+from rlhf_lightning.models.reward import RewardModel
+from rlhf_lightning.optim import adamw, warmup_cosine
+from rlhf_lightning.policy import POLICY_STAGES
+from rlhf_lightning.tasks.arithmetic import ALPHABET
+from rlhf_lightning.tokenizer import CharTokenizer
+
+__all__ = ["RewardModule", "binary_auroc"]
+
+
+def binary_auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Probability that a random positive (label 1) outscores a random negative (label 0); ties count half.
+
+    Mann-Whitney U from average ranks; NaN when either class is missing.
+
+    >>> binary_auroc(torch.tensor([0.1, 0.4, 0.4, 0.9]), torch.tensor([0.0, 0.0, 1.0, 1.0]))  # (1 + 0.5 + 1 + 1) / 4
+    0.875
+    """
+    scores, labels = scores.double().flatten(), labels.flatten()  # (N,), (N,)
+    positive = labels == 1
+    n_pos, n_neg = int(positive.sum()), int((labels == 0).sum())
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    _, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)  # sorted tie blocks
+    block_rank = counts.cumsum(0).double() - (counts.double() - 1) / 2  # average 1-based rank of each block
+    ranks = block_rank[inverse]  # (N,)
+    u = float(ranks[positive].sum()) - n_pos * (n_pos + 1) / 2
+    return u / (n_pos * n_neg)
+
+
+class RewardModule(L.LightningModule):
+    """Trains a `RewardModel` on preference pairs; chosen and rejected are scored in one forward."""
+
+    def __init__(
+        self,
+        model: dict[str, Any] | None = None,
+        tokenizer: dict[str, Any] | None = None,
+        sft_ckpt: str | None = None,
+        init_from_sft: bool = True,
+        use_margin: bool = True,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 10,
+        min_lr_ratio: float = 0.1,
+    ) -> None:
+        """
+        Args:
+            model: plain config of the reward model, e.g. {"type": "gpt", "n_layer": 2, "n_embd": 64} or
+                {"type": "mean_embedding", "n_embd": 64} (the seed's model); `vocab_size` comes from the
+                tokenizer. With `init_from_sft`, the transformer's sizes come from the SFT checkpoint.
+            tokenizer: `CharTokenizer.to_dict()` output; default: the SFT checkpoint's, else the toy alphabet.
+            sft_ckpt: SFT checkpoint: its tokenizer, its weights (with `init_from_sft`), and the policy that
+                samples generated pairs (unless the DataModule names another).
+            init_from_sft: initialize the transformer from the SFT policy (its LM head is dropped).
+            use_margin: use the pairs' optional `margin` in the loss (TRL's convention).
+            lr: peak AdamW learning rate.
+            weight_decay: AdamW weight decay on matrices (none on biases and norms).
+            warmup_steps: linear warm-up steps, then cosine decay to `min_lr_ratio * lr`.
+            min_lr_ratio: final learning rate as a fraction of `lr`.
+        """
+        super().__init__()
+        sft = read_checkpoint(sft_ckpt, POLICY_STAGES, "model.init_args.sft_ckpt") if sft_ckpt else None
+        self.tokenizer = self._resolve_tokenizer(tokenizer, sft)
+        config = self._resolve_model(model, sft if init_from_sft else None)
+        self.model = RewardModel(config)
+        if sft is not None and init_from_sft:
+            self.model.load_backbone(submodule_state(sft, "model"))
+        self.save_hyperparameters()
+        self.hparams.model = config  # resolved: the checkpoint rebuilds exactly this model
+        self.hparams.tokenizer = self.tokenizer.to_dict()
+        self.val_accuracy = MeanMetric()
+        self.val_loss = MeanMetric()
+        self.val_scores = CatMetric(nan_strategy="disable")
+        self.val_labels = CatMetric(nan_strategy="disable")
+        self.reward_mean, self.reward_std = 0.0, 1.0  # of held-out completions' scores, measured on val
+
+    @staticmethod
+    def _resolve_tokenizer(tokenizer: dict[str, Any] | None, sft: dict | None) -> CharTokenizer:
+        if sft is None:
+            return CharTokenizer.from_dict(tokenizer) if tokenizer else CharTokenizer(ALPHABET)
+        sft_tokenizer = CharTokenizer.from_dict(sft["rlhf"]["tokenizer"])
+        if tokenizer and CharTokenizer.from_dict(tokenizer) != sft_tokenizer:
+            raise ValueError("model.init_args.tokenizer differs from the tokenizer of model.init_args.sft_ckpt; leave it unset")
+        return sft_tokenizer
+
+    def _resolve_model(self, model: dict[str, Any] | None, sft: dict | None) -> dict[str, Any]:
+        config = {"type": "gpt", **(model or {})}
+        if sft is None:
+            return {**config, "vocab_size": self.tokenizer.vocab_size}
+        policy = sft["rlhf"]["model"]
+        if config["type"] != "gpt" or policy.get("type", "gpt") != "gpt":
+            raise ValueError(
+                f"model.init_args.init_from_sft needs a 'gpt' reward model and a 'gpt' policy, got "
+                f"{config['type']!r} and {policy.get('type')!r} (set init_from_sft: false)"
+            )
+        conflicts = sorted(k for k in config if k != "type" and k in policy and policy[k] != config[k])
+        if conflicts:
+            raise ValueError(f"model.init_args.model: {conflicts} differ from the SFT policy's; with init_from_sft the sizes come from sft_ckpt")
+        return {**policy, "type": "gpt"}
+
+    @property
+    def context_length(self) -> int:
+        return int(self.model.block_size)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, attention_mask)  # (B,)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        scores = self.model(batch["input_ids"], batch["attention_mask"])  # (2B,): chosen rows, then rejected
+        r_chosen, r_rejected = scores.chunk(2)  # (B,), (B,)
+        margin = batch["margin"] if self.hparams.use_margin else None
+        loss = bradley_terry_loss(r_chosen, r_rejected, margin)
+        n = r_chosen.size(0)
+        self.log("rm/loss", loss, prog_bar=True, batch_size=n)
+        self.log("rm/accuracy", pairwise_accuracy(r_chosen, r_rejected), prog_bar=True, batch_size=n)
+        self.log("rm/margin", (r_chosen - r_rejected).mean().detach(), batch_size=n)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        scores = self.model(batch["input_ids"], batch["attention_mask"])  # (N,) every held-out completion
+        pairs = batch["pairs"]  # (M, 2) rows of (chosen, rejected)
+        if len(pairs):
+            diff = scores[pairs[:, 0]] - scores[pairs[:, 1]]  # (M,)
+            self.val_accuracy.update((diff > 0).float())
+            self.val_loss.update(-F.logsigmoid(diff))
+        self.val_scores.update(scores)
+        self.val_labels.update(batch["labels"])
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_accuracy.update_called:
+            self.log("eval/rm_accuracy", self.val_accuracy.compute(), prog_bar=True)
+            self.log("eval/rm_loss", self.val_loss.compute())
+        if self.val_scores.update_called:
+            scores, labels = self.val_scores.compute(), self.val_labels.compute()  # (N,), (N,)
+            self.reward_mean, self.reward_std = float(scores.mean()), float(scores.std(unbiased=False))
+            self.log("eval/rm_reward_mean", self.reward_mean)
+            self.log("eval/rm_reward_std", self.reward_std)
+            known = ~labels.isnan()
+            auroc = binary_auroc(scores[known], labels[known])
+            if not math.isnan(auroc):
+                self.log("eval/rm_auroc", auroc, prog_bar=True)
+        for metric in (self.val_accuracy, self.val_loss, self.val_scores, self.val_labels):
+            metric.reset()
+
+    def configure_optimizers(self):
+        optimizer = adamw(self.model, self.hparams.lr, self.hparams.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = warmup_cosine(optimizer, self.hparams.warmup_steps, total, self.hparams.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rlhf"] = {
+            "stage": "reward",
+            "model": dict(self.hparams.model),
+            "tokenizer": dict(self.hparams.tokenizer),
+            "reward_mean": float(self.reward_mean),
+            "reward_std": float(self.reward_std),
+            "sft_ckpt": self.hparams.sft_ckpt,
+        }
+        # Self-describing: `load_from_checkpoint` rebuilds from the resolved model and tokenizer above and
+        # never needs the SFT file again (its weights are in the state dict).
+        checkpoint["hyper_parameters"] = {**checkpoint.get("hyper_parameters", {}), "sft_ckpt": None, "init_from_sft": False}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint.get("rlhf", {})
+        self.reward_mean = float(meta.get("reward_mean", self.reward_mean))
+        self.reward_std = float(meta.get("reward_std", self.reward_std))

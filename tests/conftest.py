@@ -1,0 +1,50 @@
+"""Shared fixtures: configs, an in-process CLI runner, and one small trained SFT checkpoint for all tests."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+# Quiet, deterministic, and fast settings for every in-process run.
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+def run_cli(args: list[str], cwd: Path):
+    """Run `rlhf fit ...` in-process (LightningCLI(args=...)) with `cwd` as the working directory."""
+    from rlhf_lightning.cli import lightning_cli
+
+    old = Path.cwd()
+    os.chdir(cwd)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return lightning_cli(args)
+    finally:
+        os.chdir(old)
+
+
+# About 600 steps of SFT on the toy task (15-20 s here): far above chance, shared by every test that needs a
+# trained policy.
+SFT_QUICK = [
+    "fit", "--config", str(CONFIGS / "toy" / "sft.yaml"), *QUIET,
+    "--trainer.max_epochs=6", "--trainer.logger=false", "--data.init_args.max_val_prompts=256",
+]
+
+
+@pytest.fixture(scope="session")
+def sft_run(tmp_path_factory):
+    """(working dir, path of checkpoints/toy/sft.ckpt, the CLI object) of one quick SFT run."""
+    cwd = tmp_path_factory.mktemp("sft_run")
+    cli = run_cli(SFT_QUICK, cwd)
+    return cwd, cwd / "checkpoints" / "toy" / "sft.ckpt", cli
+
+
+@pytest.fixture(scope="session")
+def sft_ckpt(sft_run) -> Path:
+    return sft_run[1]

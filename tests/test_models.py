@@ -1,0 +1,60 @@
+"""Models: one interface, padding-independent results, KV cache equal to a full forward, reload identity."""
+
+import torch
+
+from rlhf_lightning.models import GPT, GPTConfig, build_model, positions_from_mask
+
+
+def tiny_gpt(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=11, block_size=16, n_layer=2, n_head=2, n_embd=16))
+
+
+def test_positions_from_mask_skip_left_padding():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert positions_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+
+
+def test_left_padding_does_not_change_a_rows_logits():
+    model = tiny_gpt().eval()
+    ids = torch.tensor([[3, 4, 5]])
+    alone = model(ids, torch.ones(1, 3, dtype=torch.bool))  # (1, 3, V)
+    padded = torch.tensor([[0, 0, 3, 4, 5]])
+    mask = torch.tensor([[0, 0, 1, 1, 1]], dtype=torch.bool)
+    with_pad = model(padded, mask)[:, 2:]
+    torch.testing.assert_close(with_pad, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_kv_cache_forward_equals_full_forward():
+    model = tiny_gpt().eval()
+    ids = torch.tensor([[0, 3, 4, 5, 6], [7, 8, 9, 1, 2]])
+    mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    full = model(ids, mask)  # (2, 5, V)
+    cache = model.new_cache(2, 5)
+    first = model(ids[:, :3], mask[:, :3], position_ids=positions_from_mask(mask[:, :3]), cache=cache)
+    pos = positions_from_mask(mask)
+    steps = [model(ids[:, t : t + 1], mask[:, : t + 1], position_ids=pos[:, t : t + 1], cache=cache) for t in (3, 4)]
+    torch.testing.assert_close(torch.cat([first, *steps], dim=1)[:, 1:], full[:, 1:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(first[1], full[1, :3], atol=1e-5, rtol=1e-5)
+
+
+def test_too_long_sequence_is_a_clear_error():
+    model = tiny_gpt()
+    ids = torch.zeros(1, 17, dtype=torch.long)
+    try:
+        model(ids, torch.ones_like(ids, dtype=torch.bool))
+    except ValueError as err:
+        assert "block_size=16" in str(err)
+    else:
+        raise AssertionError("no error for a sequence beyond the context")
+
+
+def test_build_model_from_plain_dict_and_unknown_type():
+    bigram = build_model({"type": "bigram", "vocab_size": 7, "n_embd": 4})
+    assert bigram(torch.tensor([[1, 2, 3]])).shape == (1, 3, 7)
+    try:
+        build_model({"type": "lstm"})
+    except ValueError as err:
+        assert "lstm" in str(err) and "gpt" in str(err)
+    else:
+        raise AssertionError
