@@ -9,12 +9,12 @@ COMMANDS = {
 }
 
 
-def lightning_cli(args: list[str] | None = None, run: bool = True):
+def lightning_cli(args: list[str] | None = None, run: bool = True, cli_class: type | None = None):
     """The LightningCLI behind `rlhf fit|validate|...`: any LightningModule/DataModule by class_path."""
     import lightning as L
     from lightning.pytorch.cli import LightningCLI
 
-    return LightningCLI(
+    return (cli_class or LightningCLI)(
         L.LightningModule,
         L.LightningDataModule,
         subclass_mode_model=True,
