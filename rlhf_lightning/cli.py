@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 COMMANDS = {
+    "pipeline": ("rlhf_lightning.pipeline", "SFT -> reward model -> PPO in one go, then a test-split table."),
     "eval": ("rlhf_lightning.evaluate", "Answer held-out prompts with a checkpoint, report accuracy."),
 }
 

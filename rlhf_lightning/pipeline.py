@@ -1,0 +1,185 @@
+"""`rlhf pipeline`: SFT -> reward model -> PPO in one process, then a table on the `test` split.
+
+    rlhf pipeline                                   # the embedded toy task, configs/toy/pipeline.yaml
+    rlhf pipeline --config configs/toy/pipeline.yaml --sft.trainer.max_epochs=2 --ppo.model.init_args.lr=1e-4
+
+Each stage is the same `rlhf fit --config <stage yaml>` run in-process; `--<stage>.<option>=<value>`
+passes `--<option>=<value>` to that stage. Checkpoints chain through the stage configs' fixed paths.
+The table (and `summary.json`, one row per stage: `stage`, `test_accuracy`, `test_reward`, `test_kl`,
+`wall_s`) reports for each policy its greedy accuracy on `test`, the learned reward's mean (normalized)
+on those answers, and the KL to the SFT reference; the reward row reports the reward model's pairwise
+accuracy against the judge on sampled `test` completions.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+STAGES = ("sft", "reward", "ppo")
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+
+
+def default_config() -> Path:
+    return PACKAGE_ROOT / "configs" / "toy" / "pipeline.yaml"
+
+
+def build_parser():
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(prog="rlhf pipeline", description="SFT -> reward model -> PPO on one task, then a test-split table.")
+    parser.add_argument("--config", action=ActionConfigFile, help="pipeline YAML (default: configs/toy/pipeline.yaml)")
+    parser.add_argument("--task", type=str, default="toy", help="task whose test split is reported")
+    for stage in STAGES:
+        parser.add_argument(f"--{stage}_config", type=str, default=f"{stage}.yaml", help=f"{stage} stage YAML, relative to the pipeline YAML")
+        parser.add_argument(f"--{stage}_args", type=list[str], default=[], help=f"extra `rlhf fit` options for the {stage} stage")
+    parser.add_argument("--summary", type=str, default="lightning_logs/toy/summary.json", help="where summary.json goes")
+    parser.add_argument("--eval_samples", type=int, default=4, help="sampled completions per test prompt for KL and the reward row")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def split_stage_overrides(argv: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """`--ppo.model.init_args.lr=1e-4` -> {"ppo": ["--model.init_args.lr=1e-4"]}; other args returned as they are."""
+    rest, overrides = [], {s: [] for s in STAGES}
+    it = iter(argv)
+    for arg in it:
+        stage = next((s for s in STAGES if arg.startswith(f"--{s}.")), None)
+        if stage is None:
+            rest.append(arg)
+            continue
+        option = "--" + arg[len(stage) + 3 :]
+        if "=" not in option:  # "--sft.trainer.max_epochs 3"
+            option = f"{option}={next(it)}"
+        overrides[stage].append(option)
+    return rest, overrides
+
+
+def final_checkpoint_path(cli) -> str:
+    from rlhf_lightning.callbacks import FinalCheckpoint
+
+    for callback in cli.trainer.callbacks:
+        if isinstance(callback, FinalCheckpoint):
+            return callback.path
+    raise ValueError("the stage config has no rlhf_lightning.callbacks.FinalCheckpoint callback")
+
+
+def run_stage(stage: str, config: Path, args: list[str]) -> tuple[str, float]:
+    from rlhf_lightning.cli import lightning_cli
+
+    print(f"[pipeline] {stage}: start ({config})", flush=True)
+    start = time.perf_counter()
+    argv, sys.argv = sys.argv, sys.argv[:1]  # the stage's options are its args, not this process's argv
+    try:
+        cli = lightning_cli(["fit", "--config", str(config), *args])
+    finally:
+        sys.argv = argv
+    if cli.trainer.interrupted:
+        raise SystemExit(f"[pipeline] {stage}: interrupted")
+    wall = time.perf_counter() - start
+    path = final_checkpoint_path(cli)
+    print(f"[pipeline] {stage}: done in {wall:.1f} s -> {path}", flush=True)
+    return path, wall
+
+
+@torch.no_grad()
+def sequence_kl(policy, reference, batch: dict, gen, temperature: float = 1.0) -> torch.Tensor:
+    """Per-sequence KL(policy || reference) estimate on sampled completions: sum over tokens of l - l_ref (B,)."""
+    from rlhf_lightning.losses import logprobs_from_logits, masked_sum
+
+    ids = torch.cat([batch["prompt_ids"], gen.completion_ids], dim=1)  # (B, P+N)
+    mask = torch.cat([batch["prompt_mask"], gen.completion_mask], dim=1)  # (B, P+N)
+    P, N = batch["prompt_ids"].size(1), gen.completion_ids.size(1)
+    ref = logprobs_from_logits(reference(ids, mask)[:, P - 1 : P + N - 1], gen.completion_ids, temperature)  # (B, N)
+    return masked_sum(gen.logprobs - ref, gen.completion_mask, dim=1)  # (B,)
+
+
+@torch.no_grad()
+def policy_row(stage: str, ckpt: str, reference_ckpt: str, reward_ckpt: str, task: str, samples: int, seed: int) -> dict:
+    """Greedy test accuracy, mean normalized learned reward of those answers, KL to the reference."""
+    from rlhf_lightning.data.prompts import PromptDataset, load_prompts
+    from rlhf_lightning.models.reward import load_reward_model, score_texts
+    from rlhf_lightning.policy import complete, context_length, judge_scores, load_policy
+
+    policy, tokenizer, _ = load_policy(ckpt)
+    reference, _, _ = load_policy(reference_ckpt)
+    reward_model, reward_tokenizer, meta = load_reward_model(reward_ckpt)
+    policy.eval(), reference.eval()
+    data = PromptDataset(tokenizer, load_prompts(task, "test"), context_length(policy))
+    batch = data.collate([data[i] for i in range(len(data))])
+    completions, gen = complete(policy, tokenizer, batch, max_new_tokens=6)
+    accuracy = judge_scores(completions, batch["golds"], gen.finished).nanmean()
+    rewards = score_texts(reward_model, reward_tokenizer, batch["prompts"], completions, gen.finished)
+    rewards = (rewards - meta["reward_mean"]) / max(meta["reward_std"], 1e-6)
+    repeated = {k: v.repeat_interleave(samples, 0) if torch.is_tensor(v) else v for k, v in batch.items()}
+    _, sampled = complete(policy, tokenizer, repeated, 6, greedy=False, generator=torch.Generator().manual_seed(seed))
+    kl = sequence_kl(policy, reference, repeated, sampled).mean()
+    return {"stage": stage, "test_accuracy": float(accuracy), "test_reward": float(rewards.mean()), "test_kl": float(kl)}
+
+
+@torch.no_grad()
+def reward_row(reward_ckpt: str, sft_ckpt: str, task: str, samples: int, seed: int) -> dict:
+    """Pairwise accuracy of the reward model against the judge on sampled test completions of the SFT policy."""
+    from rlhf_lightning.data.prompts import PromptDataset, load_prompts
+    from rlhf_lightning.models.reward import load_reward_model, score_texts
+    from rlhf_lightning.policy import complete, context_length, judge_scores, load_policy
+
+    policy, tokenizer, _ = load_policy(sft_ckpt)
+    reward_model, reward_tokenizer, _ = load_reward_model(reward_ckpt)
+    data = PromptDataset(tokenizer, load_prompts(task, "test"), context_length(policy))
+    batch = data.collate([data[i] for i in range(len(data))])
+    repeated = {k: v.repeat_interleave(samples, 0) if torch.is_tensor(v) else [x for x in v for _ in range(samples)] for k, v in batch.items()}
+    completions, gen = complete(policy.eval(), tokenizer, repeated, 6, greedy=False, generator=torch.Generator().manual_seed(seed))
+    labels = judge_scores(completions, repeated["golds"], gen.finished).view(-1, samples)  # (prompts, K)
+    scores = score_texts(reward_model, reward_tokenizer, repeated["prompts"], completions, gen.finished).view(-1, samples)
+    better = labels[:, :, None] > labels[:, None, :]  # (prompts, K, K): pair (i, j) where i is judged better
+    agree = (scores[:, :, None] > scores[:, None, :]) & better
+    accuracy = agree.sum() / better.sum().clamp_min(1)
+    return {"stage": "reward", "test_accuracy": float(accuracy), "test_reward": None, "test_kl": None}
+
+
+def format_table(rows: list[dict]) -> str:
+    def cell(v):
+        return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    head = ["stage", "test_accuracy", "test_reward", "test_kl", "wall_s"]
+    lines = [head] + [[cell(r[k]) if k != "wall_s" else f"{r[k]:.1f}" for k in head] for r in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    out = ["  ".join(v.ljust(w) for v, w in zip(line, widths)) for line in lines]
+    return "\n".join([out[0], "  ".join("-" * w for w in widths), *out[1:]])
+
+
+def main(argv: list[str]) -> int:
+    start = time.perf_counter()
+    argv, overrides = split_stage_overrides(argv)
+    config = next((a.split("=", 1)[1] if "=" in a else argv[i + 1] for i, a in enumerate(argv) if a.split("=")[0] == "--config"), None)
+    if config is None:
+        config = str(default_config())
+        argv = ["--config", config, *argv]
+    cfg = build_parser().parse_args(argv)
+    base = Path(config).resolve().parent
+    ckpts, walls = {}, {}
+    for stage in STAGES:
+        stage_config = base / cfg[f"{stage}_config"]
+        ckpts[stage], walls[stage] = run_stage(stage, stage_config, [*cfg[f"{stage}_args"], *overrides[stage]])
+    print("[pipeline] evaluating on the test split", flush=True)
+    rows = [
+        policy_row("sft", ckpts["sft"], ckpts["sft"], ckpts["reward"], cfg.task, cfg.eval_samples, cfg.seed),
+        reward_row(ckpts["reward"], ckpts["sft"], cfg.task, cfg.eval_samples, cfg.seed),
+        policy_row("ppo", ckpts["ppo"], ckpts["sft"], ckpts["reward"], cfg.task, cfg.eval_samples, cfg.seed),
+    ]
+    for row in rows:
+        row["wall_s"] = round(walls[row["stage"]], 2)
+    summary = Path(cfg.summary)
+    summary.parent.mkdir(parents=True, exist_ok=True)
+    tmp = summary.with_name(f".{summary.name}.tmp")
+    tmp.write_text(json.dumps(rows, indent=2) + "\n")
+    tmp.replace(summary)
+    print()
+    print(format_table(rows))
+    print(f"\n[pipeline] total {time.perf_counter() - start:.1f} s; summary in {summary}", flush=True)
+    return 0
