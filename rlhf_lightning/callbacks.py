@@ -24,7 +24,7 @@ class FinalCheckpoint(Callback):
         if trainer.interrupted:  # Ctrl-C: keep the previous final checkpoint
             return
         tmp = trainer.strategy.broadcast(str(temporary_path(self.path)))
-        trainer.save_checkpoint(tmp)
+        trainer.save_checkpoint(tmp, weights_only=False)
         if trainer.is_global_zero:
             os.replace(tmp, self.path)
         trainer.strategy.barrier("final_checkpoint")

@@ -7,6 +7,7 @@ import sys
 COMMANDS = {
     "pipeline": ("rlhf_lightning.pipeline", "SFT -> reward model -> PPO in one go, then a test-split table."),
     "eval": ("rlhf_lightning.evaluate", "Answer held-out prompts with a checkpoint, report accuracy."),
+    "export": ("rlhf_lightning.export", "Write a policy as safetensors + JSON (no code can ride along)."),
 }
 
 

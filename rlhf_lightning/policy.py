@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,7 +25,17 @@ def build_policy(model: dict[str, Any] | None, tokenizer: dict[str, Any] | None)
 
 
 def load_policy(path: str, role: str = "ckpt", stages: tuple[str, ...] = POLICY_STAGES) -> tuple[nn.Module, CharTokenizer, dict[str, Any]]:
-    """Rebuild the policy stored in an SFT or PPO checkpoint; returns (model, tokenizer, rlhf metadata)."""
+    """Rebuild the policy stored in an SFT or PPO checkpoint, or in a folder written by `rlhf export`.
+
+    Returns (model, tokenizer, rlhf metadata).
+    """
+    if Path(path).is_dir():
+        from rlhf_lightning.export import read_export
+
+        state, meta, tokenizer = read_export(Path(path))
+        model = build_model(meta["model"])
+        model.load_state_dict(state)
+        return model, CharTokenizer.from_dict(tokenizer), {**meta, "tokenizer": tokenizer}
     checkpoint = read_checkpoint(path, stages, role)
     meta = checkpoint["rlhf"]
     model = build_model(meta["model"])

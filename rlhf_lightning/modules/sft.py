@@ -57,8 +57,10 @@ class SFTModule(L.LightningModule):
         return self.model(input_ids, attention_mask)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        logits = self.model(ids, mask)[:, :-1]  # (B, T-1, V): position t predicts token t+1
+        ids = batch["input_ids"]
+        # Right-padded rows: causal attention alone keeps real tokens from seeing the padding after them,
+        # so no explicit mask is needed (and the fused causal kernel is used).
+        logits = self.model(ids, None)[:, :-1]  # (B, T-1, V): position t predicts token t+1
         targets, loss_mask = ids[:, 1:], batch["loss_mask"][:, 1:]  # (B, T-1)
         loss = -masked_mean(logprobs_from_logits(logits, targets), loss_mask)
         token_accuracy = masked_mean((logits.argmax(-1) == targets).float(), loss_mask)

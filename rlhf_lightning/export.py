@@ -1,0 +1,62 @@
+"""`rlhf export --ckpt PATH --out DIR`: a trained policy as safetensors weights plus JSON.
+
+The folder holds `model.safetensors` (tensors only: the format cannot carry code), `config.json`
+(the model's plain config and the stage it came from) and `tokenizer.json`. `rlhf eval --ckpt DIR`
+and `policy.load_policy(DIR)` read it back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from rlhf_lightning.policy import load_policy
+
+WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
+
+
+def export_policy(ckpt: str, out: str) -> Path:
+    """Write the folder next to its final place, then rename it there (no half-written export)."""
+    from safetensors.torch import save_file
+
+    model, tokenizer, meta = load_policy(ckpt, role="--ckpt")
+    out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out: {str(out_dir)!r} exists and is not a folder")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / CONFIG).write_text(json.dumps({"stage": meta["stage"], "model": meta["model"]}, indent=2) + "\n")
+        (tmp / TOKENIZER).write_text(json.dumps(tokenizer.to_dict(), indent=2) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def read_export(path: Path) -> tuple[dict, dict, dict]:
+    """(state dict, {"stage", "model"}, tokenizer dict) of an exported folder."""
+    from safetensors.torch import load_file
+
+    for name in (WEIGHTS, CONFIG, TOKENIZER):
+        if not (path / name).is_file():
+            raise ValueError(f"{str(path)!r} is not an exported policy: {name} is missing")
+    return load_file(str(path / WEIGHTS)), json.loads((path / CONFIG).read_text()), json.loads((path / TOKENIZER).read_text())
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="rlhf export", description=__doc__.splitlines()[0])
+    parser.add_argument("--ckpt", required=True, help="an SFT or PPO checkpoint")
+    parser.add_argument("--out", required=True, help="output folder")
+    args = parser.parse_args(argv)
+    out = export_policy(args.ckpt, args.out)
+    print(f"exported {args.ckpt} -> {out}/ ({WEIGHTS}, {CONFIG}, {TOKENIZER})")
+    return 0
