@@ -11,12 +11,36 @@ COMMANDS = {
 }
 
 
+def check_output_paths(trainer) -> None:
+    """Refuse, before any training, output locations that cannot be folders (an existing file in the way)."""
+    from pathlib import Path
+
+    from rlhf_lightning.callbacks import FinalCheckpoint
+
+    places = []
+    if trainer.logger is not None and getattr(trainer.logger, "save_dir", None):
+        places.append(("trainer.logger.init_args.save_dir", Path(trainer.logger.save_dir)))
+    for callback in trainer.callbacks:
+        if isinstance(callback, FinalCheckpoint):
+            places.append((f"{type(callback).__name__}.path", Path(callback.path).parent))
+        elif getattr(callback, "dirpath", None):
+            places.append((f"{type(callback).__name__}.dirpath", Path(callback.dirpath)))
+    for option, folder in places:
+        for p in (folder, *folder.parents):
+            if p.exists() and not p.is_dir():
+                raise NotADirectoryError(f"{option}: {str(p)!r} is an existing file, not a folder (output goes under {str(folder)!r})")
+
+
 def lightning_cli(args: list[str] | None = None, run: bool = True, cli_class: type | None = None):
     """The LightningCLI behind `rlhf fit|validate|...`: any LightningModule/DataModule by class_path."""
     import lightning as L
     from lightning.pytorch.cli import LightningCLI
 
-    return (cli_class or LightningCLI)(
+    class RLHFCLI(LightningCLI):
+        def before_fit(self) -> None:
+            check_output_paths(self.trainer)
+
+    return (cli_class or RLHFCLI)(
         L.LightningModule,
         L.LightningDataModule,
         subclass_mode_model=True,
@@ -28,7 +52,19 @@ def lightning_cli(args: list[str] | None = None, run: bool = True, cli_class: ty
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """Bad input (data, checkpoints, output paths) ends with one clear line and exit code 2."""
+    from rlhf_lightning.checkpoints import CheckpointError
+    from rlhf_lightning.data.jsonl import DataError
+    from rlhf_lightning.tokenizer import UnknownCharacterError
+
+    try:
+        return _dispatch(sys.argv[1:] if argv is None else argv)
+    except (DataError, CheckpointError, UnknownCharacterError, NotADirectoryError) as err:
+        print(f"rlhf: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(argv: list[str]) -> int:
     if argv and argv[0] in COMMANDS:
         import importlib
 
