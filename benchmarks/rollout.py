@@ -1,0 +1,75 @@
+"""Rollout speed: batched KV-cache generation against the seed's per-sample, per-token loop.
+
+    python benchmarks/rollout.py [--batch 64] [--new_tokens 8]
+
+Both sample the same number of tokens from the same model and prompts (EOS disabled so every row runs
+the full length). The seed's loop is re-implemented faithfully: one prompt at a time, the whole sequence
+re-run through the model for every new token. Prints one JSON line: tokens/s of each and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import emit, median_time  # noqa: E402
+
+from rlhf_lightning.data.collate import left_pad  # noqa: E402
+from rlhf_lightning.generation import generate  # noqa: E402
+from rlhf_lightning.policy import build_policy  # noqa: E402
+from rlhf_lightning.tasks.arithmetic import problems  # noqa: E402
+
+
+@torch.no_grad()
+def seed_sample_completion(model, prompt_ids: list[int], max_new: int, temperature: float = 1.0) -> list[int]:
+    """The seed's `sample_completion`: re-run the whole sequence for every new token, one prompt at a time."""
+    model.eval()
+    ids = prompt_ids[:]
+    for _ in range(max_new):
+        x = torch.tensor(ids, dtype=torch.long).unsqueeze(0)  # (1, t)
+        logits = model(x, torch.ones_like(x, dtype=torch.bool))[:, -1, :] / max(1e-6, temperature)
+        probs = F.softmax(logits, dim=-1)
+        ids.append(torch.multinomial(probs, num_samples=1).item())
+    return ids
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--new_tokens", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model, tokenizer, _ = build_policy({"n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 32}, None)
+    model.eval()
+    prompts = [tokenizer.encode_prompt(p.prompt) for p in problems("train")[: args.batch]]
+    ids, mask = left_pad(prompts, tokenizer.pad_id)
+    tokens = args.batch * args.new_tokens
+
+    def batched():
+        generate(model, ids, mask, max_new_tokens=args.new_tokens, eos_id=-1, pad_id=tokenizer.pad_id)
+
+    def seed_loop():
+        for p in prompts:
+            seed_sample_completion(model, p, args.new_tokens)
+
+    t_batched = median_time(batched, args.repeats)
+    t_seed = median_time(seed_loop, max(1, args.repeats // 2), warmup=1)
+    emit("rollout", {
+        "batch": args.batch, "new_tokens": args.new_tokens,
+        "batched_tokens_per_s": round(tokens / t_batched, 1),
+        "seed_loop_tokens_per_s": round(tokens / t_seed, 1),
+        "speedup": round(t_seed / t_batched, 1),
+        "goal_speedup": 50,
+    })
+
+
+if __name__ == "__main__":
+    main()
