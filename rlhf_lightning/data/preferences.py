@@ -1,8 +1,8 @@
 """Preference pairs for the reward model, from a JSONL file or sampled from an SFT policy and judged.
 
 A file holds TRL-style lines ``{"prompt", "chosen", "rejected"[, "margin"]}``; our generated files add
-``chosen_ended`` / ``rejected_ended`` (did the completion emit EOS; default true) and the judge's scores,
-so they can be read back as they are.
+``chosen_ended`` / ``rejected_ended`` (did the completion emit EOS; default true), so they can be read back
+as they are; a completion may be empty only where its ``*_ended`` field is given (EOS right away).
 
 Generated pairs: K completions per prompt are sampled in batches, scored by a judge (``auto``: the task's
 judge; ``random``: noisy labels, as the seed's RANDOM mode), and every two completions of the same prompt
@@ -14,6 +14,7 @@ reward's AUROC and its mean and std can be measured.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -83,16 +84,21 @@ def read_preferences(path: str) -> list[PreferencePair]:
     """Validated pairs of a JSONL file; errors name the file, the line and the field."""
     rows = read_jsonl(
         path, required=["prompt", "chosen", "rejected"],
-        optional={"margin": (int, float), "chosen_ended": bool, "rejected_ended": bool},
+        optional={"margin": (int, float), "chosen_ended": bool, "rejected_ended": bool}, non_empty=False,
     )
     pairs = []
     for line, r in rows:
-        if r["chosen"] == r["rejected"]:
+        for name in ("prompt", "chosen", "rejected"):
+            # a sampled completion may be empty (EOS right away); our files say so with "<name>_ended"
+            if not r[name].strip() and f"{name}_ended" not in r:
+                raise DataError(f"expected a non-empty string, got {json.dumps(r[name])}", path, line, name)
+        chosen_ended, rejected_ended = r.get("chosen_ended", True), r.get("rejected_ended", True)
+        if r["chosen"] == r["rejected"] and chosen_ended == rejected_ended:
             raise DataError("identical to 'chosen': a pair must compare two different completions", path, line, "rejected")
         margin = r.get("margin")
         pairs.append(PreferencePair(
             r["prompt"], r["chosen"], r["rejected"], None if margin is None else float(margin),
-            r.get("chosen_ended", True), r.get("rejected_ended", True), f"{path}:{line}",
+            chosen_ended, rejected_ended, f"{path}:{line}",
         ))
     return pairs
 
@@ -292,7 +298,7 @@ class PreferenceDataModule(L.LightningDataModule):
         task: str = "toy",
         train_file: str | None = None,
         val_file: str | None = None,
-        sft_ckpt: str | None = None,
+        policy_ckpt: str | None = None,
         num_samples: int = 4,
         judge: str = "auto",
         tie_break: str | None = None,
@@ -313,7 +319,8 @@ class PreferenceDataModule(L.LightningDataModule):
             train_file: JSONL of {"prompt", "chosen", "rejected"[, "margin"]} lines; replaces generation.
                 Without `val_file`, its pairs whose prompt hashes to `val` are held out (`test` ones dropped).
             val_file: JSONL of held-out pairs (default: generated from `val` prompts, or held out of `train_file`).
-            sft_ckpt: policy checkpoint that samples the completions; default: the RewardModule's `sft_ckpt`.
+            policy_ckpt: SFT (or PPO) checkpoint that samples the completions; default: the RewardModule's
+                `sft_ckpt`.
             num_samples: completions sampled per prompt (K); every two with different scores make a pair.
             judge: "auto" (the task's judge) or "random" (noisy labels).
             tie_break: None (drop ties) or "length" (the longer completion wins a tie, as the seed did).
@@ -347,11 +354,11 @@ class PreferenceDataModule(L.LightningDataModule):
     def _sampler(self) -> tuple[torch.nn.Module, CharTokenizer]:
         hp = self.hparams
         module = self.trainer.lightning_module if self.trainer is not None else None
-        path, role = hp.sft_ckpt, "data.init_args.sft_ckpt"
+        path, role = hp.policy_ckpt, "data.init_args.policy_ckpt"
         if path is None:
             path, role = getattr(module, "hparams", {}).get("sft_ckpt"), "model.init_args.sft_ckpt"
         if path is None:
-            raise ValueError("generated preference pairs need a policy: set model.init_args.sft_ckpt or data.init_args.sft_ckpt (or give data.init_args.train_file)")
+            raise ValueError("generated preference pairs need a policy: set model.init_args.sft_ckpt or data.init_args.policy_ckpt (or give data.init_args.train_file)")
         policy, tokenizer, _ = load_policy(path, role=role)
         device = module.device if module is not None else torch.device("cpu")
         return policy.to(device).eval(), tokenizer
