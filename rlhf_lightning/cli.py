@@ -55,11 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     """Bad input (data, checkpoints, output paths) ends with one clear line and exit code 2."""
     from rlhf_lightning.checkpoints import CheckpointError
     from rlhf_lightning.data.jsonl import DataError
+    from rlhf_lightning.rewards import RewardError
     from rlhf_lightning.tokenizer import UnknownCharacterError
 
     try:
         return _dispatch(sys.argv[1:] if argv is None else argv)
-    except (DataError, CheckpointError, UnknownCharacterError, NotADirectoryError) as err:
+    except (DataError, CheckpointError, UnknownCharacterError, RewardError, NotADirectoryError) as err:
         print(f"rlhf: error: {err}", file=sys.stderr)
         return 2
 

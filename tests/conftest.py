@@ -48,3 +48,19 @@ def sft_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def sft_ckpt(sft_run) -> Path:
     return sft_run[1]
+
+
+# A quick reward fit on pairs sampled from the shared SFT checkpoint, in the same working directory, so the
+# stage configs' fixed paths (checkpoints/toy/sft.ckpt -> checkpoints/toy/reward.ckpt) chain as in a real run.
+RM_QUICK = [
+    "fit", "--config", str(CONFIGS / "toy" / "reward.yaml"), *QUIET, "--trainer.logger=false",
+    "--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--data.init_args.batch_size=32",
+    "--data.init_args.max_train_prompts=300", "--data.init_args.max_val_prompts=100",
+]
+
+
+@pytest.fixture(scope="session")
+def reward_ckpt(sft_run) -> Path:
+    cwd = sft_run[0]
+    run_cli(RM_QUICK, cwd)
+    return cwd / "checkpoints" / "toy" / "reward.ckpt"
