@@ -57,6 +57,7 @@ class Rollout:
     completion_mask: torch.Tensor  # (B, N) bool, True up to and including EOS
     old_logprobs: torch.Tensor  # (B, N) generation's log-probs (temperature-scaled softmax)
     ref_logprobs: torch.Tensor  # (B, N) frozen reference, same temperature
+    rewards: torch.Tensor  # (B,) from the reward source (penalty included, before any KL shaping)
     advantages: torch.Tensor  # (B,) per sequence, broadcast to tokens
 
     @property
@@ -251,7 +252,7 @@ class PPOModule(L.LightningModule):
         rewards = self.score(prompts, completions, gen.finished, golds)  # (B,)
         input_ids = torch.cat([prompt_ids, gen.completion_ids], 1)  # (B, P + N)
         attention_mask = torch.cat([prompt_mask, gen.completion_mask], 1)  # (B, P + N)
-        rollout = Rollout(input_ids, attention_mask, gen.completion_ids, gen.completion_mask, gen.logprobs, gen.logprobs, rewards)
+        rollout = Rollout(input_ids, attention_mask, gen.completion_ids, gen.completion_mask, gen.logprobs, gen.logprobs, rewards, rewards)
         # 3. reference log-probs: one batched forward of the frozen SFT model
         ref_logprobs = logprobs_from_logits(completion_logits(self.reference, rollout), gen.completion_ids, hp.temperature)
         ref_logprobs = ref_logprobs.masked_fill(~gen.completion_mask, 0.0)  # (B, N)
@@ -406,7 +407,7 @@ class PPOModule(L.LightningModule):
             rollout = Rollout(
                 torch.cat([batch["prompt_ids"], gen.completion_ids], 1),
                 torch.cat([batch["prompt_mask"].bool(), gen.completion_mask], 1),
-                gen.completion_ids, gen.completion_mask, gen.logprobs, gen.logprobs, gen.logprobs[:, 0],
+                gen.completion_ids, gen.completion_mask, gen.logprobs, gen.logprobs, gen.lengths, gen.lengths,
             )
             logp = F.log_softmax(completion_logits(self.model, rollout).float() / hp.temperature, -1)  # (B, N, V)
             ref_logp = F.log_softmax(completion_logits(self.reference, rollout).float() / hp.temperature, -1)

@@ -1,0 +1,320 @@
+"""PPOModule: rollout layout, the ratio contract, the seed's loss, KL placements, advantages, short runs, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import CONFIGS, QUIET, run_cli
+from rlhf_lightning.checkpoints import CheckpointError
+from rlhf_lightning.data.jsonl import DataError
+from rlhf_lightning.data.prompts import PromptDataset, load_prompts
+from rlhf_lightning.losses import ADVANTAGE_ESTIMATORS
+from rlhf_lightning.modules.ppo import PPOModule, Rollout
+from rlhf_lightning.policy import load_policy
+from rlhf_lightning.rewards import RewardError
+
+PPO_YAML = str(CONFIGS / "toy" / "ppo.yaml")
+
+
+def prompt_batch(module: PPOModule, n: int = 8, split: str = "train") -> dict:
+    ds = PromptDataset(module.tokenizer, load_prompts("toy", split, limit=n), module.prompt_context_length)
+    return ds.collate([ds[i] for i in range(len(ds))])
+
+
+def ppo(sft_ckpt, **kwargs) -> PPOModule:
+    return PPOModule(policy_ckpt=str(sft_ckpt), **{"reward": "judge", **kwargs})
+
+
+# ----------------------------------------------------------------------------- rollout contract
+
+
+def test_ratio_is_one_at_the_first_minibatch_at_temperature_not_one(sft_ckpt):
+    module = ppo(sft_ckpt, temperature=0.7, samples_per_prompt=4, max_new_tokens=6)
+    rollout, _ = module.make_rollout(prompt_batch(module, 16))
+    out, logprobs, _ = module.minibatch_loss(rollout)
+    ratio = torch.exp(logprobs - rollout.old_logprobs)[rollout.completion_mask]
+    assert (ratio - 1).abs().max().item() < 1e-5
+    assert out.approx_kl.abs().item() < 1e-6 and out.clipfrac.item() == 0.0
+    # the same log-probs at temperature 1 differ: the update really uses the sampler's temperature
+    module.hparams.temperature = 1.0
+    _, at_one, _ = module.minibatch_loss(rollout)
+    assert (at_one - rollout.old_logprobs)[rollout.completion_mask].abs().max().item() > 1e-2
+
+
+def test_rollout_layout_and_masks_after_eos(sft_ckpt):
+    module = ppo(sft_ckpt, temperature=1.5, samples_per_prompt=3, max_new_tokens=6)
+    batch = prompt_batch(module, 8)
+    rollout, metrics = module.make_rollout(batch)
+    B, N = rollout.completion_ids.shape
+    assert B == 24 and rollout.input_ids.shape == (24, batch["prompt_ids"].size(1) + N)
+    assert torch.equal(rollout.input_ids[:3, : batch["prompt_ids"].size(1)], batch["prompt_ids"][:1].expand(3, -1))
+    eos = module.tokenizer.eos_id
+    ids, mask = rollout.completion_ids, rollout.completion_mask
+    for row in range(B):
+        hits = (ids[row] == eos).nonzero()
+        length = int(hits[0]) + 1 if len(hits) else N
+        assert mask[row].tolist() == [t < length for t in range(N)]
+        assert (rollout.old_logprobs[row, length:] == 0).all() and (rollout.ref_logprobs[row, length:] == 0).all()
+    assert metrics["rollout/eos_rate"].item() == pytest.approx(float((ids == eos).any(1).float().mean()))
+    assert metrics["rollout/completion_len"].item() == pytest.approx(float(mask.sum(1).float().mean()))
+
+    # tokens after EOS are neither trained nor rewarded: garbage there changes neither loss nor gradient
+    def loss_and_grad(r: Rollout):
+        module.model.zero_grad()
+        out, _, _ = module.minibatch_loss(r)
+        out.loss.backward()
+        return out.loss.detach(), torch.cat([p.grad.flatten() for p in module.model.parameters()])
+
+    after = ~mask
+    noisy = Rollout(**{**rollout.__dict__})
+    noisy.completion_ids = torch.where(after, torch.randint(3, module.tokenizer.vocab_size, ids.shape), ids)
+    noisy.input_ids = torch.cat([rollout.input_ids[:, :-N], noisy.completion_ids], 1)
+    noisy.old_logprobs = rollout.old_logprobs.masked_fill(after, float("nan"))
+    noisy.ref_logprobs = rollout.ref_logprobs.masked_fill(after, 7.0)
+    (l1, g1), (l2, g2) = loss_and_grad(rollout), loss_and_grad(noisy)
+    assert after.any() and torch.equal(l1, l2) and torch.allclose(g1, g2, atol=1e-7)
+    texts = [module.tokenizer.decode(r) for r in noisy.completion_ids]
+    assert texts == [module.tokenizer.decode(r) for r in rollout.completion_ids]  # the reward sees the same text
+
+
+# ----------------------------------------------------------------------------- the loss, by hand
+
+
+class FixedLogits(torch.nn.Module):
+    """A 'policy' whose logits are one parameter (B, T, V), whatever the input."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = torch.nn.Parameter(logits.clone())
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.logits
+
+
+def hand_rollout(V: int = 4) -> Rollout:
+    # two sequences, prompt of 2 tokens, completion of up to 3 tokens; the second ends after 2 tokens
+    completion_ids = torch.tensor([[3, 1, 2], [2, 2, 0]])
+    completion_mask = torch.tensor([[True, True, True], [True, True, False]])
+    return Rollout(
+        input_ids=torch.cat([torch.ones(2, 2, dtype=torch.long), completion_ids], 1),
+        attention_mask=torch.cat([torch.ones(2, 2, dtype=torch.bool), completion_mask], 1),
+        completion_ids=completion_ids,
+        completion_mask=completion_mask,
+        old_logprobs=torch.tensor([[-1.0, -1.5, -0.5], [-2.0, -0.3, 0.0]]),
+        ref_logprobs=torch.tensor([[-1.2, -1.0, -0.7], [-1.5, -0.2, 0.0]]),
+        rewards=torch.tensor([1.0, 0.0]),
+        advantages=torch.tensor([0.5, -0.5]),  # batch_mean of the rewards
+    )
+
+
+def seed_loss(logp, rollout: Rollout, eps: float, beta: float) -> float:
+    """The seed notebook's loop: per sequence, per token; token means over all valid tokens."""
+    rewards = rollout.rewards.tolist()
+    mean_r = sum(rewards) / len(rewards)
+    l_clip = kl = 0.0
+    n_tok = 0
+    for i, r in enumerate(rewards):
+        a = r - mean_r
+        for t in range(int(rollout.completion_mask[i].sum())):
+            rho = math.exp(logp[i][t] - rollout.old_logprobs[i, t].item())
+            l_clip += min(rho * a, min(max(rho, 1 - eps), 1 + eps) * a)
+            kl += logp[i][t] - rollout.ref_logprobs[i, t].item()
+            n_tok += 1
+    return -l_clip / n_tok + beta * kl / n_tok
+
+
+def test_loss_equals_the_seed_formula_on_a_hand_worked_example(sft_ckpt):
+    module = ppo(sft_ckpt, beta=0.1, clip_eps=0.2, temperature=1.0)
+    rollout = hand_rollout()
+    # logits at the 3 completion-predicting positions (P-1 .. P+N-2) of a (2, 5, 4) output
+    logits = torch.zeros(2, 5, 4)
+    logits[0, 1:4] = torch.tensor([[0.0, 0.0, 0.0, 1.0], [0.0, 2.0, 0.0, 0.0], [0.0, 0.0, -1.0, 0.0]])
+    logits[1, 1:4] = torch.tensor([[0.0, 0.0, 3.0, 0.0], [1.0, 0.0, 0.5, 0.0], [9.0, 9.0, 9.0, 9.0]])
+    module.model = FixedLogits(logits)
+    out, logprobs, _ = module.minibatch_loss(rollout)
+    logp = torch.log_softmax(logits[:, 1:4], -1).gather(-1, rollout.completion_ids[..., None]).squeeze(-1).tolist()
+    expected = seed_loss(logp, rollout, eps=0.2, beta=0.1)
+    assert out.loss.item() == pytest.approx(expected, abs=1e-6)
+    # first token of row 0: log p = 1 - log(3 + e) = -0.7437, old = -1.0 -> rho = 1.2924, clipped to 1.2 (A = +0.5)
+    assert logp[0][0] == pytest.approx(1 - math.log(3 + math.e), abs=1e-6)
+    assert out.clipfrac.item() > 0
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k3"])
+@pytest.mark.parametrize("in_reward", [False, True])
+def test_kl_estimators_in_both_placements(sft_ckpt, estimator, in_reward):
+    beta = 0.3
+    module = ppo(sft_ckpt, kl_estimator=estimator, kl_in_reward=in_reward, beta=beta, temperature=1.3, samples_per_prompt=2)
+    # a different reference: the KL terms are non-zero
+    with torch.no_grad():
+        for p in module.reference.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    torch.manual_seed(0)
+    rollout, _ = module.make_rollout(prompt_batch(module, 8))
+    mask = rollout.completion_mask
+    log_ratio = rollout.old_logprobs - rollout.ref_logprobs  # the sampler's own tokens
+    kl_tok = log_ratio if estimator == "k1" else torch.exp(-log_ratio) + log_ratio - 1
+    kl_tok = torch.where(mask, kl_tok, torch.zeros_like(kl_tok))
+    shaped = rollout.rewards - beta * kl_tok.sum(1) if in_reward else rollout.rewards
+    torch.testing.assert_close(rollout.advantages, shaped - shaped.mean())
+    out, _, _ = module.minibatch_loss(rollout)  # at the start rho = 1: policy loss = -token_mean(A)
+    token_mean_a = (rollout.advantages[:, None] * mask).sum() / mask.sum()
+    kl_mean = kl_tok.sum() / mask.sum()
+    assert out.kl.item() == pytest.approx(kl_mean.item(), abs=1e-5) and abs(kl_mean.item()) > 1e-4
+    expected = -token_mean_a + (0.0 if in_reward else beta) * kl_mean
+    assert out.loss.item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(ADVANTAGE_ESTIMATORS))
+def test_advantage_estimators_through_the_module(sft_ckpt, name):
+    module = ppo(sft_ckpt, advantage=name, samples_per_prompt=3, temperature=2.0)
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.5])
+    adv = module.global_advantages(rewards)
+    g = rewards.view(2, 3)
+    hand = {
+        "batch_mean": rewards - rewards.mean(),
+        "batch_whiten": (rewards - rewards.mean()) / rewards.std(unbiased=False),
+        "group_mean": (g - g.mean(1, keepdim=True)).flatten(),
+        "group_whiten": ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + 1e-6)).flatten(),
+        "rloo": (g - (g.sum(1, keepdim=True) - g) / 2).flatten(),
+    }[name]
+    torch.testing.assert_close(adv, hand)
+    rollout, _ = module.make_rollout(prompt_batch(module, 4))
+    assert rollout.advantages.shape == (12,)
+
+
+def test_reward_source_errors_surface_from_the_step(sft_ckpt):
+    module = ppo(sft_ckpt)
+    batch = prompt_batch(module, 2)
+    object.__setattr__(module, "reward_source", lambda p, c, e, g: torch.full((len(p),), float("nan")))
+    with pytest.raises(RewardError, match="'judge' returned a non-finite reward"):
+        module.make_rollout(batch)
+    object.__setattr__(module, "reward_source", lambda p, c, e, g: torch.zeros(len(p), 2))
+    with pytest.raises(RewardError, match=r"returned shape \(8, 2\), expected \(8,\)"):
+        module.make_rollout(batch)
+
+
+def test_missing_eos_penalty(sft_ckpt):
+    module = ppo(sft_ckpt, missing_eos_penalty=0.7)
+    out = module.score(["Q: 1+1=\nA:"] * 2, ["2", "2"], torch.tensor([True, False]), [None, None])
+    assert out.tolist() == pytest.approx([1.0, -0.7])
+
+
+def test_bad_checkpoints_are_clear_errors(sft_ckpt, tmp_path):
+    with pytest.raises(CheckpointError, match="policy_ckpt: checkpoint .* does not exist"):
+        PPOModule(policy_ckpt=str(tmp_path / "nope.ckpt"), reward="judge")
+    with pytest.raises(CheckpointError, match="policy_ckpt: .* is a 'reward' checkpoint"):
+        from test_rewards import save_reward_ckpt
+
+        save_reward_ckpt(tmp_path / "reward.ckpt")
+        PPOModule(policy_ckpt=str(tmp_path / "reward.ckpt"), reward="judge")
+    with pytest.raises(CheckpointError, match="reward_ckpt: .* is a 'sft' checkpoint, expected 'reward'"):
+        PPOModule(policy_ckpt=str(sft_ckpt), reward="learned", reward_ckpt=str(sft_ckpt))
+
+
+# ----------------------------------------------------------------------------- short runs through the CLI
+
+
+def ppo_args(sft_ckpt, *extra: str, reward: str = "judge") -> list[str]:
+    return [
+        "fit", "--config", PPO_YAML, *QUIET, "--trainer.logger=false",
+        f"--model.init_args.policy_ckpt={sft_ckpt}", f"--model.init_args.reward={reward}",
+        "--data.init_args.max_val_prompts=256", *extra,
+    ]
+
+
+def test_cli_fit_writes_the_checkpoint_and_resumes(sft_ckpt, tmp_path):
+    cli = run_cli(ppo_args(sft_ckpt, "--trainer.limit_train_batches=3", "--model.init_args.eval_every=2",
+                           "--data.init_args.batch_size=16"), tmp_path)
+    module = cli.model
+    final = tmp_path / "checkpoints" / "toy" / "ppo.ckpt"
+    assert final.is_file() and (tmp_path / "checkpoints" / "toy" / "ppo" / "last.ckpt").is_file()
+    assert [e["rollout"] for e in module.eval_history] == [0, 2, 3]
+    assert cli.trainer.global_step == 3 * module.hparams.ppo_epochs  # optimizer steps, not rollouts
+    assert module.last_update["first_ratio_error"] < 1e-5
+    # the policy changed, the reference did not
+    start, _, _ = load_policy(str(sft_ckpt))
+    ref_same = all(torch.equal(a, b) for a, b in zip(start.parameters(), module.reference.parameters()))
+    moved = any(not torch.equal(a, b.cpu()) for a, b in zip(start.parameters(), module.model.parameters()))
+    assert ref_same and moved
+    # self-describing: `rlhf eval` reads it like an SFT checkpoint, and the reference is not stored in it
+    ckpt = torch.load(final, weights_only=True)
+    assert ckpt["rlhf"]["stage"] == "ppo" and ckpt["rlhf"]["rollouts"] == 3
+    assert all(k.startswith("model.") for k in ckpt["state_dict"])
+    policy, _, _ = load_policy(str(final))
+    assert all(torch.equal(a, b.cpu()) for a, b in zip(policy.parameters(), module.model.parameters()))
+    from rlhf_lightning.evaluate import evaluate_policy
+
+    summary, _ = evaluate_policy(str(final), split="val")
+    assert summary["accuracy"] == pytest.approx(module.eval_history[-1]["eval/accuracy"], abs=0.02)
+
+    # --ckpt_path last resumes: two more rollouts after the first three
+    resumed = run_cli(ppo_args(sft_ckpt, "--trainer.max_epochs=2", "--trainer.limit_train_batches=3",
+                               "--data.init_args.batch_size=16", "--ckpt_path=last"), tmp_path)
+    assert resumed.model._rollouts == 6 and resumed.trainer.global_step == 6 * module.hparams.ppo_epochs
+
+    # ... but not against a different policy checkpoint
+    other = tmp_path / "other_sft.ckpt"
+    data = torch.load(sft_ckpt, weights_only=True)
+    data["rlhf"]["note"] = "changed"
+    torch.save(data, other)
+    with pytest.raises(CheckpointError, match="policy_ckpt: .*not the file this PPO run started from"):
+        run_cli(ppo_args(other, "--trainer.max_epochs=3", "--trainer.limit_train_batches=3",
+                         "--data.init_args.batch_size=16", "--ckpt_path=last"), tmp_path)
+
+
+def test_nan_loss_stops_without_writing_the_weights(sft_ckpt, tmp_path):
+    with pytest.raises(FloatingPointError, match="not finite"):
+        run_cli(ppo_args(sft_ckpt, "--trainer.limit_train_batches=3", "--model.init_args.lr=1e30",
+                         "--model.init_args.max_grad_norm=null", "--data.init_args.batch_size=8"), tmp_path)
+    assert not list((tmp_path / "checkpoints").rglob("*.ckpt"))
+
+
+def test_empty_prompt_file_is_a_clear_error(sft_ckpt, tmp_path):
+    empty = tmp_path / "prompts.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(DataError, match="prompts.jsonl"):
+        run_cli(ppo_args(sft_ckpt, f"--data.init_args.train_file={empty}"), tmp_path)
+
+
+def short_run(sft_ckpt, tmp_path, *extra):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    cli = run_cli(ppo_args(sft_ckpt, "--model.init_args.eval_every=0", *extra), tmp_path)
+    return cli.model.eval_history
+
+
+def test_judge_reward_rises_from_a_weak_start(sft_ckpt, tmp_path):
+    # the quick SFT checkpoint is weak; a few judge-rewarded rollouts at a high learning rate must help
+    history = short_run(sft_ckpt, tmp_path, "--trainer.limit_train_batches=12", "--model.init_args.lr=0.002",
+                        "--data.init_args.batch_size=32", "--model.init_args.beta=0.0")
+    before, after = history[0], history[-1]
+    assert after["eval/reward"] >= before["eval/reward"] + 0.05, history
+    assert after["eval/accuracy"] == pytest.approx(after["eval/reward"])  # judge reward == greedy accuracy
+
+
+def test_kl_penalty_keeps_the_policy_closer_to_the_reference(sft_ckpt, tmp_path):
+    common = ["--trainer.limit_train_batches=6", "--model.init_args.lr=0.003", "--data.init_args.batch_size=16",
+              "--model.init_args.temperature=1.5"]
+    free = short_run(sft_ckpt, tmp_path / "free", *common, "--model.init_args.beta=0.0")
+    tied = short_run(sft_ckpt, tmp_path / "tied", *common, "--model.init_args.beta=1.0")
+    assert free[0]["eval/kl"] == tied[0]["eval/kl"] == 0.0
+    assert tied[-1]["eval/kl"] < 0.8 * free[-1]["eval/kl"], (free, tied)
+
+
+def test_learned_reward_run_records_its_hash(sft_ckpt, tmp_path):
+    from test_rewards import save_reward_ckpt
+
+    from rlhf_lightning.checkpoints import sha256_file
+
+    reward = tmp_path / "reward.ckpt"
+    save_reward_ckpt(reward)
+    cli = run_cli(ppo_args(sft_ckpt, "--trainer.limit_train_batches=2", f"--model.init_args.reward_ckpt={reward}",
+                           "--data.init_args.batch_size=8", reward="learned"), tmp_path)
+    meta = torch.load(tmp_path / "checkpoints" / "toy" / "ppo.ckpt", weights_only=True)["rlhf"]
+    assert meta["reward_sha256"] == sha256_file(reward) and meta["policy_sha256"] == sha256_file(sft_ckpt)
+    assert math.isfinite(cli.model.eval_history[-1]["eval/reward"])

@@ -1,0 +1,84 @@
+"""Two processes (gloo) on halves of a fixed rollout compute the same update as one process on all of it."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from rlhf_lightning.losses import logprobs_from_logits
+from rlhf_lightning.modules.ppo import PPOModule, Rollout, completion_logits, sum_over_ranks
+
+WORLD = 2
+K = 2  # samples per prompt: 4 prompts x 2 = 8 rows, 4 per rank, groups never split
+
+
+def fixed_rollout(module: PPOModule) -> Rollout:
+    """A deterministic rollout with uneven completion lengths, ratios != 1 and non-trivial advantages' stats."""
+    g = torch.Generator().manual_seed(123)
+    B, P, N, V = 8, 6, 4, module.tokenizer.vocab_size
+    prompt_ids = torch.randint(3, V, (B, P), generator=g)
+    prompt_mask = torch.ones(B, P, dtype=torch.bool)
+    prompt_mask[::3, :2] = False  # some left padding
+    lengths = torch.tensor([1, 4, 2, 3, 4, 1, 3, 2])
+    completion_mask = torch.arange(N)[None, :] < lengths[:, None]
+    completion_ids = torch.randint(3, V, (B, N), generator=g).masked_fill(~completion_mask, 0)
+    rollout = Rollout(
+        input_ids=torch.cat([prompt_ids.masked_fill(~prompt_mask, 0), completion_ids], 1),
+        attention_mask=torch.cat([prompt_mask, completion_mask], 1),
+        completion_ids=completion_ids, completion_mask=completion_mask,
+        old_logprobs=torch.zeros(B, N), ref_logprobs=torch.zeros(B, N),
+        rewards=torch.tensor([1.0, 0.0, 0.5, 0.5, 0.0, 0.0, 1.0, 0.25]), advantages=torch.zeros(B),
+    )
+    with torch.no_grad():  # old and reference log-probs near the policy's own: ratios around 1, some clipped
+        logp = logprobs_from_logits(completion_logits(module.model, rollout), completion_ids, module.hparams.temperature)
+    rollout.old_logprobs = (logp + 0.2 * torch.randn(B, N, generator=g)).masked_fill(~completion_mask, 0.0)
+    rollout.ref_logprobs = (logp - 0.3 * torch.rand(B, N, generator=g)).masked_fill(~completion_mask, 0.0)
+    return rollout
+
+
+def update(module: PPOModule, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gradient, weights after one SGD step) of `minibatch_loss` on `rollout`, averaged over ranks like DDP."""
+    rollout.advantages = module.global_advantages(rollout.rewards)
+    total = sum_over_ranks(rollout.completion_mask.sum().float())
+    out, _, _ = module.minibatch_loss(rollout, total)
+    out.loss.backward()
+    params = list(module.model.parameters())
+    if dist.is_initialized():  # what DDP does: average the gradients
+        for p in params:
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()
+    grad = torch.cat([p.grad.flatten() for p in params])
+    # plain SGD: Adam's first step is lr * sign(grad), which float noise flips where a gradient is ~0
+    torch.optim.SGD(params, lr=0.1).step()
+    return grad, torch.cat([p.detach().flatten() for p in params])
+
+
+def make_module(sft_ckpt: str) -> PPOModule:
+    return PPOModule(policy_ckpt=sft_ckpt, reward="judge", samples_per_prompt=K, advantage="batch_whiten",
+                     beta=0.2, kl_estimator="k3", clip_eps=0.1, temperature=0.8)
+
+
+def _worker(rank: int, sft_ckpt: str, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        module = make_module(sft_ckpt)
+        full = fixed_rollout(module)
+        rows = torch.arange(rank * 4, (rank + 1) * 4)
+        grad, weights = update(module, full.select(rows))
+        torch.save({"grad": grad, "weights": weights}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_update_equals_single_process_update(sft_ckpt, tmp_path):
+    single = make_module(str(sft_ckpt))
+    grad, weights = update(single, fixed_rollout(single))
+    assert grad.abs().sum() > 0
+    mp.spawn(_worker, args=(str(sft_ckpt), str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        torch.testing.assert_close(result["grad"], grad, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(result["weights"], weights, atol=1e-6, rtol=0)
