@@ -12,15 +12,28 @@ from rlhf_lightning.checkpoints import read_checkpoint, submodule_state
 from rlhf_lightning.generation import Generation, generate
 from rlhf_lightning.models import build_model
 from rlhf_lightning.tasks.arithmetic import ALPHABET, judge
-from rlhf_lightning.tokenizer import CharTokenizer
+from rlhf_lightning.tokenizer import CharTokenizer, load_tokenizer
 
 POLICY_STAGES = ("sft", "ppo")
 
 
 def build_policy(model: dict[str, Any] | None, tokenizer: dict[str, Any] | None) -> tuple[nn.Module, CharTokenizer, dict[str, Any]]:
-    """Model from a plain config (vocab size taken from the tokenizer; default: the toy alphabet)."""
-    tok = CharTokenizer.from_dict(tokenizer) if tokenizer else CharTokenizer(ALPHABET)
-    config = {"type": "gpt", **(model or {}), "vocab_size": tok.vocab_size}
+    """Model from a plain config (vocab size taken from the tokenizer; default: the toy alphabet).
+
+    An "hf" model keeps its own vocabulary; its tokenizer defaults to the one saved in the same folder.
+    """
+    config = {"type": "gpt", **(model or {})}
+    if config["type"] == "hf":
+        from rlhf_lightning.models.hf import local_folder
+
+        config["path"] = local_folder(config.get("path"))  # absolute: checkpoints reload from any directory
+        tok = load_tokenizer(tokenizer or {"type": "hf", "path": config["path"]})
+        built = build_model(config)
+        if tok.vocab_size > built.config.vocab_size:
+            raise ValueError(f"the tokenizer has {tok.vocab_size} ids, the model {config['path']!r} embeds only {built.config.vocab_size}")
+        return built, tok, config
+    tok = load_tokenizer(tokenizer) if tokenizer else CharTokenizer(ALPHABET)
+    config["vocab_size"] = tok.vocab_size
     return build_model(config), tok, config
 
 
@@ -35,12 +48,12 @@ def load_policy(path: str, role: str = "ckpt", stages: tuple[str, ...] = POLICY_
         state, meta, tokenizer = read_export(Path(path))
         model = build_model(meta["model"])
         model.load_state_dict(state)
-        return model, CharTokenizer.from_dict(tokenizer), {**meta, "tokenizer": tokenizer}
+        return model, load_tokenizer(tokenizer), {**meta, "tokenizer": tokenizer}
     checkpoint = read_checkpoint(path, stages, role)
     meta = checkpoint["rlhf"]
     model = build_model(meta["model"])
     model.load_state_dict(submodule_state(checkpoint, "model"))
-    return model, CharTokenizer.from_dict(meta["tokenizer"]), meta
+    return model, load_tokenizer(meta["tokenizer"]), meta
 
 
 def context_length(model: nn.Module) -> int:

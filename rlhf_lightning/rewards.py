@@ -120,7 +120,7 @@ class LearnedReward:
         self.reward_ckpt = reward_ckpt
         self.model, self.tokenizer, meta = load_reward_model(reward_ckpt, role="model.init_args.reward_ckpt")
         self.model.eval().requires_grad_(False)
-        if policy_tokenizer is not None:
+        if hasattr(policy_tokenizer, "alphabet") and hasattr(self.tokenizer, "alphabet"):  # character tokenizers
             missing = [c for c in policy_tokenizer.alphabet if c not in self.tokenizer.alphabet]
             if missing:
                 raise CheckpointError(

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CharTokenizer", "UnknownCharacterError", "SPECIAL_TOKENS"]
+__all__ = ["CharTokenizer", "UnknownCharacterError", "SPECIAL_TOKENS", "load_tokenizer"]
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<bos>", "<eos>")
 _PAD_ID, _BOS_ID, _EOS_ID = 0, 1, 2
@@ -194,3 +194,13 @@ class CharTokenizer:
 
     def __repr__(self) -> str:
         return f"CharTokenizer(alphabet={self._alphabet!r})"
+
+
+def load_tokenizer(d: Mapping[str, Any]):
+    """A tokenizer from its `to_dict()` description, by `type`: "char" (`CharTokenizer`) or "hf" (`HFTokenizer`)."""
+    kind = d.get("type") if isinstance(d, Mapping) else None
+    if kind == "hf":
+        from rlhf_lightning.hf_tokenizer import HFTokenizer  # imported on use: needs the [hf] extra
+
+        return HFTokenizer.from_dict(d)
+    return CharTokenizer.from_dict(d)  # "char", or a clear error naming the unknown type

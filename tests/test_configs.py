@@ -32,7 +32,7 @@ def test_config_parses_against_the_code(path: Path):
     assert cli.config.data.class_path.startswith("rlhf_lightning.data")
 
 
-@pytest.mark.parametrize("path", [p for p in FIT_CONFIGS if p.name == "sft.yaml"], ids=lambda p: p.parent.name)
+@pytest.mark.parametrize("path", [p for p in FIT_CONFIGS if p.name == "sft.yaml" and p.parent.name != "hf"], ids=lambda p: p.parent.name)
 def test_sft_configs_instantiate(path: Path):
     cli = lightning_cli(["--config", str(path)], run=False)
     assert type(cli.model).__name__ == "SFTModule"
@@ -40,7 +40,7 @@ def test_sft_configs_instantiate(path: Path):
 
 def test_unknown_option_in_yaml_is_refused(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text((CONFIGS / "toy" / "sft.yaml").read_text().replace("    lr: 0.003", "    lr: 0.003\n    learning_rat: 0.1"))
+    bad.write_text((CONFIGS / "toy" / "sft.yaml").read_text().replace("    lr: ", "    learning_rat: 0.1\n    lr: ", 1))
     err = io.StringIO()
     with pytest.raises(SystemExit), contextlib.redirect_stderr(err):
         lightning_cli(["--config", str(bad)], run=False)

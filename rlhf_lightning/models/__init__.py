@@ -11,10 +11,12 @@ import torch.nn as nn
 
 from rlhf_lightning.models.bigram import BigramConfig, BigramLM
 from rlhf_lightning.models.gpt import GPT, GPTConfig, KVCache, positions_from_mask
+from rlhf_lightning.models.hf import HFCausalLM, HFConfig  # transformers itself is imported on use
 
 MODEL_TYPES: dict[str, tuple[type, type]] = {
     "gpt": (GPTConfig, GPT),
     "bigram": (BigramConfig, BigramLM),
+    "hf": (HFConfig, HFCausalLM),
 }
 
 
@@ -31,4 +33,4 @@ def build_model(config: dict[str, Any]) -> nn.Module:
         raise ValueError(f"model config for {kind!r}: {err}") from None
 
 
-__all__ = ["GPT", "GPTConfig", "KVCache", "BigramLM", "BigramConfig", "build_model", "positions_from_mask", "MODEL_TYPES"]
+__all__ = ["GPT", "GPTConfig", "KVCache", "BigramLM", "BigramConfig", "build_model", "positions_from_mask", "MODEL_TYPES", "HFCausalLM", "HFConfig"]

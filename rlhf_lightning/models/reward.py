@@ -24,11 +24,11 @@ import torch.nn as nn
 from rlhf_lightning.checkpoints import read_checkpoint, submodule_state
 from rlhf_lightning.data.collate import right_pad
 from rlhf_lightning.models.gpt import GPT, GPTConfig
-from rlhf_lightning.tokenizer import CharTokenizer
+from rlhf_lightning.tokenizer import CharTokenizer, load_tokenizer
 
 __all__ = ["REWARD_TYPES", "RewardModel", "encode_scored", "last_token_index", "load_reward_model", "score_texts"]
 
-REWARD_TYPES = ("gpt", "mean_embedding")
+REWARD_TYPES = ("gpt", "mean_embedding", "hf")
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -73,6 +73,15 @@ class RewardModel(nn.Module):
                 self.backbone.lm_head = nn.Identity()  # its forward now returns final hidden states (B, T, C)
                 self.block_size = gpt_config.block_size
                 width = gpt_config.n_embd
+            elif kind == "hf":
+                from rlhf_lightning.models.hf import HFBackbone  # imported on use: needs the [hf] extra
+
+                vocab_size = config.pop("vocab_size", None)  # the tokenizer's, when the module adds it
+                self.backbone = HFBackbone(**config)
+                self.config["path"] = self.backbone.path  # absolute: checkpoints reload from any directory
+                if vocab_size is not None and vocab_size > self.backbone.vocab_size:
+                    raise ValueError(f"the tokenizer has {vocab_size} ids, the model embeds only {self.backbone.vocab_size}")
+                self.block_size, width = self.backbone.block_size, self.backbone.width
             elif kind == "mean_embedding":
                 vocab_size, width = config.pop("vocab_size"), config.pop("n_embd", 64)
                 self.block_size = config.pop("block_size", 1024)
@@ -86,6 +95,8 @@ class RewardModel(nn.Module):
         self.head = nn.Linear(width, 1)
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
+        if kind == "hf" and self.backbone.score_head is not None:  # a one-label sequence classifier's own head
+            self.head = self.backbone.score_head
 
     @property
     def kind(self) -> str:
@@ -154,4 +165,4 @@ def load_reward_model(path: str, role: str = "reward_ckpt") -> tuple[RewardModel
     meta = checkpoint["rlhf"]
     model = RewardModel(meta["model"])
     model.load_state_dict(submodule_state(checkpoint, "model"))
-    return model.eval(), CharTokenizer.from_dict(meta["tokenizer"]), meta
+    return model.eval(), load_tokenizer(meta["tokenizer"]), meta

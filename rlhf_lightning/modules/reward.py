@@ -16,7 +16,7 @@ from rlhf_lightning.models.reward import RewardModel
 from rlhf_lightning.optim import adamw, warmup_cosine
 from rlhf_lightning.policy import POLICY_STAGES
 from rlhf_lightning.tasks.arithmetic import ALPHABET
-from rlhf_lightning.tokenizer import CharTokenizer
+from rlhf_lightning.tokenizer import CharTokenizer, load_tokenizer
 
 __all__ = ["RewardModule", "binary_auroc"]
 
@@ -90,9 +90,9 @@ class RewardModule(L.LightningModule):
     @staticmethod
     def _resolve_tokenizer(tokenizer: dict[str, Any] | None, sft: dict | None) -> CharTokenizer:
         if sft is None:
-            return CharTokenizer.from_dict(tokenizer) if tokenizer else CharTokenizer(ALPHABET)
-        sft_tokenizer = CharTokenizer.from_dict(sft["rlhf"]["tokenizer"])
-        if tokenizer and CharTokenizer.from_dict(tokenizer) != sft_tokenizer:
+            return load_tokenizer(tokenizer) if tokenizer else CharTokenizer(ALPHABET)
+        sft_tokenizer = load_tokenizer(sft["rlhf"]["tokenizer"])
+        if tokenizer and load_tokenizer(tokenizer) != sft_tokenizer:
             raise ValueError("model.init_args.tokenizer differs from the tokenizer of model.init_args.sft_ckpt; leave it unset")
         return sft_tokenizer
 

@@ -1,0 +1,208 @@
+"""Hugging Face models behind the project's model interface (needs the `[hf]` extra).
+
+`HFCausalLM` wraps any local `AutoModelForCausalLM` folder so it plugs in where the small transformer of
+`models/gpt.py` does: `forward(input_ids, attention_mask=None, *, position_ids=None, cache=None) -> logits`,
+`new_cache(batch_size, max_len)` and `config.block_size`. Positions come from the attention mask (as in
+`gpt.py`), so left-padded rows in generation and right-padded rows in training see the positions they
+would see alone. The cache is the model's own (a transformers `DynamicCache`), wrapped to expose the
+`length` that generation reads.
+
+`HFBackbone` is the reward model's encoder: final hidden states (B, T, C) of a local folder's base model.
+When the folder holds an `AutoModelForSequenceClassification` with one label, its score head is kept and
+the reward model reads it at the last real token (from the mask, never from `ids != pad`).
+
+Nothing is downloaded: every folder is opened with `local_files_only=True`. transformers is imported on
+first use, so the rest of the package works without the extra.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from rlhf_lightning.models.gpt import positions_from_mask
+
+__all__ = ["HFBackbone", "HFCache", "HFCausalLM", "HFConfig", "import_transformers", "local_folder"]
+
+EXTRA_HINT = "pip install 'rlhf-lightning[hf]'"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def import_transformers():
+    """The `transformers` module, or an ImportError that names the extra to install."""
+    try:
+        return importlib.import_module("transformers")
+    except ImportError as err:
+        raise ImportError(
+            f"Hugging Face models need the optional dependencies transformers and tokenizers: {EXTRA_HINT} "
+            f"({err})"
+        ) from None
+
+
+def local_folder(path: str, what: str = "model") -> str:
+    """Absolute path of an existing local folder; a clear error otherwise (nothing is downloaded)."""
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"hf {what}: 'path' must name a local folder, got {path!r}")
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"hf {what}: {path!r} is not a local folder (save one with `save_pretrained`; nothing is downloaded)"
+        )
+    return str(folder.resolve())
+
+
+def _torch_dtype(dtype: str | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32  # trainable weights in float32; bf16-mixed precision runs the matmuls in bf16
+    if dtype not in DTYPES:
+        raise ValueError(f"hf model: dtype {dtype!r} is not one of {sorted(DTYPES)} (or null for float32)")
+    return DTYPES[dtype]
+
+
+def _context_length(hf_config: Any) -> int:
+    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    for name in ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length"):
+        value = getattr(text, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 1 << 30  # e.g. relative positions without a fixed table
+
+
+@dataclass
+class HFConfig:
+    path: str = ""
+    """Local folder written by `save_pretrained` (config, weights, tokenizer)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more compute."""
+    dtype: str | None = None
+    """Weights' dtype: null (float32, for training; use `--trainer.precision bf16-mixed` for speed),
+    "bfloat16" or "float16" (e.g. a frozen model that only scores)."""
+    block_size: int = field(default=0, init=False)
+    """Context length, read from the folder's config (`n_positions` or `max_position_embeddings`)."""
+    vocab_size: int = field(default=0, init=False)
+    """Rows of the input embedding, read from the loaded model."""
+
+
+def _enable_checkpointing(model: nn.Module) -> None:
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False  # training forwards; generation passes its cache explicitly
+
+
+def _cache_argument(model: nn.Module) -> str:
+    """Name of the forward's cache argument: `cache` in recent transformers 5, `past_key_values` before."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+class HFCache:
+    """A transformers `DynamicCache` plus the number of positions filled so far (`length`)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.length = 0
+
+
+class HFCausalLM(nn.Module):
+    """A local `AutoModelForCausalLM` folder with the interface of `models.gpt.GPT`."""
+
+    def __init__(self, config: HFConfig) -> None:
+        super().__init__()
+        transformers = import_transformers()
+        config.path = local_folder(config.path)
+        self.config = config
+        self.lm = transformers.AutoModelForCausalLM.from_pretrained(
+            config.path, local_files_only=True, dtype=_torch_dtype(config.dtype)
+        )
+        config.block_size = _context_length(self.lm.config)
+        config.vocab_size = self.lm.get_input_embeddings().num_embeddings
+        if config.gradient_checkpointing:
+            _enable_checkpointing(self.lm)
+        self._cache_arg = _cache_argument(self.lm)
+        self._cache_cls = transformers.DynamicCache
+
+    def new_cache(self, batch_size: int, max_len: int) -> HFCache:
+        """An empty cache; it grows as generation appends one token per row per step."""
+        return HFCache(self._cache_cls(config=self.lm.config))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        position_ids: torch.Tensor | None = None,
+        cache: HFCache | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, T, V) for `input_ids` (B, T); the same contract as `GPT.forward`.
+
+        Without a cache, `attention_mask` (B, T) marks real tokens (None: all real). With a cache,
+        `attention_mask` (B, S) covers the cached positions and the new ones (S = cache.length + T).
+        """
+        T = input_ids.size(1)
+        if position_ids is None and attention_mask is not None:
+            position_ids = positions_from_mask(attention_mask)[:, -T:]  # (B, T)
+        if attention_mask is None:  # all real (e.g. right-padded training rows under causal attention)
+            attention_mask = torch.ones_like(input_ids)
+        mask = attention_mask.long()  # (B, S)
+        if cache is None:
+            out = self.lm(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+        else:
+            out = self.lm(
+                input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
+                **{self._cache_arg: cache.inner},
+            )
+            cache.length += T
+        return out.logits  # (B, T, V)
+
+
+def _is_sequence_classifier(hf_config: Any) -> bool:
+    return any(name.endswith("ForSequenceClassification") for name in (getattr(hf_config, "architectures", None) or []))
+
+
+class HFBackbone(nn.Module):
+    """Final hidden states (B, T, C) of a local folder's base model, for a scalar reward head.
+
+    `score_head` is the folder's own score head (a one-label `...ForSequenceClassification` folder), else
+    None; it is not registered here: the reward model that owns the head registers it.
+    """
+
+    def __init__(self, path: str, gradient_checkpointing: bool = False, dtype: str | None = None) -> None:
+        super().__init__()
+        transformers = import_transformers()
+        self.path = path = local_folder(path, "reward model")
+        hf_config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+        score_head: nn.Linear | None = None
+        if _is_sequence_classifier(hf_config):
+            if hf_config.num_labels != 1:
+                raise ValueError(f"hf reward model {path!r}: a sequence classifier needs num_labels=1, it has {hf_config.num_labels}")
+            full = transformers.AutoModelForSequenceClassification.from_pretrained(
+                path, local_files_only=True, dtype=_torch_dtype(dtype)
+            )
+            head = getattr(full, "score", None) or getattr(full, "classifier", None)
+            if not isinstance(head, nn.Linear):
+                raise ValueError(f"hf reward model {path!r}: no linear score head found on {type(full).__name__}")
+            self.encoder, score_head = full.base_model, head
+        else:
+            self.encoder = transformers.AutoModel.from_pretrained(path, local_files_only=True, dtype=_torch_dtype(dtype))
+        object.__setattr__(self, "score_head", score_head)
+        if gradient_checkpointing:
+            _enable_checkpointing(self.encoder)
+        text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+        self.width = int(text.hidden_size)
+        self.block_size = _context_length(hf_config)
+        self.vocab_size = self.encoder.get_input_embeddings().num_embeddings
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        position_ids = positions_from_mask(attention_mask)  # (B, T)
+        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask.long(), position_ids=position_ids, use_cache=False)
+        return out.last_hidden_state  # (B, T, C)

@@ -1,0 +1,178 @@
+"""Hugging Face models: a tiny GPT-2 built from a config and saved locally (no download), through every stage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import CONFIGS, QUIET, run_cli
+from rlhf_lightning.data.collate import left_pad
+from rlhf_lightning.generation import generate
+from rlhf_lightning.losses import logprobs_from_logits
+from rlhf_lightning.tasks.arithmetic import ALPHABET, format_prompt
+
+transformers = pytest.importorskip("transformers", reason="needs the [hf] extra")
+
+EOS = "<|endoftext|>"
+PROMPTS = [format_prompt(3, "+", 4), format_prompt(12, "-", 5), format_prompt(99, "+", 99)]
+
+
+def save_tiny_gpt2(folder: Path) -> Path:
+    """A 2-layer, 32-dim GPT-2 and a character-level fast tokenizer whose BOS = EOS = PAD (as GPT-2's)."""
+    from tokenizers import Tokenizer, decoders, models
+
+    vocab = {EOS: 0, **{c: i + 1 for i, c in enumerate(sorted(set(ALPHABET)))}}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))  # no merges: one token per character
+    core.decoder = decoders.Fuse()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=core, bos_token=EOS, eos_token=EOS, pad_token=EOS)
+    config = transformers.GPT2Config(
+        n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=len(vocab), bos_token_id=0, eos_token_id=0, pad_token_id=0
+    )
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory) -> Path:
+    return save_tiny_gpt2(tmp_path_factory.mktemp("hf") / "gpt2")
+
+
+@pytest.fixture(scope="module")
+def hf_sft(gpt2_dir, tmp_path_factory) -> Path:
+    """Working directory holding checkpoints/hf/sft.ckpt from a few SFT steps through the CLI."""
+    cwd = tmp_path_factory.mktemp("hf_run")
+    run_cli(
+        [
+            "fit", "--config", str(CONFIGS / "hf" / "sft.yaml"), *QUIET, "--trainer.logger=false",
+            f"--model.init_args.model={{type: hf, path: {gpt2_dir}}}", "--model.init_args.lr=0.003",
+            "--trainer.limit_train_batches=4", "--data.init_args.batch_size=16", "--data.init_args.max_val_prompts=16",
+        ],
+        cwd,
+    )
+    return cwd
+
+
+def test_tokenizer_keeps_the_project_contract(gpt2_dir):
+    from rlhf_lightning.tokenizer import load_tokenizer
+
+    tok = load_tokenizer({"type": "hf", "path": str(gpt2_dir)})
+    assert tok.pad_id == tok.bos_id == tok.eos_id == 0  # GPT-2: one special token for all three
+    ids = tok.encode_prompt(PROMPTS[0])
+    assert ids[0] == tok.bos_id and len(ids) == 1 + len(PROMPTS[0])
+    assert tok.encode_completion("7") == tok.encode("7") + [tok.eos_id]
+    assert tok.decode(ids) == PROMPTS[0]  # the leading BOS is skipped even though it is the EOS id
+    assert tok.decode(tok.encode("12") + [tok.eos_id] + tok.encode("34")) == "12"  # stops at EOS
+    assert load_tokenizer(tok.to_dict()) == tok and tok.to_dict()["path"] == str(gpt2_dir.resolve())
+
+
+def test_generation_matches_a_full_recompute_for_left_padded_rows(gpt2_dir):
+    from rlhf_lightning.hf_tokenizer import HFTokenizer
+    from rlhf_lightning.models import build_model
+
+    model, tok = build_model({"type": "hf", "path": str(gpt2_dir)}).eval(), HFTokenizer(str(gpt2_dir))
+    assert model.config.block_size == 64
+    ids, mask = left_pad([tok.encode_prompt(p) for p in PROMPTS], tok.pad_id)  # (3, P), different lengths
+    gen = generate(model, ids, mask, max_new_tokens=8, eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=0.7,
+                   generator=torch.Generator().manual_seed(0))
+    # teacher-forced recompute of the sampled tokens: one forward over prompt ++ completion
+    logits = model(torch.cat([ids, gen.completion_ids], 1), torch.cat([mask, gen.completion_mask], 1))
+    recomputed = logprobs_from_logits(logits[:, ids.size(1) - 1 : -1], gen.completion_ids, 0.7)
+    torch.testing.assert_close(recomputed[gen.completion_mask], gen.logprobs[gen.completion_mask], atol=1e-5, rtol=0)
+    # a row's greedy result does not depend on the other rows' padding
+    batched = generate(model, ids, mask, max_new_tokens=8, eos_id=tok.eos_id, pad_id=tok.pad_id, greedy=True)
+    for i, prompt in enumerate(PROMPTS):
+        alone = torch.tensor([tok.encode_prompt(prompt)])
+        single = generate(model, alone, torch.ones_like(alone, dtype=torch.bool), max_new_tokens=8,
+                          eos_id=tok.eos_id, pad_id=tok.pad_id, greedy=True)
+        assert single.completion_ids[0].tolist() == batched.completion_ids[i].tolist()
+        torch.testing.assert_close(single.logprobs[0], batched.logprobs[i], atol=1e-5, rtol=0)
+
+
+def test_sft_checkpoint_reloads_with_identical_logits(gpt2_dir, hf_sft):
+    from rlhf_lightning.models import build_model
+    from rlhf_lightning.policy import load_policy
+
+    model, tok, meta = load_policy(str(hf_sft / "checkpoints" / "hf" / "sft.ckpt"))
+    assert meta["model"]["type"] == "hf" and meta["tokenizer"]["type"] == "hf"
+    pretrained = build_model({"type": "hf", "path": str(gpt2_dir)}).eval()
+    ids = torch.tensor([tok.encode_prompt(PROMPTS[1]) + tok.encode_completion("7")])
+    trained = model.eval()(ids)
+    assert not torch.allclose(trained, pretrained(ids))  # SFT changed the weights...
+    again, _, _ = load_policy(str(hf_sft / "checkpoints" / "hf" / "sft.ckpt"))
+    torch.testing.assert_close(again.eval()(ids), trained, atol=0, rtol=0)  # ...and the checkpoint holds them
+
+
+def write_pairs(path: Path, items: list[tuple[int, int]]) -> str:
+    lines = [{"prompt": format_prompt(a, "+", b), "chosen": str(a + b), "rejected": str(a + b + 1)} for a, b in items]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return str(path)
+
+
+def test_reward_fit_on_an_hf_backbone(gpt2_dir, hf_sft):
+    from rlhf_lightning.models.reward import load_reward_model
+
+    train = write_pairs(hf_sft / "prefs_train.jsonl", [(a, b) for a in range(8) for b in range(4)])
+    val = write_pairs(hf_sft / "prefs_val.jsonl", [(a, 9) for a in range(8)])
+    run_cli(
+        [
+            "fit", "--config", str(CONFIGS / "hf" / "reward.yaml"), *QUIET, "--trainer.logger=false",
+            f"--model.init_args.model={{type: hf, path: {gpt2_dir}}}", f"--data.init_args.train_file={train}",
+            f"--data.init_args.val_file={val}", "--data.init_args.batch_size=8", "--trainer.max_epochs=1",
+        ],
+        hf_sft,
+    )
+    model, tok, meta = load_reward_model(str(hf_sft / "checkpoints" / "hf" / "reward.ckpt"))
+    assert meta["model"]["type"] == "hf" and tok.to_dict()["type"] == "hf"
+    pretrained = transformers.AutoModel.from_pretrained(str(gpt2_dir), local_files_only=True)
+    moved = model.backbone.encoder.state_dict()["h.0.attn.c_attn.weight"] - pretrained.state_dict()["h.0.attn.c_attn.weight"]
+    assert moved.abs().max() > 0  # the backbone trained (4 steps of Bradley-Terry)
+    # a score is read at the last real token: right padding after it changes nothing
+    ids = tok.encode_prompt(PROMPTS[0]) + tok.encode_completion("7")
+    padded = torch.tensor([ids + [tok.pad_id] * 3])
+    mask = torch.tensor([[True] * len(ids) + [False] * 3])
+    torch.testing.assert_close(model(padded, mask), model(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.bool)))
+
+
+def test_ppo_two_rollouts_with_the_judge(hf_sft):
+    from rlhf_lightning.policy import load_policy
+
+    cli = run_cli(
+        [
+            "fit", "--config", str(CONFIGS / "hf" / "ppo.yaml"), *QUIET, "--trainer.logger=false",
+            "--model.init_args.reward=judge", "--model.init_args.reward_ckpt=null", "--model.init_args.temperature=0.7",
+            "--trainer.limit_train_batches=2", "--data.init_args.batch_size=4", "--data.init_args.max_val_prompts=8",
+        ],
+        hf_sft,
+    )
+    module = cli.model
+    assert abs(module.last_update["first_ratio_error"]) < 1e-4  # generation's log-probs = the update's, at T=0.7
+    assert not any(p.requires_grad for p in module.reference.parameters())  # frozen, no optimizer state
+    optimized = {id(p) for group in cli.trainer.optimizers[0].param_groups for p in group["params"]}
+    assert optimized.isdisjoint(id(p) for p in module.reference.parameters())
+    sft, _, _ = load_policy(str(hf_sft / "checkpoints" / "hf" / "sft.ckpt"))
+    ppo, tok, meta = load_policy(str(hf_sft / "checkpoints" / "hf" / "ppo.ckpt"))
+    assert meta["stage"] == "ppo" and meta["tokenizer"]["type"] == "hf"
+    ids = torch.tensor([tok.encode_prompt(PROMPTS[0])])
+    assert not torch.equal(ppo.eval()(ids), sft.eval()(ids))  # 2 rollouts x 2 epochs x 2 minibatches of updates
+
+
+def test_missing_transformers_names_the_extra(monkeypatch, gpt2_dir):
+    import importlib
+
+    from rlhf_lightning.models import build_model
+
+    real = importlib.import_module
+
+    def without_transformers(name, *args):
+        if name.split(".")[0] == "transformers":
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", without_transformers)
+    with pytest.raises(ImportError, match=r"pip install 'rlhf-lightning\[hf\]'"):
+        build_model({"type": "hf", "path": str(gpt2_dir)})
