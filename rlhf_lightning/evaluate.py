@@ -25,11 +25,12 @@ def evaluate_policy(
     max_new_tokens: int = 6,
     batch_size: int = 1024,
     seed: int = 0,
+    limit: int | None = None,
 ) -> tuple[dict, list[dict]]:
     """Return ({"accuracy", "num_prompts", ...}, one record per prompt)."""
     model, tokenizer, _ = load_policy(ckpt, role="--ckpt")
     model.eval()
-    records = load_prompts(task, split, prompts)
+    records = load_prompts(task, split, prompts, limit)
     dataset = PromptDataset(tokenizer, records, context_length(model))
     generator = torch.Generator().manual_seed(seed)
     rows, scores = [], []
@@ -65,12 +66,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max_new_tokens", type=int, default=6)
     parser.add_argument("--batch_size", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--limit", type=int, default=None, help="the first N prompts only")
     parser.add_argument("--out", default=None, help="completions JSONL (default: beside the checkpoint)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     summary, rows = evaluate_policy(
         args.ckpt, args.task, args.split, args.prompts, not args.sample, args.temperature, args.top_k,
-        args.max_new_tokens, args.batch_size, args.seed,
+        args.max_new_tokens, args.batch_size, args.seed, args.limit,
     )
     source = Path(args.prompts).stem if args.prompts else args.split
     out = Path(args.out) if args.out else Path(args.ckpt).with_name(f"{Path(args.ckpt).stem}.eval_{source}.jsonl")

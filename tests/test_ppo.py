@@ -250,8 +250,8 @@ def test_cli_fit_writes_the_checkpoint_and_resumes(sft_ckpt, tmp_path):
     assert all(torch.equal(a, b.cpu()) for a, b in zip(policy.parameters(), module.model.parameters()))
     from rlhf_lightning.evaluate import evaluate_policy
 
-    summary, _ = evaluate_policy(str(final), split="val")
-    assert summary["accuracy"] == pytest.approx(module.eval_history[-1]["eval/accuracy"], abs=0.02)
+    summary, _ = evaluate_policy(str(final), split="val", limit=256, max_new_tokens=module.hparams.max_new_tokens)
+    assert summary["accuracy"] == pytest.approx(module.eval_history[-1]["eval/accuracy"], abs=1e-6)
 
     # --ckpt_path last resumes: two more rollouts after the first three
     resumed = run_cli(ppo_args(sft_ckpt, "--trainer.max_epochs=2", "--trainer.limit_train_batches=3",
@@ -289,17 +289,24 @@ def short_run(sft_ckpt, tmp_path, *extra):
 
 
 def test_judge_reward_rises_from_a_weak_start(sft_ckpt, tmp_path):
-    # the quick SFT checkpoint is weak; a few judge-rewarded rollouts at a high learning rate must help
-    history = short_run(sft_ckpt, tmp_path, "--trainer.limit_train_batches=12", "--model.init_args.lr=0.002",
-                        "--data.init_args.batch_size=32", "--model.init_args.beta=0.0")
+    # The quick SFT checkpoint is weak on the seed's 8 prompts; six judge-rewarded rollouts of 16 samples each
+    # must get at least one more of them right (train = eval prompts: the seed preset has no split).
+    history = short_run(sft_ckpt, tmp_path, "--data.init_args.task=seed", "--data.init_args.batch_size=8",
+                        "--trainer.max_epochs=6", "--model.init_args.lr=1e-5", "--model.init_args.samples_per_prompt=16",
+                        "--model.init_args.advantage=rloo", "--model.init_args.beta=0.0")
     before, after = history[0], history[-1]
-    assert after["eval/reward"] >= before["eval/reward"] + 0.05, history
+    assert after["rollout"] == 6
+    assert after["eval/reward"] >= before["eval/reward"] + 0.125, history
     assert after["eval/accuracy"] == pytest.approx(after["eval/reward"])  # judge reward == greedy accuracy
 
 
-def test_kl_penalty_keeps_the_policy_closer_to_the_reference(sft_ckpt, tmp_path):
-    common = ["--trainer.limit_train_batches=6", "--model.init_args.lr=0.003", "--data.init_args.batch_size=16",
-              "--model.init_args.temperature=1.5"]
+@pytest.mark.parametrize("placement", [["--model.init_args.kl_estimator=k3"], ["--model.init_args.kl_in_reward=true"]],
+                         ids=["k3-in-loss", "k1-in-reward"])
+def test_kl_penalty_keeps_the_policy_closer_to_the_reference(sft_ckpt, tmp_path, placement):
+    # (The seed's k1 placed in the loss is not among these: its gradient, beta * grad log p of the sampled
+    # tokens, has zero mean and only pushes the sampled tokens down; measured here it ends *farther* from
+    # the reference with beta = 1 than with beta = 0.)
+    common = ["--trainer.limit_train_batches=6", "--model.init_args.lr=3e-5", "--data.init_args.batch_size=16", *placement]
     free = short_run(sft_ckpt, tmp_path / "free", *common, "--model.init_args.beta=0.0")
     tied = short_run(sft_ckpt, tmp_path / "tied", *common, "--model.init_args.beta=1.0")
     assert free[0]["eval/kl"] == tied[0]["eval/kl"] == 0.0
