@@ -31,12 +31,33 @@ def check_output_paths(trainer) -> None:
                 raise NotADirectoryError(f"{option}: {str(p)!r} is an existing file, not a folder (output goes under {str(folder)!r})")
 
 
+def _project_error(err: BaseException) -> BaseException | None:
+    """The first of this project's input errors in `err`'s chain of causes, if any."""
+    from rlhf_lightning.checkpoints import CheckpointError
+    from rlhf_lightning.data.jsonl import DataError
+    from rlhf_lightning.rewards import RewardError
+    from rlhf_lightning.tokenizer import UnknownCharacterError
+
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, (CheckpointError, DataError, RewardError, UnknownCharacterError)):
+            return cause
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
 def lightning_cli(args: list[str] | None = None, run: bool = True, cli_class: type | None = None):
     """The LightningCLI behind `rlhf fit|validate|...`: any LightningModule/DataModule by class_path."""
     import lightning as L
     from lightning.pytorch.cli import LightningCLI
 
     class RLHFCLI(LightningCLI):
+        def instantiate_classes(self) -> None:
+            try:
+                super().instantiate_classes()
+            except ValueError as err:  # jsonargparse wraps errors raised in __init__: surface ours as they are
+                raise _project_error(err) or err from None
+
         def before_fit(self) -> None:
             check_output_paths(self.trainer)
 

@@ -64,7 +64,7 @@ def test_file_with_blank_lines_extra_fields_and_duplicates_loads(tmp_path):
         ('{"prompt": "Q: 1+2=\\nA:", "chosen": "3"', None, "invalid JSON"),
         ('{"prompt": "Q: 1+2=\\nA:", "chosen": "3"}', "rejected", "missing"),
         ('{"prompt": "", "chosen": "3", "rejected": "4"}', "prompt", "non-empty string"),
-        ('{"prompt": "Q: 1+2=\\nA:", "chosen": 3, "rejected": "4"}', "chosen", "non-empty string"),
+        ('{"prompt": "Q: 1+2=\\nA:", "chosen": 3, "rejected": "4"}', "chosen", "expected a string"),
         ('{"prompt": "Q: 1+2=\\nA:", "chosen": "3", "rejected": "3"}', "rejected", "identical"),
         ('{"prompt": "Q: 1+2=\\nA:", "chosen": "3", "rejected": "4", "margin": "big"}', "margin", "expected"),
     ],
@@ -135,8 +135,8 @@ def test_generated_pairs_have_no_ties_and_come_from_one_prompt(sft_ckpt):
         n_pairs += len(g.pairs)
     assert n_pairs > 50  # a quick SFT policy at temperature 1.5 gets some right and some wrong
     # seeded: the same call gives the same samples
-    again = sample_groups(policy, tokenizer, records[:20], num_samples=4, temperature=1.5, batch_size=64, seed=3)
-    assert [g.completions for g in again] == [g.completions for g in groups[:20]]
+    again = sample_groups(policy, tokenizer, records, num_samples=4, temperature=1.5, batch_size=64, seed=3)
+    assert [g.completions for g in again] == [g.completions for g in groups]
 
 
 def test_random_judge_pairs_every_distinct_score(sft_ckpt):
