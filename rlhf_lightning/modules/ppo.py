@@ -270,7 +270,7 @@ class PPOModule(L.LightningModule):
             "rollout/eos_rate": stats[:, 2].mean(),
             "rollout_kl": stats[:, 3].sum() / stats[:, 1].sum(),  # per-token KL of the sampling policy
         }
-        if self._rollouts == 0 or (hp.num_logged_samples and self._rollouts % max(1, hp.eval_every) == 0):
+        if self._rollouts == 0 or (hp.num_logged_samples and hp.eval_every and self._rollouts % hp.eval_every == 0):
             log_samples(self, "samples/rollout", prompts, completions, golds, hp.num_logged_samples)
         return rollout, metrics
 

@@ -1,0 +1,95 @@
+"""The toy pipeline end to end: wall time, peak RSS, PPO test accuracy; and SFT continued for the same extra seconds.
+
+    python benchmarks/pipeline.py            # the real default pipeline (minutes on a loaded 2-core machine)
+    python benchmarks/pipeline.py --quick    # small stage overrides, to check the script quickly
+
+Runs `rlhf pipeline` (configs/toy/pipeline.yaml) in a fresh process and a fresh temp working dir, and
+reports its wall time (spawn to exit, start-up included), the child's peak RSS
+(`getrusage(RUSAGE_CHILDREN).ru_maxrss`, read before any other child runs) and the test accuracies from
+`lightning_logs/toy/summary.json`. Goals: <= 60 s, <= 1.5 GB, PPO test accuracy >= 0.98.
+
+Baseline "what RL adds": the SFT run is resumed from its last checkpoint (`checkpoints/toy/sft/last.ckpt`)
+for as many extra epochs as the reward and PPO stages' seconds buy at the SFT stage's seconds per epoch,
+then `rlhf eval --split test` scores it. PPO should beat both its SFT start and this baseline. (On resume
+the cosine schedule is recomputed for the longer run, so the learning rate rises again from its minimum.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import emit  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SFT_EPOCHS = 10  # configs/toy/sft.yaml
+QUICK = [
+    "--sft.trainer.max_epochs=2", "--sft.data.init_args.max_val_prompts=128",
+    "--reward.trainer.max_epochs=1", "--reward.data.init_args.max_train_prompts=300", "--reward.data.init_args.max_val_prompts=100",
+    "--ppo.trainer.limit_train_batches=3", "--ppo.data.init_args.max_val_prompts=64",
+]
+
+
+def rlhf(args: list[str], cwd: Path, threads: int) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-m", "rlhf_lightning.cli", *args], cwd=cwd, env=env, text=True, capture_output=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"rlhf {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small stage overrides (not the goal's workload)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no_baseline", action="store_true", help="skip SFT continued for the same seconds")
+    args = parser.parse_args()
+    overrides = QUICK if args.quick else []
+    with tempfile.TemporaryDirectory() as tmp:
+        cwd = Path(tmp)
+        start = time.perf_counter()
+        rlhf(["pipeline", *overrides, "--sft.trainer.enable_progress_bar=false", "--reward.trainer.enable_progress_bar=false",
+              "--ppo.trainer.enable_progress_bar=false"], cwd, args.threads)
+        wall = time.perf_counter() - start
+        peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB on Linux
+        rows = {r["stage"]: r for r in json.loads((cwd / "lightning_logs" / "toy" / "summary.json").read_text())}
+        figures = {
+            "quick": args.quick, "wall_s": round(wall, 1), "peak_rss_mb": round(peak_mb),
+            "stage_wall_s": {k: r["wall_s"] for k, r in rows.items()},
+            "sft_test_accuracy": rows["sft"]["test_accuracy"], "reward_test_pairwise_accuracy": rows["reward"]["test_accuracy"],
+            "ppo_test_accuracy": rows["ppo"]["test_accuracy"], "ppo_test_kl": rows["ppo"]["test_kl"],
+            "goal_wall_s": 60, "goal_peak_rss_mb": 1536, "goal_ppo_test_accuracy": 0.98,
+        }
+        if not args.no_baseline:
+            sft_epochs = 2 if args.quick else SFT_EPOCHS
+            extra_s = rows["reward"]["wall_s"] + rows["ppo"]["wall_s"]
+            per_epoch = rows["sft"]["wall_s"] / sft_epochs
+            extra_epochs = max(1, round(extra_s / per_epoch))
+            start = time.perf_counter()
+            cont = ["fit", "--config", str(ROOT / "configs" / "toy" / "sft.yaml"), "--ckpt_path", "checkpoints/toy/sft/last.ckpt",
+                    f"--trainer.max_epochs={sft_epochs + extra_epochs}", "--trainer.logger=false", "--trainer.enable_progress_bar=false"]
+            if args.quick:
+                cont.append("--data.init_args.max_val_prompts=128")
+            rlhf(cont, cwd, args.threads)
+            cont_wall = time.perf_counter() - start
+            out = rlhf(["eval", "--ckpt", "checkpoints/toy/sft.ckpt", "--split", "test"], cwd, args.threads).stdout
+            summary = json.loads(out.strip().splitlines()[-1])
+            figures.update({
+                "baseline_extra_s": round(extra_s, 1), "baseline_extra_epochs": extra_epochs,
+                "baseline_process_wall_s": round(cont_wall, 1), "sft_continued_test_accuracy": summary["accuracy"],
+                "ppo_beats_sft": rows["ppo"]["test_accuracy"] > rows["sft"]["test_accuracy"],
+                "ppo_beats_sft_continued": rows["ppo"]["test_accuracy"] > summary["accuracy"],
+            })
+    emit("pipeline", figures)
+
+
+if __name__ == "__main__":
+    main()
