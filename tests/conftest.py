@@ -29,11 +29,11 @@ def run_cli(args: list[str], cwd: Path):
         os.chdir(old)
 
 
-# About 850 steps of SFT on the toy task (about 25 s here): far above chance, shared by every test that needs a
+# About 1,060 steps of SFT on the toy task (about 30 s here): far above chance, shared by every test that needs a
 # trained policy.
 SFT_QUICK = [
     "fit", "--config", str(CONFIGS / "toy" / "sft.yaml"), *QUIET,
-    "--trainer.max_epochs=8", "--trainer.logger=false", "--data.init_args.max_val_prompts=256",
+    "--trainer.max_epochs=10", "--trainer.logger=false", "--data.init_args.max_val_prompts=256",
 ]
 
 
