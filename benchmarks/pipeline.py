@@ -30,7 +30,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import emit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SFT_EPOCHS = 10  # configs/toy/sft.yaml
 QUICK = [
     "--sft.trainer.max_epochs=2", "--sft.data.init_args.max_val_prompts=128",
     "--reward.trainer.max_epochs=1", "--reward.data.init_args.max_train_prompts=300", "--reward.data.init_args.max_val_prompts=100",
@@ -44,6 +43,13 @@ def rlhf(args: list[str], cwd: Path, threads: int) -> subprocess.CompletedProces
     if proc.returncode != 0:
         raise RuntimeError(f"rlhf {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
+
+
+def sft_config_epochs() -> int:
+    """`trainer.max_epochs` of configs/toy/sft.yaml: the SFT run the baseline continues."""
+    import yaml
+
+    return int(yaml.safe_load((ROOT / "configs" / "toy" / "sft.yaml").read_text())["trainer"]["max_epochs"])
 
 
 def main() -> None:
@@ -69,7 +75,7 @@ def main() -> None:
             "goal_wall_s": 60, "goal_peak_rss_mb": 1536, "goal_ppo_test_accuracy": 0.98,
         }
         if not args.no_baseline:
-            sft_epochs = 2 if args.quick else SFT_EPOCHS
+            sft_epochs = 2 if args.quick else sft_config_epochs()
             extra_s = rows["reward"]["wall_s"] + rows["ppo"]["wall_s"]
             per_epoch = rows["sft"]["wall_s"] / sft_epochs
             extra_epochs = max(1, round(extra_s / per_epoch))
