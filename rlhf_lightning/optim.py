@@ -27,3 +27,13 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def adamw_warmup_cosine(module, model: nn.Module) -> dict:
+    """`configure_optimizers` result for a module whose hparams hold lr, weight_decay, warmup_steps and
+    min_lr_ratio: the cosine ends at the trainer's last optimizer step."""
+    hp = module.hparams
+    optimizer = adamw(model, hp.lr, hp.weight_decay)
+    total = max(1, int(module.trainer.estimated_stepping_batches))
+    scheduler = warmup_cosine(optimizer, hp.warmup_steps, total, hp.min_lr_ratio)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -162,24 +162,18 @@ def _json_kind(value: Any) -> str:
     return type(value).__name__
 
 
-def write_jsonl(path: str | os.PathLike[str], records: Iterable[Mapping[str, Any]]) -> Path:
-    """Write ``records`` one JSON object per line.
-
-    The data goes to a temporary file in the same directory (parents created) that is renamed into place
-    only once complete, so no half-written file ever carries the final name. Non-finite floats are rejected.
-    Returns the final path.
-    """
+def atomic_write_text(path: str | os.PathLike[str], chunks: Iterable[str]) -> Path:
+    """Write the text ``chunks`` to ``path`` through a temporary file in the same directory (parents
+    created), synced and renamed into place only once complete: no half-written file ever carries the
+    final name, and a failure leaves any previous file untouched. Returns the final path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp, 0o644)  # mkstemp creates 0600
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for i, rec in enumerate(records):
-                if not isinstance(rec, Mapping):
-                    raise TypeError(f"record {i} is a {type(rec).__name__}, not a mapping")
-                f.write(json.dumps(dict(rec), ensure_ascii=False, allow_nan=False))
-                f.write("\n")
+            for chunk in chunks:
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -190,3 +184,18 @@ def write_jsonl(path: str | os.PathLike[str], records: Iterable[Mapping[str, Any
             pass
         raise
     return path
+
+
+def write_jsonl(path: str | os.PathLike[str], records: Iterable[Mapping[str, Any]]) -> Path:
+    """Write ``records`` one JSON object per line, atomically (see `atomic_write_text`).
+
+    Non-finite floats are rejected. Returns the final path.
+    """
+
+    def lines():
+        for i, rec in enumerate(records):
+            if not isinstance(rec, Mapping):
+                raise TypeError(f"record {i} is a {type(rec).__name__}, not a mapping")
+            yield json.dumps(dict(rec), ensure_ascii=False, allow_nan=False) + "\n"
+
+    return atomic_write_text(path, lines())

@@ -13,7 +13,7 @@ from torchmetrics import CatMetric, MeanMetric
 from rlhf_lightning.checkpoints import read_checkpoint, submodule_state
 from rlhf_lightning.losses import bradley_terry_loss, pairwise_accuracy
 from rlhf_lightning.models.reward import RewardModel
-from rlhf_lightning.optim import adamw, warmup_cosine
+from rlhf_lightning.optim import adamw_warmup_cosine
 from rlhf_lightning.policy import POLICY_STAGES
 from rlhf_lightning.tasks.arithmetic import ALPHABET
 from rlhf_lightning.tokenizer import CharTokenizer, load_tokenizer
@@ -156,10 +156,7 @@ class RewardModule(L.LightningModule):
             metric.reset()
 
     def configure_optimizers(self):
-        optimizer = adamw(self.model, self.hparams.lr, self.hparams.weight_decay)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = warmup_cosine(optimizer, self.hparams.warmup_steps, total, self.hparams.min_lr_ratio)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_warmup_cosine(self, self.model)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["rlhf"] = {

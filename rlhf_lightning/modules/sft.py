@@ -10,7 +10,7 @@ from torchmetrics import MeanMetric
 
 from rlhf_lightning.callbacks import log_samples
 from rlhf_lightning.losses import logprobs_from_logits, masked_mean
-from rlhf_lightning.optim import adamw, warmup_cosine
+from rlhf_lightning.optim import adamw_warmup_cosine
 from rlhf_lightning.policy import build_policy, complete, context_length, judge_scores
 
 
@@ -83,10 +83,7 @@ class SFTModule(L.LightningModule):
         self.val_accuracy.reset()
 
     def configure_optimizers(self):
-        optimizer = adamw(self.model, self.hparams.lr, self.hparams.weight_decay)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = warmup_cosine(optimizer, self.hparams.warmup_steps, total, self.hparams.min_lr_ratio)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_warmup_cosine(self, self.model)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["rlhf"] = {"stage": "sft", "model": dict(self.hparams.model), "tokenizer": dict(self.hparams.tokenizer)}
