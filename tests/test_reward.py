@@ -204,3 +204,24 @@ def test_bad_input_fails_before_training(tmp_path):
     with pytest.raises(CheckpointError, match=r"model.init_args.sft_ckpt: checkpoint 'checkpoints/toy/sft.ckpt' does not exist"):
         run_cli(base, tmp_path)  # the default config, with no SFT run in this directory
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_lm_feature_adds_the_completions_log_likelihood_under_the_policy():
+    from rlhf_lightning.losses import token_logprobs
+    from rlhf_lightning.models import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    sizes = {"vocab_size": TOK.vocab_size, "block_size": 24, "n_layer": 1, "n_head": 2, "n_embd": 16}
+    policy = GPT(GPTConfig(**sizes)).eval()
+    model = RewardModel({"type": "gpt", "lm_feature": True, **sizes}).eval()
+    model.load_backbone(policy.state_dict())
+    with torch.no_grad():
+        model.head.weight.zero_(), model.head.bias.fill_(0.5)
+        scores = score_texts(model, TOK, PROMPTS, COMPLETIONS, ENDED)  # (3,)
+        for i, (p, c, e) in enumerate(zip(PROMPTS, COMPLETIONS, ENDED)):
+            ids = torch.tensor([encode_scored(TOK, p, c, e)])
+            start = len(TOK.encode_prompt(p))  # the completion's first token
+            expected = token_logprobs(policy, ids, torch.ones_like(ids, dtype=torch.bool))[0, start:].sum() + 0.5
+            torch.testing.assert_close(scores[i], expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="completion_mask"):
+        model(ids, torch.ones_like(ids, dtype=torch.bool))

@@ -28,7 +28,7 @@ from rlhf_lightning.data.collate import left_pad, right_pad
 from rlhf_lightning.data.jsonl import DataError, read_jsonl, write_jsonl
 from rlhf_lightning.data.prompts import PromptRecord, encode_prompts, load_prompts
 from rlhf_lightning.generation import generate
-from rlhf_lightning.models.reward import encode_scored
+from rlhf_lightning.models.reward import completion_mask, encode_scored
 from rlhf_lightning.policy import context_length, load_policy
 from rlhf_lightning.tasks.arithmetic import gold_answer, judge, split_of
 from rlhf_lightning.tokenizer import CharTokenizer
@@ -211,11 +211,18 @@ def pair_groups(pairs: list[PreferencePair]) -> list[SampleGroup]:
 # --------------------------------------------------------------------------- datasets
 
 
-def _encode(tokenizer: CharTokenizer, prompt: str, completion: str, ended: bool, where: str, field_name: str, max_len: int) -> list[int]:
+def _encode(tokenizer: CharTokenizer, prompt: str, completion: str, ended: bool, where: str, field_name: str, max_len: int) -> tuple[list[int], int]:
+    """(ids, prompt length): where the completion starts, for reward models that score its likelihood."""
     ids = encode_scored(tokenizer, prompt, completion, ended, where, field_name)
     if len(ids) > max_len:
         raise DataError(f"prompt + completion is {len(ids)} tokens, the reward model's context is {max_len}", path=where, field=field_name)
-    return ids
+    return ids, len(tokenizer.encode_prompt(prompt))
+
+
+def _pad(encoded: list[tuple[list[int], int]], pad_id: int) -> dict:
+    input_ids, attention_mask = right_pad([ids for ids, _ in encoded], pad_id)
+    completion = completion_mask([p for _, p in encoded], [len(ids) for ids, _ in encoded], input_ids.size(1))
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion}  # (B, T) each
 
 
 class PairDataset(Dataset):
@@ -238,12 +245,10 @@ class PairDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[list[int], list[int], float]:
         return self.examples[i]
 
-    def collate(self, items: list[tuple[list[int], list[int], float]]) -> dict:
+    def collate(self, items: list[tuple[tuple[list[int], int], tuple[list[int], int], float]]) -> dict:
         seqs = [c for c, _, _ in items] + [r for _, r, _ in items]  # one width for both halves
-        input_ids, attention_mask = right_pad(seqs, self.pad_id)
         return {
-            "input_ids": input_ids,  # (2B, T): rows [0, B) chosen, [B, 2B) rejected
-            "attention_mask": attention_mask,  # (2B, T)
+            **_pad(seqs, self.pad_id),  # (2B, T): rows [0, B) chosen, [B, 2B) rejected
             "margin": torch.tensor([m for _, _, m in items], dtype=torch.float32),  # (B,)
         }
 
@@ -272,10 +277,8 @@ class SampleGroupDataset(Dataset):
             labels += g.labels
             pairs += [(offset + i, offset + j) for i, j in g.pairs]
             offset += len(ids)
-        input_ids, attention_mask = right_pad(seqs, self.pad_id)
         return {
-            "input_ids": input_ids,  # (N, T) every sampled completion of the batch's prompts
-            "attention_mask": attention_mask,  # (N, T)
+            **_pad(seqs, self.pad_id),  # (N, T) every sampled completion of the batch's prompts
             "labels": torch.tensor(labels, dtype=torch.float32),  # (N,) task judge 0/1, NaN if unknown
             "pairs": torch.tensor(pairs, dtype=torch.long).reshape(-1, 2),  # (M, 2) chosen, rejected rows
             "prompts": [g.prompt for _, g in items for _ in g.completions],

@@ -23,10 +23,11 @@ import torch.nn as nn
 
 from rlhf_lightning.checkpoints import read_checkpoint, submodule_state
 from rlhf_lightning.data.collate import right_pad
+from rlhf_lightning.losses import logprobs_from_logits, masked_sum
 from rlhf_lightning.models.gpt import GPT, GPTConfig
 from rlhf_lightning.tokenizer import CharTokenizer, load_tokenizer
 
-__all__ = ["REWARD_TYPES", "RewardModel", "encode_scored", "last_token_index", "load_reward_model", "score_texts"]
+__all__ = ["REWARD_TYPES", "RewardModel", "completion_mask", "encode_scored", "last_token_index", "load_reward_model", "score_texts"]
 
 REWARD_TYPES = ("gpt", "mean_embedding", "hf")
 
@@ -68,11 +69,15 @@ class RewardModel(nn.Module):
         self.config = {"type": kind, **config}
         try:
             if kind == "gpt":
+                lm_feature = bool(config.pop("lm_feature", False))
                 gpt_config = GPTConfig(**config)
                 self.backbone = GPT(gpt_config)
                 self.backbone.lm_head = nn.Identity()  # its forward now returns final hidden states (B, T, C)
                 self.block_size = gpt_config.block_size
                 width = gpt_config.n_embd
+                if lm_feature:  # the policy's LM head scores the completion's log-likelihood
+                    self.lm_head = nn.Linear(width, gpt_config.vocab_size, bias=False)
+                    self.lm_scale = nn.Parameter(torch.ones(()))
             elif kind == "hf":
                 from rlhf_lightning.models.hf import HFBackbone  # imported on use: needs the [hf] extra
 
@@ -102,13 +107,25 @@ class RewardModel(nn.Module):
     def kind(self) -> str:
         return self.config["type"]
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    @property
+    def lm_feature(self) -> bool:
+        return hasattr(self, "lm_head")
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores (B,). With `lm_feature`, `completion_mask` (B, T) marks the completion's tokens (EOS included)
+        and the score adds `lm_scale` times their summed log-likelihood under the LM head."""
         if self.kind == "mean_embedding":
             return self.head(self.encoder(input_ids, attention_mask)).squeeze(-1)  # (B,)
         hidden = self.backbone(input_ids, attention_mask)  # (B, T, C)
         last = last_token_index(attention_mask)  # (B,)
         picked = hidden[torch.arange(hidden.size(0), device=hidden.device), last]  # (B, C)
-        return self.head(picked).squeeze(-1)  # (B,)
+        score = self.head(picked).squeeze(-1)  # (B,)
+        if self.lm_feature:
+            if completion_mask is None:
+                raise ValueError("this reward model scores the completion's likelihood: pass completion_mask")
+            logp = logprobs_from_logits(self.lm_head(hidden[:, :-1]), input_ids[:, 1:])  # (B, T-1): token t+1 given <= t
+            score = score + self.lm_scale * masked_sum(logp, completion_mask[:, 1:].bool(), dim=1)  # (B,)
+        return score
 
     def load_backbone(self, policy_state: dict[str, torch.Tensor]) -> None:
         """Initialize the transformer from a GPT policy's state dict (its LM head is not used)."""
@@ -116,6 +133,8 @@ class RewardModel(nn.Module):
             raise ValueError(f"only a 'gpt' reward model can be initialized from a policy, this one is {self.kind!r}")
         state = {k: v for k, v in policy_state.items() if not k.startswith("lm_head.")}
         self.backbone.load_state_dict(state, strict=True)
+        if self.lm_feature:
+            self.lm_head.weight.data.copy_(policy_state["lm_head.weight"])
 
 
 def encode_scored(
@@ -129,6 +148,12 @@ def encode_scored(
     prompt_ids = tokenizer.encode_prompt(prompt, f"{at}field 'prompt'")
     completion_ids = tokenizer.encode(completion, f"{at}field {completion_field!r}")
     return prompt_ids + completion_ids + ([tokenizer.eos_id] if ended else [])
+
+
+def completion_mask(prompt_lengths: Sequence[int], lengths: Sequence[int], width: int) -> torch.Tensor:
+    """(B, width) bool, True on positions [prompt length, length) of right-padded rows: the completion."""
+    pos = torch.arange(width)[None, :]  # (1, T)
+    return (pos >= torch.tensor(prompt_lengths)[:, None]) & (pos < torch.tensor(lengths)[:, None])  # (B, T)
 
 
 def score_texts(
@@ -152,8 +177,9 @@ def score_texts(
     if longest > model.block_size:
         raise ValueError(f"{where + ': ' if where else ''}a scored sequence is {longest} tokens, the reward model's context is {model.block_size}")
     ids, mask = right_pad(seqs, tokenizer.pad_id)  # (B, T), (B, T)
+    completion = completion_mask([len(tokenizer.encode_prompt(p)) for p in prompts], [len(x) for x in seqs], ids.size(1))
     device = next(model.parameters()).device
-    return model(ids.to(device), mask.to(device))  # (B,)
+    return model(ids.to(device), mask.to(device), completion.to(device))  # (B,)
 
 
 def load_reward_model(path: str, role: str = "reward_ckpt") -> tuple[RewardModel, CharTokenizer, dict[str, Any]]:

@@ -109,17 +109,17 @@ class RewardModule(L.LightningModule):
         conflicts = sorted(k for k in config if k != "type" and k in policy and policy[k] != config[k])
         if conflicts:
             raise ValueError(f"model.init_args.model: {conflicts} differ from the SFT policy's; with init_from_sft the sizes come from sft_ckpt")
-        return {**policy, "type": "gpt"}
+        return {**policy, "type": "gpt", **{k: config[k] for k in ("lm_feature",) if k in config}}
 
     @property
     def context_length(self) -> int:
         return int(self.model.block_size)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids, attention_mask)  # (B,)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(input_ids, attention_mask, completion_mask)  # (B,)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        scores = self.model(batch["input_ids"], batch["attention_mask"])  # (2B,): chosen rows, then rejected
+        scores = self.model(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])  # (2B,): chosen, then rejected
         r_chosen, r_rejected = scores.chunk(2)  # (B,), (B,)
         margin = batch["margin"] if self.hparams.use_margin else None
         loss = bradley_terry_loss(r_chosen, r_rejected, margin)
@@ -130,7 +130,7 @@ class RewardModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        scores = self.model(batch["input_ids"], batch["attention_mask"])  # (N,) every held-out completion
+        scores = self.model(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])  # (N,) held-out completions
         pairs = batch["pairs"]  # (M, 2) rows of (chosen, rejected)
         if len(pairs):
             diff = scores[pairs[:, 0]] - scores[pairs[:, 1]]  # (M,)
