@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import lightning as L
 from torch.utils.data import DataLoader
 
+from rlhf_lightning.data.base import TokenizedDataModule
+
 from rlhf_lightning.data.prompts import PromptDataset, load_prompts
-from rlhf_lightning.tokenizer import CharTokenizer
 
 
-class PromptDataModule(L.LightningDataModule):
+class PromptDataModule(TokenizedDataModule):
     """`train` prompts (the task's split or a JSONL file of `{"prompt"}` lines) and `val` prompts.
 
     Each training batch is the prompts of one rollout; the module samples several completions per prompt.
@@ -17,6 +17,8 @@ class PromptDataModule(L.LightningDataModule):
     stay on one rank. Evaluation prompts come from `eval_dataloader()`, which the PPO module calls itself
     (before the first update, every few rollouts and at the end), not from Lightning's validation loop.
     """
+
+    context_attr = "prompt_context_length"  # prompts leave room for max_new_tokens
 
     def __init__(
         self,
@@ -42,17 +44,9 @@ class PromptDataModule(L.LightningDataModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        self.tokenizer: CharTokenizer | None = None
-
-    def _tokenizer_and_context(self) -> tuple[CharTokenizer, int | None]:
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        tokenizer = self.tokenizer or getattr(module, "tokenizer", None)
-        if tokenizer is None:
-            raise RuntimeError("PromptDataModule needs a tokenizer: attach it to a PPO module or set `.tokenizer`")
-        return tokenizer, getattr(module, "prompt_context_length", None)
 
     def setup(self, stage: str) -> None:
-        tokenizer, context = self._tokenizer_and_context()
+        tokenizer, context = self.module_tokenizer()
         hp = self.hparams
         if stage == "fit":
             records = load_prompts(hp.task, "train", hp.train_file, hp.max_train_prompts)
@@ -60,11 +54,8 @@ class PromptDataModule(L.LightningDataModule):
         self.val_set = PromptDataset(tokenizer, load_prompts(hp.task, "val", hp.val_file, hp.max_val_prompts), context)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.train_set, batch_size=self.hparams.batch_size, shuffle=True,
-            drop_last=len(self.train_set) >= self.hparams.batch_size,  # equal rollouts (and equal ranks under DDP)
-            collate_fn=self.train_set.collate, num_workers=self.hparams.num_workers,
-        )
+        # drop_last: equal rollouts (and equal ranks under DDP)
+        return self.loader(self.train_set, self.hparams.batch_size, shuffle=True, drop_last=len(self.train_set) >= self.hparams.batch_size)
 
     def eval_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.hparams.eval_batch_size, collate_fn=self.val_set.collate)
+        return self.loader(self.val_set, self.hparams.eval_batch_size)

@@ -19,11 +19,11 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
+from rlhf_lightning.data.base import TokenizedDataModule
 from rlhf_lightning.data.collate import left_pad, right_pad
 from rlhf_lightning.data.jsonl import DataError, read_jsonl, write_jsonl
 from rlhf_lightning.data.prompts import PromptRecord, encode_prompts, load_prompts
@@ -289,7 +289,7 @@ class SampleGroupDataset(Dataset):
 # --------------------------------------------------------------------------- the DataModule
 
 
-class PreferenceDataModule(L.LightningDataModule):
+class PreferenceDataModule(TokenizedDataModule):
     """Preference pairs from JSONL files, or sampled from an SFT policy and judged (in `setup`).
 
     The tokenizer belongs to the LightningModule (it travels inside the checkpoint); `setup` takes it
@@ -345,7 +345,6 @@ class PreferenceDataModule(L.LightningDataModule):
             raise ValueError(f"data.init_args.judge: unknown judge {judge!r}; choose one of {sorted(JUDGES)}")
         if tie_break not in (None, "length"):
             raise ValueError(f"data.init_args.tie_break: must be null or 'length', got {tie_break!r}")
-        self.tokenizer: CharTokenizer | None = None
 
     # ------------------------------------------------------------------ sources
     def _subset(self, records: list[PromptRecord], limit: int | None) -> list[PromptRecord]:
@@ -385,9 +384,7 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         hp = self.hparams
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        tokenizer = self.tokenizer or module.tokenizer
-        max_len = getattr(module, "context_length", 1 << 30)
+        tokenizer, max_len = self.module_tokenizer()
 
         file_pairs = read_preferences(hp.train_file) if hp.train_file is not None else None
         val_pairs = read_preferences(hp.val_file) if hp.val_file is not None else None
@@ -419,10 +416,7 @@ class PreferenceDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.train_set, batch_size=self.hparams.batch_size, shuffle=True, drop_last=False,
-            collate_fn=self.train_set.collate, num_workers=self.hparams.num_workers,
-        )
+        return self.loader(self.train_set, self.hparams.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.hparams.eval_batch_size, collate_fn=self.val_set.collate)
+        return self.loader(self.val_set, self.hparams.eval_batch_size)

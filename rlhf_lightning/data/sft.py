@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from rlhf_lightning.data.base import TokenizedDataModule
 from rlhf_lightning.data.collate import right_pad
 from rlhf_lightning.data.jsonl import DataError, read_jsonl
 from rlhf_lightning.data.prompts import PromptDataset, load_prompts
@@ -45,7 +45,7 @@ class SFTDataset(Dataset):
         return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
 
 
-class SFTDataModule(L.LightningDataModule):
+class SFTDataModule(TokenizedDataModule):
     """Demonstrations for `train`, the task's `val` prompts (or a JSONL file) for greedy evaluation.
 
     The tokenizer belongs to the LightningModule (it travels inside the checkpoint); `setup` takes it
@@ -76,12 +76,6 @@ class SFTDataModule(L.LightningDataModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        self.tokenizer: CharTokenizer | None = None
-
-    def _tokenizer_and_context(self) -> tuple[CharTokenizer, int]:
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        tokenizer = self.tokenizer or module.tokenizer
-        return tokenizer, getattr(module, "context_length", 1 << 30) if module is not None else 1 << 30
 
     def _pairs(self) -> list[tuple[str, str, str]]:
         hp = self.hparams
@@ -92,7 +86,7 @@ class SFTDataModule(L.LightningDataModule):
         return [(p.prompt, p.answer, f"{hp.task}:train") for p in problems]
 
     def setup(self, stage: str) -> None:
-        tokenizer, context = self._tokenizer_and_context()
+        tokenizer, context = self.module_tokenizer()
         hp = self.hparams
         if stage == "fit":
             self.train_set = SFTDataset(tokenizer, self._pairs(), context, self.trainer.lightning_module.hparams.get("prompt_loss", False))
@@ -100,10 +94,7 @@ class SFTDataModule(L.LightningDataModule):
         self.val_set = PromptDataset(tokenizer, records, context)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.train_set, batch_size=self.hparams.batch_size, shuffle=True, drop_last=False,
-            collate_fn=self.train_set.collate, num_workers=self.hparams.num_workers,
-        )
+        return self.loader(self.train_set, self.hparams.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.hparams.eval_batch_size, collate_fn=self.val_set.collate)
+        return self.loader(self.val_set, self.hparams.eval_batch_size)
