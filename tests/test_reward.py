@@ -121,7 +121,7 @@ def test_tiny_fit_ranks_held_out_chosen_above_rejected(tmp_path):
     cli = run_cli([
         "fit", "--config", str(CONFIGS / "toy" / "reward.yaml"), *QUIET, "--trainer.logger=false",
         "--trainer.max_epochs=3", "--model.init_args.sft_ckpt=null", "--model.init_args.lr=0.003",
-        "--model.init_args.model={type: gpt, n_layer: 1, n_embd: 32, block_size: 24}",
+        "--model.init_args.model={type: gpt, n_layer: 1, n_embd: 32, block_size: 24}", "--model.init_args.chosen_nll=0",
         f"--data.init_args.train_file={tmp_path / 'train.jsonl'}", f"--data.init_args.val_file={tmp_path / 'val.jsonl'}",
         "--data.init_args.batch_size=32",
     ], tmp_path)
@@ -184,6 +184,7 @@ def test_fit_from_jsonl_files(reward_run, tmp_path):
         "fit", "--config", str(CONFIGS / "toy" / "reward.yaml"), *QUIET, "--trainer.logger=false",
         "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.num_sanity_val_steps=0",
         "--model.init_args.sft_ckpt=null", "--model.init_args.model={type: mean_embedding, n_embd: 16}",
+        "--model.init_args.chosen_nll=0",
         f"--data.init_args.train_file={run_dir / 'preferences_train.jsonl'}",
         f"--data.init_args.val_file={run_dir / 'preferences_val.jsonl'}",
     ], tmp_path)
@@ -225,3 +226,33 @@ def test_lm_feature_adds_the_completions_log_likelihood_under_the_policy():
             torch.testing.assert_close(scores[i], expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="completion_mask"):
         model(ids, torch.ones_like(ids, dtype=torch.bool))
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # a training_step called by hand
+def test_chosen_nll_adds_the_chosen_completions_mean_token_nll():
+    from rlhf_lightning.data.preferences import PairDataset, PreferencePair
+    from rlhf_lightning.losses import bradley_terry_loss, token_logprobs
+    from rlhf_lightning.models import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    sizes = {"vocab_size": TOK.vocab_size, "block_size": 24, "n_layer": 1, "n_head": 2, "n_embd": 16}
+    module = RewardModule(model={"type": "gpt", "lm_feature": True, **sizes}, chosen_nll=0.5)
+    pairs = [PreferencePair(PROMPTS[0], "3", "4"), PreferencePair(PROMPTS[1], "35", "5", chosen_ended=False)]
+    data = PairDataset(TOK, pairs, max_len=24)
+    batch = data.collate([data[0], data[1]])
+    loss = module.training_step(batch, 0)
+
+    # by hand: the same weights as a plain policy; chosen "3"+EOS is 2 tokens, the unfinished "35" is 2
+    policy = GPT(GPTConfig(**sizes)).eval()
+    policy.load_state_dict({**module.model.backbone.state_dict(), "lm_head.weight": module.model.lm_head.weight})
+    total = 0.0
+    for p in pairs:
+        ids = torch.tensor([encode_scored(TOK, p.prompt, p.chosen, p.chosen_ended)])
+        start = len(TOK.encode_prompt(p.prompt))
+        total += token_logprobs(policy, ids, torch.ones_like(ids, dtype=torch.bool))[0, start:].sum()
+    with torch.no_grad():
+        scores = module.model(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])  # (4,)
+    expected = bradley_terry_loss(scores[:2], scores[2:]) + 0.5 * (-total / 4)
+    torch.testing.assert_close(loss.detach(), expected.detach(), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="chosen_nll needs"):
+        RewardModule(model={"type": "gpt", **sizes}, chosen_nll=1.0)

@@ -114,18 +114,25 @@ class RewardModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Scores (B,). With `lm_feature`, `completion_mask` (B, T) marks the completion's tokens (EOS included)
         and the score adds `lm_scale` times their summed log-likelihood under the LM head."""
+        return self.score_and_logprobs(input_ids, attention_mask, completion_mask)[0]
+
+    def score_and_logprobs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(scores (B,), token log-probs (B, T-1) of token t+1 given tokens <= t under the LM head, or None
+        without `lm_feature`)."""
         if self.kind == "mean_embedding":
-            return self.head(self.encoder(input_ids, attention_mask)).squeeze(-1)  # (B,)
+            return self.head(self.encoder(input_ids, attention_mask)).squeeze(-1), None  # (B,)
         hidden = self.backbone(input_ids, attention_mask)  # (B, T, C)
         last = last_token_index(attention_mask)  # (B,)
         picked = hidden[torch.arange(hidden.size(0), device=hidden.device), last]  # (B, C)
         score = self.head(picked).squeeze(-1)  # (B,)
-        if self.lm_feature:
-            if completion_mask is None:
-                raise ValueError("this reward model scores the completion's likelihood: pass completion_mask")
-            logp = logprobs_from_logits(self.lm_head(hidden[:, :-1]), input_ids[:, 1:])  # (B, T-1): token t+1 given <= t
-            score = score + self.lm_scale * masked_sum(logp, completion_mask[:, 1:].bool(), dim=1)  # (B,)
-        return score
+        if not self.lm_feature:
+            return score, None
+        if completion_mask is None:
+            raise ValueError("this reward model scores the completion's likelihood: pass completion_mask")
+        logp = logprobs_from_logits(self.lm_head(hidden[:, :-1]), input_ids[:, 1:])  # (B, T-1)
+        return score + self.lm_scale * masked_sum(logp, completion_mask[:, 1:].bool(), dim=1), logp  # (B,), (B, T-1)
 
     def load_backbone(self, policy_state: dict[str, torch.Tensor]) -> None:
         """Initialize the transformer from a GPT policy's state dict (its LM head is not used)."""

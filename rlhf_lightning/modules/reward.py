@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torchmetrics import CatMetric, MeanMetric
 
 from rlhf_lightning.checkpoints import read_checkpoint, submodule_state
-from rlhf_lightning.losses import bradley_terry_loss, pairwise_accuracy
+from rlhf_lightning.losses import bradley_terry_loss, masked_mean, pairwise_accuracy
 from rlhf_lightning.models.reward import RewardModel
 from rlhf_lightning.optim import adamw_warmup_cosine
 from rlhf_lightning.policy import POLICY_STAGES
@@ -51,6 +51,7 @@ class RewardModule(L.LightningModule):
         sft_ckpt: str | None = None,
         init_from_sft: bool = True,
         use_margin: bool = True,
+        chosen_nll: float = 0.0,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         warmup_steps: int = 10,
@@ -66,6 +67,9 @@ class RewardModule(L.LightningModule):
                 samples generated pairs (unless the DataModule names another).
             init_from_sft: initialize the transformer from the SFT policy (its LM head is dropped).
             use_margin: use the pairs' optional `margin` in the loss (TRL's convention).
+            chosen_nll: weight of the chosen completions' mean token NLL under the LM head, added to the
+                loss (needs `lm_feature`). It keeps the likelihood feature a calibrated language model while
+                the Bradley-Terry loss pushes rejected completions down.
             lr: peak AdamW learning rate.
             weight_decay: AdamW weight decay on matrices (none on biases and norms).
             warmup_steps: linear warm-up steps, then cosine decay to `min_lr_ratio * lr`.
@@ -78,6 +82,8 @@ class RewardModule(L.LightningModule):
         self.model = RewardModel(config)
         if sft is not None and init_from_sft:
             self.model.load_backbone(submodule_state(sft, "model"))
+        if chosen_nll and not self.model.lm_feature:
+            raise ValueError("model.init_args.chosen_nll needs a reward model with the likelihood feature (model: {lm_feature: true})")
         self.save_hyperparameters()
         self.hparams.model = config  # resolved: the checkpoint rebuilds exactly this model
         self.hparams.tokenizer = self.tokenizer.to_dict()
@@ -119,14 +125,19 @@ class RewardModule(L.LightningModule):
         return self.model(input_ids, attention_mask, completion_mask)  # (B,)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        scores = self.model(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])  # (2B,): chosen, then rejected
+        completion = batch["completion_mask"]  # (2B, T)
+        scores, logp = self.model.score_and_logprobs(batch["input_ids"], batch["attention_mask"], completion)  # (2B,): chosen, then rejected
         r_chosen, r_rejected = scores.chunk(2)  # (B,), (B,)
         margin = batch["margin"] if self.hparams.use_margin else None
         loss = bradley_terry_loss(r_chosen, r_rejected, margin)
         n = r_chosen.size(0)
-        self.log("rm/loss", loss, prog_bar=True, batch_size=n)
+        self.log("rm/loss", loss, prog_bar=True, batch_size=n)  # Bradley-Terry alone
         self.log("rm/accuracy", pairwise_accuracy(r_chosen, r_rejected), prog_bar=True, batch_size=n)
         self.log("rm/margin", (r_chosen - r_rejected).mean().detach(), batch_size=n)
+        if self.hparams.chosen_nll:
+            nll = -masked_mean(logp[:n], completion[:n, 1:])  # the chosen rows' completion tokens
+            self.log("rm/chosen_nll", nll.detach(), batch_size=n)
+            loss = loss + self.hparams.chosen_nll * nll
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
