@@ -155,7 +155,7 @@ def sample_groups(
     max_new_tokens: int = 6,
     temperature: float = 1.0,
     top_k: int | None = None,
-    batch_size: int = 1024,
+    batch_size: int = 256,
     seed: int = 0,
 ) -> list[SampleGroup]:
     """Sample `num_samples` completions per prompt (batched, seeded), judge them, pair them up."""
@@ -311,7 +311,7 @@ class PreferenceDataModule(TokenizedDataModule):
         max_train_prompts: int | None = None,
         max_val_prompts: int | None = None,
         seed: int = 0,
-        generation_batch_size: int = 2048,
+        generation_batch_size: int = 256,
         batch_size: int = 128,
         eval_batch_size: int = 256,
         num_workers: int = 0,
@@ -334,7 +334,8 @@ class PreferenceDataModule(TokenizedDataModule):
             max_val_prompts: sample from a random subset of N `val` prompts (None: all).
             seed: seed of the sampling and of the subsets (independent of the global seed, so a resumed
                 run sees the same pairs).
-            generation_batch_size: prompts per batch of sampling (each repeated K times).
+            generation_batch_size: prompts per batch of sampling (each repeated K times). 256 x K=8 rows
+                sample fastest on a 2-core CPU; 2048 prompts took 40% longer and 900 MB more for the KV cache.
             batch_size: pairs per optimizer step.
             eval_batch_size: held-out prompts (groups of completions) per batch.
             num_workers: DataLoader workers.
