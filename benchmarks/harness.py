@@ -20,7 +20,7 @@ import torch
 from rlhf_lightning.data.prompts import PromptDataset, load_prompts
 from rlhf_lightning.generation import generate
 from rlhf_lightning.losses import logprobs_from_logits
-from rlhf_lightning.modules.ppo import PPOModule, Rollout, completion_logits
+from rlhf_lightning.modules.ppo import PPOModule, Rollout
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.logger=false"]
@@ -80,9 +80,8 @@ def ppo_iteration(module: PPOModule, batch: dict, eos: bool = True) -> tuple[dic
         rewards = module.score(prompts, completions, gen.finished, golds)
         times["reward"] = time.perf_counter() - t
         t = time.perf_counter()
-        rollout = Rollout(torch.cat([prompt_ids, gen.completion_ids], 1), torch.cat([prompt_mask, gen.completion_mask], 1),
-                          gen.completion_ids, gen.completion_mask, gen.logprobs, gen.logprobs, rewards, rewards)
-        ref = logprobs_from_logits(completion_logits(module.reference, rollout), gen.completion_ids, hp.temperature)
+        rollout = Rollout(*gen.joined(prompt_ids, prompt_mask), gen.completion_ids, gen.completion_mask, gen.logprobs, gen.logprobs, rewards, rewards)
+        ref = logprobs_from_logits(rollout.logits(module.reference), gen.completion_ids, hp.temperature)
         ref = ref.masked_fill(~gen.completion_mask, 0.0)
         times["reference"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -96,7 +95,7 @@ def ppo_iteration(module: PPOModule, batch: dict, eos: bool = True) -> tuple[dic
 
 def plain_step(model, rollout: Rollout, optimizer=None) -> None:
     """A plain forward + backward (next-token NLL of the completion tokens) of the same batch; optional step."""
-    logits = completion_logits(model, rollout)
+    logits = rollout.logits(model)
     loss = -(logprobs_from_logits(logits, rollout.completion_ids, 1.0) * rollout.completion_mask).sum() / rollout.completion_mask.sum()
     model.zero_grad(set_to_none=True)
     loss.backward()

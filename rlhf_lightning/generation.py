@@ -26,6 +26,17 @@ class Generation:
     lengths: torch.Tensor  # (B,) number of generated tokens, EOS included
     finished: torch.Tensor  # (B,) bool, True where the row emitted EOS
 
+    def joined(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids (B, P + N), bool mask (B, P + N)): the left-padded prompts ++ the right-padded completions."""
+        return torch.cat([prompt_ids, self.completion_ids], 1), torch.cat([prompt_mask.bool(), self.completion_mask], 1)
+
+
+def completion_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_len: int) -> torch.Tensor:
+    """Logits (B, N, V) predicting each of the last N = `completion_len` tokens, from one forward over the
+    whole prompt ++ completion (positions come from the mask)."""
+    P = input_ids.size(1) - completion_len
+    return model(input_ids, attention_mask)[:, P - 1 : -1]  # (B, N, V): position t predicts token t + 1
+
 
 def mask_from_lengths(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
     """Right-aligned-free mask: lengths [2, 0] with max_len 3 -> [[1,1,0],[0,0,0]] (bool)."""

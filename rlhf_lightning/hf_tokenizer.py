@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from rlhf_lightning.models.hf import import_transformers, local_folder
+from rlhf_lightning.tokenizer import require_text
 
 __all__ = ["HFTokenizer"]
 
@@ -56,9 +57,7 @@ class HFTokenizer:
     # ------------------------------------------------------------------ encoding
     def encode(self, text: str, where: str = "") -> list[int]:
         """Ids of `text`, no special tokens added."""
-        if not isinstance(text, str):
-            prefix = f"{where}: " if where else ""
-            raise TypeError(f"{prefix}expected a string to encode, got {type(text).__name__}")
+        require_text(text, where)
         return list(self.hf.encode(text, add_special_tokens=False))
 
     def encode_prompt(self, text: str, where: str = "") -> list[int]:

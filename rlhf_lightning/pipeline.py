@@ -89,33 +89,44 @@ def run_stage(stage: str, config: Path, args: list[str]) -> tuple[str, float]:
 @torch.no_grad()
 def sequence_kl(policy, reference, batch: dict, gen, temperature: float = 1.0) -> torch.Tensor:
     """Per-sequence KL(policy || reference) estimate on sampled completions: sum over tokens of l - l_ref (B,)."""
+    from rlhf_lightning.generation import completion_logits
     from rlhf_lightning.losses import logprobs_from_logits, masked_sum
 
-    ids = torch.cat([batch["prompt_ids"], gen.completion_ids], dim=1)  # (B, P+N)
-    mask = torch.cat([batch["prompt_mask"], gen.completion_mask], dim=1)  # (B, P+N)
-    P, N = batch["prompt_ids"].size(1), gen.completion_ids.size(1)
-    ref = logprobs_from_logits(reference(ids, mask)[:, P - 1 : P + N - 1], gen.completion_ids, temperature)  # (B, N)
+    ids, mask = gen.joined(batch["prompt_ids"], batch["prompt_mask"])  # (B, P + N) each
+    ref = logprobs_from_logits(completion_logits(reference, ids, mask, gen.completion_ids.size(1)), gen.completion_ids, temperature)  # (B, N)
     return masked_sum(gen.logprobs - ref, gen.completion_mask, dim=1)  # (B,)
+
+
+def test_batch(tokenizer, policy, task: str) -> dict:
+    """Every `test` prompt in one `PromptDataset` batch."""
+    from rlhf_lightning.data.prompts import PromptDataset, load_prompts
+    from rlhf_lightning.policy import context_length
+
+    data = PromptDataset(tokenizer, load_prompts(task, "test"), context_length(policy))
+    return data.collate([data[i] for i in range(len(data))])
+
+
+def repeat_rows(batch: dict, k: int) -> dict:
+    """Each row of a prompt batch (tensors and lists alike) `k` times, consecutively."""
+    return {key: v.repeat_interleave(k, 0) if torch.is_tensor(v) else [x for x in v for _ in range(k)] for key, v in batch.items()}
 
 
 @torch.no_grad()
 def policy_row(stage: str, ckpt: str, reference_ckpt: str, reward_ckpt: str, task: str, samples: int, seed: int) -> dict:
     """Greedy test accuracy, mean normalized learned reward of those answers, KL to the reference."""
-    from rlhf_lightning.data.prompts import PromptDataset, load_prompts
     from rlhf_lightning.models.reward import load_reward_model, score_texts
-    from rlhf_lightning.policy import complete, context_length, judge_scores, load_policy
+    from rlhf_lightning.policy import complete, judge_scores, load_policy
 
     policy, tokenizer, _ = load_policy(ckpt)
     reference, _, _ = load_policy(reference_ckpt)
     reward_model, reward_tokenizer, meta = load_reward_model(reward_ckpt)
     policy.eval(), reference.eval()
-    data = PromptDataset(tokenizer, load_prompts(task, "test"), context_length(policy))
-    batch = data.collate([data[i] for i in range(len(data))])
+    batch = test_batch(tokenizer, policy, task)
     completions, gen = complete(policy, tokenizer, batch, max_new_tokens=6)
     accuracy = judge_scores(completions, batch["golds"], gen.finished).nanmean()
     rewards = score_texts(reward_model, reward_tokenizer, batch["prompts"], completions, gen.finished)
     rewards = (rewards - meta["reward_mean"]) / max(meta["reward_std"], 1e-6)
-    repeated = {k: v.repeat_interleave(samples, 0) if torch.is_tensor(v) else v for k, v in batch.items()}
+    repeated = repeat_rows(batch, samples)
     _, sampled = complete(policy, tokenizer, repeated, 6, greedy=False, generator=torch.Generator().manual_seed(seed))
     kl = sequence_kl(policy, reference, repeated, sampled).mean()
     return {"stage": stage, "test_accuracy": float(accuracy), "test_reward": float(rewards.mean()), "test_kl": float(kl)}
@@ -124,15 +135,12 @@ def policy_row(stage: str, ckpt: str, reference_ckpt: str, reward_ckpt: str, tas
 @torch.no_grad()
 def reward_row(reward_ckpt: str, sft_ckpt: str, task: str, samples: int, seed: int) -> dict:
     """Pairwise accuracy of the reward model against the judge on sampled test completions of the SFT policy."""
-    from rlhf_lightning.data.prompts import PromptDataset, load_prompts
     from rlhf_lightning.models.reward import load_reward_model, score_texts
-    from rlhf_lightning.policy import complete, context_length, judge_scores, load_policy
+    from rlhf_lightning.policy import complete, judge_scores, load_policy
 
     policy, tokenizer, _ = load_policy(sft_ckpt)
     reward_model, reward_tokenizer, _ = load_reward_model(reward_ckpt)
-    data = PromptDataset(tokenizer, load_prompts(task, "test"), context_length(policy))
-    batch = data.collate([data[i] for i in range(len(data))])
-    repeated = {k: v.repeat_interleave(samples, 0) if torch.is_tensor(v) else [x for x in v for _ in range(samples)] for k, v in batch.items()}
+    repeated = repeat_rows(test_batch(tokenizer, policy, task), samples)
     completions, gen = complete(policy.eval(), tokenizer, repeated, 6, greedy=False, generator=torch.Generator().manual_seed(seed))
     labels = judge_scores(completions, repeated["golds"], gen.finished).view(-1, samples)  # (prompts, K)
     scores = score_texts(reward_model, reward_tokenizer, repeated["prompts"], completions, gen.finished).view(-1, samples)

@@ -19,6 +19,13 @@ SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<bos>", "<eos>")
 _PAD_ID, _BOS_ID, _EOS_ID = 0, 1, 2
 
 
+def require_text(text: object, where: str = "") -> None:
+    """Raise TypeError (prefixed by `where`) unless `text` is a string: what every tokenizer's `encode` checks."""
+    if not isinstance(text, str):
+        prefix = f"{where}: " if where else ""
+        raise TypeError(f"{prefix}expected a string to encode, got {type(text).__name__}")
+
+
 class UnknownCharacterError(ValueError):
     """A character that is not in the tokenizer's alphabet.
 
@@ -89,9 +96,7 @@ class CharTokenizer:
     # ------------------------------------------------------------------ encoding
     def encode(self, text: str, where: str = "") -> list[int]:
         """Ids of ``text``'s characters, no specials. Raises :class:`UnknownCharacterError`."""
-        if not isinstance(text, str):
-            prefix = f"{where}: " if where else ""
-            raise TypeError(f"{prefix}expected a string to encode, got {type(text).__name__}")
+        require_text(text, where)
         stoi = self._stoi
         try:
             return [stoi[c] for c in text]

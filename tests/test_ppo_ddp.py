@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from rlhf_lightning.losses import logprobs_from_logits
-from rlhf_lightning.modules.ppo import PPOModule, Rollout, completion_logits, sum_over_ranks
+from rlhf_lightning.modules.ppo import PPOModule, Rollout, sum_over_ranks
 
 WORLD = 2
 K = 2  # samples per prompt: 4 prompts x 2 = 8 rows, 4 per rank, groups never split
@@ -33,7 +33,7 @@ def fixed_rollout(module: PPOModule) -> Rollout:
         rewards=torch.tensor([1.0, 0.0, 0.5, 0.5, 0.0, 0.0, 1.0, 0.25]), advantages=torch.zeros(B),
     )
     with torch.no_grad():  # old and reference log-probs near the policy's own: ratios around 1, some clipped
-        logp = logprobs_from_logits(completion_logits(module.model, rollout), completion_ids, module.hparams.temperature)
+        logp = logprobs_from_logits(rollout.logits(module.model), completion_ids, module.hparams.temperature)
     rollout.old_logprobs = (logp + 0.2 * torch.randn(B, N, generator=g)).masked_fill(~completion_mask, 0.0)
     rollout.ref_logprobs = (logp - 0.3 * torch.rand(B, N, generator=g)).masked_fill(~completion_mask, 0.0)
     return rollout

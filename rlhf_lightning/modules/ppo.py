@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from rlhf_lightning.callbacks import log_samples
 from rlhf_lightning.checkpoints import CheckpointError, sha256_file
 from rlhf_lightning.data.prompts import move_batch
-from rlhf_lightning.generation import generate
+from rlhf_lightning.generation import completion_logits, generate
 from rlhf_lightning.kl_control import make_kl_controller
 from rlhf_lightning.losses import (
     ADVANTAGE_ESTIMATORS,
@@ -60,9 +60,9 @@ class Rollout:
     rewards: torch.Tensor  # (B,) from the reward source (penalty included, before any KL shaping)
     advantages: torch.Tensor  # (B,) per sequence, broadcast to tokens
 
-    @property
-    def prompt_length(self) -> int:
-        return self.input_ids.size(1) - self.completion_ids.size(1)
+    def logits(self, model: nn.Module) -> torch.Tensor:
+        """`model`'s logits (B, N, V) predicting each completion token, from one forward."""
+        return completion_logits(model, self.input_ids, self.attention_mask, self.completion_ids.size(1))
 
     def select(self, idx: torch.Tensor) -> "Rollout":
         return Rollout(**{k: v[idx] for k, v in self.__dict__.items()})
@@ -94,13 +94,6 @@ def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
     t = t.clone()
     dist.all_reduce(t)
     return t
-
-
-def completion_logits(model: nn.Module, rollout: Rollout) -> torch.Tensor:
-    """Logits (B, N, V) predicting each completion token, from one forward over prompt ++ completion."""
-    P = rollout.prompt_length
-    logits = model(rollout.input_ids, rollout.attention_mask)  # (B, P + N, V); positions come from the mask
-    return logits[:, P - 1 : -1]  # (B, N, V): position t predicts token t + 1
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -250,11 +243,10 @@ class PPOModule(L.LightningModule):
         completions = [self.tokenizer.decode(row) for row in gen.completion_ids.tolist()]
         # 2. rewards (text in, (B,) out), penalty for completions without EOS
         rewards = self.score(prompts, completions, gen.finished, golds)  # (B,)
-        input_ids = torch.cat([prompt_ids, gen.completion_ids], 1)  # (B, P + N)
-        attention_mask = torch.cat([prompt_mask, gen.completion_mask], 1)  # (B, P + N)
+        input_ids, attention_mask = gen.joined(prompt_ids, prompt_mask)  # (B, P + N) each
         rollout = Rollout(input_ids, attention_mask, gen.completion_ids, gen.completion_mask, gen.logprobs, gen.logprobs, rewards, rewards)
         # 3. reference log-probs: one batched forward of the frozen SFT model
-        ref_logprobs = logprobs_from_logits(completion_logits(self.reference, rollout), gen.completion_ids, hp.temperature)
+        ref_logprobs = logprobs_from_logits(rollout.logits(self.reference), gen.completion_ids, hp.temperature)
         ref_logprobs = ref_logprobs.masked_fill(~gen.completion_mask, 0.0)  # (B, N)
         kl_tokens = kl_penalty(hp.kl_estimator, gen.logprobs, ref_logprobs)  # (B, N) on the sampled tokens
         shaped = kl_in_reward(rewards, kl_tokens, gen.completion_mask, self.kl_ctl.beta) if hp.kl_in_reward else rewards
@@ -290,7 +282,7 @@ class PPOModule(L.LightningModule):
         world size because DDP averages gradients, so the averaged gradient is that of the global token mean.
         """
         hp = self.hparams
-        logits = completion_logits(self.model, mb)  # (B, N, V)
+        logits = mb.logits(self.model)  # (B, N, V)
         logprobs = logprobs_from_logits(logits, mb.completion_ids, hp.temperature)  # (B, N)
         beta = 0.0 if hp.kl_in_reward else self.kl_ctl.beta
         out = ppo_loss(
@@ -404,13 +396,10 @@ class PPOModule(L.LightningModule):
             correct += float(scores[has_gold].sum())
             known += float(has_gold.sum())
             reward_sum += float(self.score(batch["prompts"], completions, gen.finished, batch["golds"]).sum())
-            rollout = Rollout(
-                torch.cat([batch["prompt_ids"], gen.completion_ids], 1),
-                torch.cat([batch["prompt_mask"].bool(), gen.completion_mask], 1),
-                gen.completion_ids, gen.completion_mask, gen.logprobs, gen.logprobs, gen.lengths, gen.lengths,
-            )
-            logp = F.log_softmax(completion_logits(self.model, rollout).float() / hp.temperature, -1)  # (B, N, V)
-            ref_logp = F.log_softmax(completion_logits(self.reference, rollout).float() / hp.temperature, -1)
+            ids, mask = gen.joined(batch["prompt_ids"], batch["prompt_mask"])  # (B, P + N) each
+            N = gen.completion_ids.size(1)
+            logp = F.log_softmax(completion_logits(self.model, ids, mask, N).float() / hp.temperature, -1)  # (B, N, V)
+            ref_logp = F.log_softmax(completion_logits(self.reference, ids, mask, N).float() / hp.temperature, -1)
             kl = (logp.exp() * (logp - ref_logp)).sum(-1)  # (B, N) exact per-token KL
             kl_sum += float(kl[gen.completion_mask].sum())
             tokens += float(gen.completion_mask.sum())
