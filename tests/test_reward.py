@@ -138,7 +138,7 @@ def test_generated_pairs_are_written_to_the_run_dir(reward_run):
     run_dir = cwd / "lightning_logs" / "toy" / "reward" / "version_0"
     assert cwd / cli.trainer.log_dir == run_dir  # log_dir is relative to the working directory
     for name, split in (("preferences_train.jsonl", "train"), ("preferences_val.jsonl", "val")):
-        rows = read_jsonl(run_dir / name, ["prompt", "chosen", "rejected"], {"chosen_ended": bool, "rejected_ended": bool})
+        rows = read_jsonl(run_dir / name, ["prompt", "chosen", "rejected"], {"chosen_ended": bool, "rejected_ended": bool}, non_empty=False)
         assert len(rows) > 20
         for _, r in rows:
             gold = gold_answer(r["prompt"])
