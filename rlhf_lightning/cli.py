@@ -35,12 +35,13 @@ def _project_error(err: BaseException) -> BaseException | None:
     """The first of this project's input errors in `err`'s chain of causes, if any."""
     from rlhf_lightning.checkpoints import CheckpointError
     from rlhf_lightning.data.jsonl import DataError
+    from rlhf_lightning.options import ConfigError
     from rlhf_lightning.rewards import RewardError
     from rlhf_lightning.tokenizer import UnknownCharacterError
 
     cause: BaseException | None = err
     while cause is not None:
-        if isinstance(cause, (CheckpointError, DataError, RewardError, UnknownCharacterError)):
+        if isinstance(cause, (CheckpointError, ConfigError, DataError, RewardError, UnknownCharacterError)):
             return cause
         cause = cause.__cause__ or cause.__context__
     return None
@@ -73,15 +74,16 @@ def lightning_cli(args: list[str] | None = None, run: bool = True, cli_class: ty
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Bad input (data, checkpoints, output paths) ends with one clear line and exit code 2."""
+    """Bad input (data, checkpoints, options, output paths) ends with one clear line and exit code 2."""
     from rlhf_lightning.checkpoints import CheckpointError
     from rlhf_lightning.data.jsonl import DataError
+    from rlhf_lightning.options import ConfigError
     from rlhf_lightning.rewards import RewardError
     from rlhf_lightning.tokenizer import UnknownCharacterError
 
     try:
         return _dispatch(sys.argv[1:] if argv is None else argv)
-    except (DataError, CheckpointError, UnknownCharacterError, RewardError, NotADirectoryError) as err:
+    except (DataError, CheckpointError, ConfigError, UnknownCharacterError, RewardError, NotADirectoryError) as err:
         print(f"rlhf: error: {err}", file=sys.stderr)
         return 2
 
