@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +55,22 @@ def submodule_state(checkpoint: dict[str, Any], prefix: str) -> dict[str, torch.
     return {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
 
 
+# Fault injection for tests: "last.ckpt:2" kills this process with SIGKILL right before the 2nd rename onto a
+# file named last.ckpt, i.e. while a checkpoint is being written (the temporary file is complete, the rename
+# has not happened).
+FAULT_ENV = "RLHF_FAULT_KILL_BEFORE_RENAME"
+_renames: dict[str, int] = {}
+
+
 def replace_atomically(tmp: str | os.PathLike[str], final: str | os.PathLike[str]) -> None:
     """Rename a fully written temporary file over `final` (same directory, so the rename is atomic)."""
+    fault = os.environ.get(FAULT_ENV)
+    if fault:
+        name, _, count = fault.partition(":")
+        if Path(final).name == name:
+            _renames[name] = _renames.get(name, 0) + 1
+            if _renames[name] == int(count or 1):
+                os.kill(os.getpid(), signal.SIGKILL)
     os.replace(tmp, final)
 
 
@@ -63,3 +78,47 @@ def temporary_path(final: str | os.PathLike[str]) -> Path:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     return final.with_name(f".{final.name}.{os.getpid()}.tmp")
+
+
+# Options that change no trained number: a run may resume with other values.
+RESUME_FREE_OPTIONS = frozenset({"num_workers", "eval_batch_size", "num_logged_samples"})
+
+
+def first_difference(saved: Any, current: Any, name: str) -> str | None:
+    """The dotted name of the first value that differs between two nested dicts (None if they are equal)."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        for key in sorted(set(saved) | set(current), key=str):
+            if key in RESUME_FREE_OPTIONS:
+                continue
+            found = first_difference(saved.get(key), current.get(key), f"{name}.{key}")
+            if found:
+                return found
+        return None
+    if isinstance(saved, (list, tuple)) and isinstance(current, (list, tuple)) and len(saved) == len(current):
+        return next((d for i, (a, b) in enumerate(zip(saved, current)) if (d := first_difference(a, b, f"{name}[{i}]"))), None)
+    return None if saved == current else f"{name}: the checkpoint has {saved!r}, this run {current!r}"
+
+
+def check_resume(path: str | os.PathLike[str], expected: dict[str, Any], data_hparams: dict[str, Any]) -> dict[str, Any]:
+    """Read a checkpoint to resume from and refuse it unless it was written by this stage with this config.
+
+    `expected` is what this run's module would write (`{"rlhf": ..., "hyper_parameters": ...}`); the
+    checkpoint's metadata (stage, model, tokenizer, input checkpoints' SHA-256), the module's options and the
+    DataModule's options must all match. The error names the first field that differs.
+    """
+    meta = expected["rlhf"]
+    checkpoint = read_checkpoint(path, (meta["stage"],), "ckpt_path")
+    where = f"ckpt_path: {str(path)!r} was written with a different config, refusing to resume it"
+    checks = (
+        (checkpoint["rlhf"], meta, "rlhf"),
+        (checkpoint.get("hyper_parameters", {}), expected["hyper_parameters"], "model.init_args"),
+        (checkpoint.get("datamodule_hyper_parameters", {}), data_hparams, "data.init_args"),
+    )
+    for saved, current, name in checks:
+        if name == "rlhf":  # run state (RNG, counters) differs by design: compare what defines the run
+            keys = {"stage", "model", "tokenizer", "policy_sha256", "reward_sha256", "sft_ckpt"} & set(current)
+            saved, current = {k: saved.get(k) for k in keys}, {k: current[k] for k in keys}
+        difference = first_difference(saved, current, name)
+        if difference:
+            raise CheckpointError(f"{where}: {difference}")
+    return checkpoint

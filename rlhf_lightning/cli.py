@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 COMMANDS = {
     "pipeline": ("rlhf_lightning.pipeline", "SFT -> reward model -> PPO in one go, then a test-split table."),
@@ -11,10 +12,75 @@ COMMANDS = {
 }
 
 
+def config_root() -> Path:
+    """The shipped configs: `rlhf_lightning/configs` in an installed wheel, the top-level `configs/` in a source tree."""
+    package = Path(__file__).resolve().parent
+    installed = package / "configs"
+    return installed if installed.is_dir() else package.parent / "configs"
+
+
+def resolve_config(name: str) -> str:
+    """A config file path as given, or a shipped config by name: `toy/sft`, `toy/sft.yaml`, `configs/toy/sft.yaml`.
+
+    Only the config file is looked up; relative paths inside it (checkpoints, logs, data) stay relative to the
+    working directory.
+    """
+    if Path(name).is_file():
+        return name
+    relative = name[len("configs/") :] if name.startswith("configs/") else name
+    for candidate in (config_root() / relative, config_root() / f"{relative}.yaml"):
+        if candidate.is_file():
+            return str(candidate)
+    return name  # the parser reports the missing file
+
+
+def resolve_config_args(args: list[str]) -> list[str]:
+    """`--config NAME` / `--config=NAME` / `-c NAME` with NAME resolved by `resolve_config`."""
+    out, it = [], iter(args)
+    for arg in it:
+        if arg in ("--config", "-c"):
+            out += [arg, resolve_config(next(it, ""))]
+        elif arg.startswith("--config="):
+            out.append("--config=" + resolve_config(arg.split("=", 1)[1]))
+        else:
+            out.append(arg)
+    return out
+
+
+# Library output we cannot fix at its source, dropped by exact text; everything else is shown.
+QUIET_LOG_MESSAGES = (
+    "💡 Tip: For seamless cloud logging and experiment tracking,",  # an advertisement printed by every Trainer
+    "`Trainer(val_check_interval=1.0)` was configured so validation will run at the end of the training epoch..",
+    "Loading `train_dataloader` to estimate number of stepping batches.",
+)
+QUIET_WARNINGS = (
+    # raised inside Lightning's own pytree helper under torch >= 2.10, not by our calls
+    "`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec) and treespec.is_leaf()` instead.",
+    # Lightning checks the DataLoader for state; ours lives in the DataModule (data/base.py), which it restores
+    "You're resuming from a checkpoint that ended before the epoch ended and your dataloader is not resumable.",
+)
+
+
+def _keep_log_record(record) -> bool:
+    return not str(record.msg).startswith(QUIET_LOG_MESSAGES)
+
+
+def quiet_library_output() -> None:
+    """Filter the messages above from Lightning's log handlers and Python's warnings (idempotent)."""
+    import logging
+    import re
+    import warnings
+
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        for handler in logging.getLogger(name).handlers:
+            if _keep_log_record not in handler.filters:
+                handler.addFilter(_keep_log_record)
+    for message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=re.escape(message))
+
+
 def check_output_paths(trainer) -> None:
     """Refuse, before any training, output locations that cannot be folders (an existing file in the way)."""
-    from pathlib import Path
-
     from rlhf_lightning.callbacks import FinalCheckpoint
 
     places = []
@@ -29,6 +95,45 @@ def check_output_paths(trainer) -> None:
         for p in (folder, *folder.parents):
             if p.exists() and not p.is_dir():
                 raise NotADirectoryError(f"{option}: {str(p)!r} is an existing file, not a folder (output goes under {str(folder)!r})")
+
+
+def prepare_resume(trainer, model, datamodule, ckpt_path: str) -> str:
+    """The checkpoint `--ckpt_path` names (`last`: the checkpoint folder's last.ckpt), checked before any training.
+
+    Refused with one line: no last.ckpt, a file that does not load (e.g. truncated), another stage's checkpoint,
+    or one written with a different config (the first differing field is named); never a silent fresh start.
+    A TensorBoard logger continues the run folder the checkpoint was logging to, from the first step the
+    resumed run logs (TensorBoard drops the interrupted run's points from that step on: no duplicates).
+    """
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from rlhf_lightning.checkpoints import CheckpointError, check_resume
+
+    if ckpt_path == "last":
+        folders = [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+        if not folders:
+            raise CheckpointError("ckpt_path: 'last' needs a ModelCheckpoint callback with a dirpath in the config")
+        found = [f / "last.ckpt" for f in folders if (f / "last.ckpt").is_file()]
+        if not found:
+            raise CheckpointError(f"ckpt_path: no last.ckpt in {str(folders[0])!r} to resume from (leave out --ckpt_path to start a new run)")
+        ckpt_path = str(found[0])
+    expected = {"hyper_parameters": dict(model.hparams)}
+    model.on_save_checkpoint(expected)  # what this run would write: stage, model, tokenizer, input hashes
+    checkpoint = check_resume(ckpt_path, expected, dict(datamodule.hparams) if datamodule is not None else {})
+    version = checkpoint.get("resume", {}).get("logger_version")
+    if isinstance(trainer.logger, TensorBoardLogger) and version is not None:
+        trainer.logger._version = version
+        trainer.logger._kwargs["purge_step"] = first_logged_step(checkpoint)
+    return ckpt_path
+
+
+def first_logged_step(checkpoint: dict) -> int:
+    """The logging step of the first batch a run resumed from `checkpoint` trains."""
+    loop = checkpoint["loops"]["fit_loop"]
+    stepped = loop["epoch_loop.state_dict"]["_batches_that_stepped"]
+    progress = loop["epoch_loop.batch_progress"]["total"]
+    # saved at a batch's end (periodic checkpoints, signals): that batch has not counted yet
+    return stepped + int(progress["completed"] == progress["processed"] - 1)
 
 
 def _project_error(err: BaseException) -> BaseException | None:
@@ -52,15 +157,30 @@ def lightning_cli(args: list[str] | None = None, run: bool = True, cli_class: ty
     import lightning as L
     from lightning.pytorch.cli import LightningCLI
 
+    quiet_library_output()
+
     class RLHFCLI(LightningCLI):
+        def parse_arguments(self, parser, args) -> None:
+            # `args` is always this command's own argv (resolved): no warning about also having sys.argv
+            self.config = parser.parse_args(args)
+
         def instantiate_classes(self) -> None:
             try:
                 super().instantiate_classes()
             except ValueError as err:  # jsonargparse wraps errors raised in __init__: surface ours as they are
                 raise _project_error(err) or err from None
 
+        def _parse_ckpt_path(self) -> None:
+            pass  # a resumed run keeps this run's config: `prepare_resume` refuses a checkpoint of another one
+
         def before_fit(self) -> None:
+            from rlhf_lightning.callbacks import StageLog
+
             check_output_paths(self.trainer)
+            self.trainer.callbacks.append(StageLog())
+            config = self.config_init[self.subcommand]
+            if config.get("ckpt_path"):
+                config["ckpt_path"] = prepare_resume(self.trainer, self.model, self.datamodule, config["ckpt_path"])
 
     return (cli_class or RLHFCLI)(
         L.LightningModule,
@@ -68,7 +188,7 @@ def lightning_cli(args: list[str] | None = None, run: bool = True, cli_class: ty
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
-        args=args,
+        args=resolve_config_args(sys.argv[1:] if args is None else args),
         run=run,
     )
 

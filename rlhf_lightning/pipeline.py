@@ -21,11 +21,12 @@ from pathlib import Path
 import torch
 
 STAGES = ("sft", "reward", "ppo")
-PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
 
 def default_config() -> Path:
-    return PACKAGE_ROOT / "configs" / "toy" / "pipeline.yaml"
+    from rlhf_lightning.cli import config_root
+
+    return config_root() / "toy" / "pipeline.yaml"
 
 
 def build_parser():
@@ -168,6 +169,10 @@ def main(argv: list[str]) -> int:
     if config is None:
         config = str(default_config())
         argv = ["--config", config, *argv]
+    else:  # a file, or a shipped config by name (`toy/pipeline`)
+        from rlhf_lightning.cli import resolve_config, resolve_config_args
+
+        config, argv = resolve_config(config), resolve_config_args(argv)
     cfg = build_parser().parse_args(argv)
     base = Path(config).resolve().parent
     ckpts, walls = {}, {}
