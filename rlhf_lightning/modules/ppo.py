@@ -9,14 +9,15 @@ One training step is one rollout (manual optimization):
 5. `ppo_epochs` x shuffled minibatches: new log-probs in one forward, clipped surrogate + beta * KL,
    `manual_backward`, `clip_gradients`, optimizer step.
 
-Loss (the seed's): ``-token_mean(min(rho A, clip(rho, 1-eps, 1+eps) A)) + beta * token_mean(KL)``.
+Loss (the seed's, the default): ``-token_mean(min(rho A, clip(rho, 1-eps, 1+eps) A)) + beta * token_mean(KL)``;
+`loss_agg`, `clip_eps_low` / `clip_eps_high`, `clip_c`, `ratio_level` and `mask_truncated` vary it (`losses.ppo_loss`).
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -25,16 +26,21 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rlhf_lightning.callbacks import log_samples
+from rlhf_lightning.callbacks import log_samples, logging_step
 from rlhf_lightning.checkpoints import CheckpointError, sha256_file
 from rlhf_lightning.data.prompts import move_batch
-from rlhf_lightning.generation import completion_logits, generate
+from rlhf_lightning.generation import Generation, completion_logits, generate
 from rlhf_lightning.kl_control import make_kl_controller
+from rlhf_lightning.tasks.strata import strata_metrics
 from rlhf_lightning.losses import (
     ADVANTAGE_ESTIMATORS,
+    GROUP_ESTIMATORS,
     KL_ESTIMATORS,
+    LOSS_AGGREGATIONS,
     PPOLossOutput,
+    RATIO_LEVELS,
     compute_advantages,
+    drop_truncated,
     entropy_from_logits,
     kl_in_reward,
     kl_penalty,
@@ -43,6 +49,7 @@ from rlhf_lightning.losses import (
     ppo_loss,
 )
 from rlhf_lightning.optim import adamw
+from rlhf_lightning.options import ConfigError, check_choice
 from rlhf_lightning.policy import context_length, judge_scores, load_policy
 from rlhf_lightning.rewards import RewardSettings, build_reward_source, checked_rewards
 
@@ -59,13 +66,76 @@ class Rollout:
     ref_logprobs: torch.Tensor  # (B, N) frozen reference, same temperature
     rewards: torch.Tensor  # (B,) from the reward source (penalty included, before any KL shaping)
     advantages: torch.Tensor  # (B,) per sequence, broadcast to tokens
+    finished: torch.Tensor | None = None  # (B,) bool, True where the completion emitted EOS
+    kl: torch.Tensor | None = None  # (B,) summed per-token KL estimate to the reference on the sampled tokens
 
     def logits(self, model: nn.Module) -> torch.Tensor:
         """`model`'s logits (B, N, V) predicting each completion token, from one forward."""
         return completion_logits(model, self.input_ids, self.attention_mask, self.completion_ids.size(1))
 
     def select(self, idx: torch.Tensor) -> "Rollout":
-        return Rollout(**{k: v[idx] for k, v in self.__dict__.items()})
+        return Rollout(**{k: None if v is None else v[idx] for k, v in self.__dict__.items()})
+
+
+@dataclass
+class Samples:
+    """Completions sampled for a batch of prompts (K consecutive rows per prompt) and their rewards."""
+
+    prompt_ids: torch.Tensor  # (B, P) left-padded
+    prompt_mask: torch.Tensor  # (B, P) bool
+    gen: Generation  # completions (B, N), their log-probs, lengths, EOS flags
+    rewards: torch.Tensor  # (B,)
+    prompts: list[str]
+    completions: list[str]
+    golds: list[str | None]
+
+    def select(self, idx: torch.Tensor) -> "Samples":
+        rows = idx.tolist()
+        g = self.gen
+        gen = Generation(g.completion_ids[idx], g.completion_mask[idx], g.logprobs[idx], g.lengths[idx], g.finished[idx])
+        pick = lambda xs: [xs[i] for i in rows]  # noqa: E731
+        return Samples(self.prompt_ids[idx], self.prompt_mask[idx], gen, self.rewards[idx], pick(self.prompts), pick(self.completions), pick(self.golds))
+
+    def select_groups(self, keep: torch.Tensor, group_size: int) -> "Samples":
+        """The rows of the groups where `keep` (G,) is True."""
+        rows = keep.repeat_interleave(group_size).nonzero().squeeze(-1)
+        return self.select(rows)
+
+    @staticmethod
+    def cat(parts: list["Samples"], pad_id: int) -> "Samples":
+        """Rows of every part in order; prompts re-padded on the left, completions on the right."""
+        if len(parts) == 1:
+            return parts[0]
+        P = max(p.prompt_ids.size(1) for p in parts)
+        N = max(p.gen.completion_ids.size(1) for p in parts)
+
+        def widen(t: torch.Tensor, width: int, left: bool, value) -> torch.Tensor:
+            extra = t.new_full((t.size(0), width - t.size(1)), value)
+            return torch.cat([extra, t] if left else [t, extra], 1)
+
+        gen = Generation(
+            torch.cat([widen(p.gen.completion_ids, N, False, pad_id) for p in parts]),
+            torch.cat([widen(p.gen.completion_mask, N, False, False) for p in parts]),
+            torch.cat([widen(p.gen.logprobs, N, False, 0.0) for p in parts]),
+            torch.cat([p.gen.lengths for p in parts]),
+            torch.cat([p.gen.finished for p in parts]),
+        )
+        return Samples(
+            torch.cat([widen(p.prompt_ids, P, True, pad_id) for p in parts]),
+            torch.cat([widen(p.prompt_mask, P, True, False) for p in parts]),
+            gen,
+            torch.cat([p.rewards for p in parts]),
+            [x for p in parts for x in p.prompts],
+            [x for p in parts for x in p.completions],
+            [x for p in parts for x in p.golds],
+        )
+
+
+def informative_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(G,) bool: groups of `group_size` consecutive rewards that are not all equal (they carry a signal
+    under group baselines). [1, 1, 0, 1] with group size 2 -> [False, True]."""
+    groups = rewards.view(-1, group_size)  # (G, K)
+    return (groups.max(1).values - groups.min(1).values) > 1e-6
 
 
 # ----------------------------------------------------------------------------- distributed helpers
@@ -89,10 +159,20 @@ def gather_rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
-    if _world_size() == 1:
-        return t
+    return _reduce(t, dist.ReduceOp.SUM) if _world_size() > 1 else t
+
+
+def max_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    return _reduce(t, dist.ReduceOp.MAX) if _world_size() > 1 else t
+
+
+def min_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    return _reduce(t, dist.ReduceOp.MIN) if _world_size() > 1 else t
+
+
+def _reduce(t: torch.Tensor, op) -> torch.Tensor:
     t = t.clone()
-    dist.all_reduce(t)
+    dist.all_reduce(t, op=op)
     return t
 
 
@@ -131,6 +211,12 @@ class PPOModule(L.LightningModule):
         target_kl: float | None = None,
         kl_horizon: float = 10000.0,
         clip_eps: float = 0.2,
+        clip_eps_low: float | None = None,
+        clip_eps_high: float | None = None,
+        clip_c: float | None = None,
+        ratio_level: str = "token",
+        loss_agg: str = "token_mean",
+        mask_truncated: bool = False,
         ppo_epochs: int = 4,
         num_minibatches: int = 1,
         lr: float = 1e-4,
@@ -139,6 +225,9 @@ class PPOModule(L.LightningModule):
         eval_every: int = 10,
         num_logged_samples: int = 8,
         seed: int = 0,
+        filter_groups: bool = False,
+        max_sampling_rounds: int = 4,
+        keep_best: bool = True,
     ) -> None:
         """
         Args:
@@ -157,7 +246,20 @@ class PPOModule(L.LightningModule):
             beta: KL coefficient (the initial one when `target_kl` is set).
             target_kl: adapt beta toward this per-token KL (None: fixed beta).
             kl_horizon: the adaptive controller's horizon, in samples.
-            clip_eps: PPO clip range.
+            clip_eps: PPO clip range: the ratio is clipped to [1 - clip_eps, 1 + clip_eps].
+            clip_eps_low: lower clip range (None: `clip_eps`).
+            clip_eps_high: upper clip range, >= the lower one (None: `clip_eps`); above it is clip-higher
+                (DAPO; TRL `epsilon_high`, verl `clip_ratio_high`).
+            clip_c: dual clip (> 1; None: off): for negative advantages the objective is at least clip_c * A
+                (verl `clip_ratio_c`).
+            ratio_level: "token" (rho per token) or "sequence" (GSPO: a sequence's ratio is the exponential of
+                the mean of its tokens' log-ratios; TRL `importance_sampling_level`).
+            loss_agg: how per-token terms (policy and KL) become the loss: "token_mean" (over every valid token
+                of the minibatch, the seed's), "seq_mean_token_mean" (mean over sequences of their token
+                means), "seq_mean_token_sum_norm" (token sums / `max_new_tokens`, mean over sequences; Dr. GRPO)
+                (verl `loss_agg_mode`, TRL `loss_type`).
+            mask_truncated: completions that hit `max_new_tokens` without EOS get no loss; they still count in
+                the reward and advantage statistics (TRL `mask_truncated_completions`).
             ppo_epochs: passes over each rollout.
             num_minibatches: minibatches per pass (per rank under DDP).
             lr: AdamW learning rate (constant).
@@ -166,16 +268,45 @@ class PPOModule(L.LightningModule):
             eval_every: evaluate on `val` every N rollouts (0: only before the first update and at the end).
             num_logged_samples: evaluation completions written to TensorBoard as text.
             seed: sampling seed; rank r samples with seed + r.
+            filter_groups: dynamic sampling (verl `filter_groups`, OpenRLHF `dynamic_filtering`): drop prompt
+                groups whose K rewards are all equal and draw more prompts from the DataModule until the
+                rollout holds `batch_size` informative groups or `max_sampling_rounds` rounds have run.
+                Needs a group `advantage` and `samples_per_prompt` >= 2.
+            max_sampling_rounds: at most this many generation rounds per rollout with `filter_groups`.
+            keep_best: the final policy is the one with the best `eval/accuracy` on `val` among the
+                evaluations (the latest on ties; the SFT start counts), so a reward that starts to be gamed
+                cannot lower the result. False: the last policy.
         """
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
-        if advantage not in ADVANTAGE_ESTIMATORS:
-            raise ValueError(f"advantage: unknown estimator {advantage!r}; valid: {sorted(ADVANTAGE_ESTIMATORS)}")
-        if kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"kl_estimator: unknown estimator {kl_estimator!r}; valid: {sorted(KL_ESTIMATORS)}")
+        check_choice("advantage", advantage, ADVANTAGE_ESTIMATORS)
+        check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
+        check_choice("loss_agg", loss_agg, LOSS_AGGREGATIONS)
+        check_choice("ratio_level", ratio_level, RATIO_LEVELS)
+        low = clip_eps if clip_eps_low is None else clip_eps_low
+        high = clip_eps if clip_eps_high is None else clip_eps_high
+        if high < low:
+            raise ConfigError(
+                f"model.init_args.clip_eps_high: {high} is below clip_eps_low {low}; "
+                f"allowed: clip_eps_high >= clip_eps_low (each defaults to clip_eps = {clip_eps})"
+            )
+        self.clip_range = (low, high)  # the ratio is clipped to [1 - low, 1 + high]
+        if clip_c is not None and not clip_c > 1:
+            raise ConfigError(f"model.init_args.clip_c: {clip_c} is not allowed; allowed: a number > 1, or null (no dual clip)")
         if samples_per_prompt < 1 or ppo_epochs < 1 or num_minibatches < 1:
             raise ValueError("samples_per_prompt, ppo_epochs and num_minibatches must be >= 1")
+        if max_sampling_rounds < 1:
+            raise ConfigError(f"model.init_args.max_sampling_rounds: {max_sampling_rounds} is not allowed; allowed: an integer >= 1")
+        if filter_groups and advantage not in GROUP_ESTIMATORS:
+            raise ConfigError(
+                f"model.init_args.filter_groups: true needs an advantage with groups; advantage {advantage!r} has none "
+                f"(allowed with filter_groups: {', '.join(sorted(GROUP_ESTIMATORS))})"
+            )
+        if filter_groups and samples_per_prompt < 2:
+            raise ConfigError(
+                f"model.init_args.filter_groups: true needs samples_per_prompt >= 2 (a group to compare), got {samples_per_prompt}"
+            )
 
         self.model, self.tokenizer, meta = load_policy(policy_ckpt, role="model.init_args.policy_ckpt")
         disable_dropout(self.model)
@@ -193,6 +324,9 @@ class PPOModule(L.LightningModule):
         self._generator: torch.Generator | None = None
         self._generator_state: torch.Tensor | None = None
         self._rollouts = 0
+        self._skipped_updates = 0
+        self._best: dict[str, Any] | None = None  # {rollout, accuracy, state} of the best policy on val
+        self.chosen: dict[str, float] | None = None  # what `finalize_policy` kept
 
     @property
     def prompt_context_length(self) -> int:
@@ -227,11 +361,10 @@ class PPOModule(L.LightningModule):
         return rewards.to(ended.device) - self.hparams.missing_eos_penalty * (~ended).float()
 
     @torch.no_grad()
-    def make_rollout(self, batch: dict) -> tuple[Rollout, dict[str, torch.Tensor]]:
-        """Sample, score and compute advantages for one batch of prompts; returns (rollout, rollout metrics)."""
+    def sample(self, batch: dict) -> Samples:
+        """K completions per prompt of `batch` (consecutive rows: a prompt's group stays contiguous), scored."""
         hp = self.hparams
         K = hp.samples_per_prompt
-        # 1. K samples per prompt, consecutive rows: groups stay contiguous (and on this rank)
         prompt_ids = batch["prompt_ids"].repeat_interleave(K, 0)  # (B, P)
         prompt_mask = batch["prompt_mask"].bool().repeat_interleave(K, 0)  # (B, P)
         prompts = [p for p in batch["prompts"] for _ in range(K)]
@@ -241,30 +374,96 @@ class PPOModule(L.LightningModule):
             pad_id=self.tokenizer.pad_id, temperature=hp.temperature, generator=self.sampling_generator(),
         )
         completions = [self.tokenizer.decode(row) for row in gen.completion_ids.tolist()]
-        # 2. rewards (text in, (B,) out), penalty for completions without EOS
-        rewards = self.score(prompts, completions, gen.finished, golds)  # (B,)
-        input_ids, attention_mask = gen.joined(prompt_ids, prompt_mask)  # (B, P + N) each
-        rollout = Rollout(input_ids, attention_mask, gen.completion_ids, gen.completion_mask, gen.logprobs, gen.logprobs, rewards, rewards)
-        # 3. reference log-probs: one batched forward of the frozen SFT model
-        ref_logprobs = logprobs_from_logits(rollout.logits(self.reference), gen.completion_ids, hp.temperature)
-        ref_logprobs = ref_logprobs.masked_fill(~gen.completion_mask, 0.0)  # (B, N)
-        kl_tokens = kl_penalty(hp.kl_estimator, gen.logprobs, ref_logprobs)  # (B, N) on the sampled tokens
-        shaped = kl_in_reward(rewards, kl_tokens, gen.completion_mask, self.kl_ctl.beta) if hp.kl_in_reward else rewards
-        # 4. advantages over the global batch, then this rank's rows
-        advantages = self.global_advantages(shaped)
-        rollout = replace(rollout, ref_logprobs=ref_logprobs, advantages=advantages)
-        stats = torch.stack([rewards, gen.lengths.float(), gen.finished.float(), masked_sum_rows(kl_tokens, gen.completion_mask)], 1)
-        stats = gather_rows(stats)  # (B_global, 4)
+        rewards = self.score(prompts, completions, gen.finished, golds)  # (B,) text in, penalty included
+        return Samples(prompt_ids, prompt_mask, gen, rewards, prompts, completions, golds)
+
+    @torch.no_grad()
+    def make_rollout(self, batch: dict) -> tuple[Rollout | None, dict[str, torch.Tensor]]:
+        """Sample, score and compute advantages for one batch of prompts; returns (rollout, rollout metrics).
+
+        With `filter_groups`, groups whose K rewards are all equal are dropped and further prompts are drawn
+        from the DataModule (`draw_prompts`) until `batch_size` informative groups are kept or
+        `max_sampling_rounds` rounds have run; the rollout is None when no group is left anywhere.
+        """
+        hp = self.hparams
+        K = hp.samples_per_prompt
+        # 1. K samples per prompt; 2. rewards (text in, (B,) out)
+        drawn = [self.sample(batch)]
+        rounds, kept_groups, rollout = 1, None, None
+        if hp.filter_groups:
+            target = len(batch["prompts"])
+            keep = [informative_groups(drawn[0].rewards, K)]
+            while True:  # every rank takes the same decision, so every rank runs the same number of rounds
+                short = torch.tensor(float(sum(int(k.sum()) for k in keep) < target), device=self.device)
+                if rounds >= hp.max_sampling_rounds or not bool(max_over_ranks(short)):
+                    break
+                extra = move_batch(self.trainer.datamodule.draw_prompts(target), self.device)
+                drawn.append(self.sample(extra))
+                keep.append(informative_groups(drawn[-1].rewards, K))
+                rounds += 1
+            kept = Samples.cat([d.select_groups(k, K) for d, k in zip(drawn, keep)], self.tokenizer.pad_id)
+            own = kept.rewards.numel() // K
+            kept_groups = min(own, target, int(min_over_ranks(torch.tensor(own, device=self.device))))  # equal on every rank
+            samples = kept.select(torch.arange(kept_groups * K, device=self.device)) if kept_groups else None
+        else:
+            samples = drawn[0]
+        if samples is not None:
+            gen = samples.gen
+            input_ids, attention_mask = gen.joined(samples.prompt_ids, samples.prompt_mask)  # (B, P + N) each
+            # 3. reference log-probs: one batched forward of the frozen SFT model
+            ref_logits = completion_logits(self.reference, input_ids, attention_mask, gen.completion_ids.size(1))
+            ref_logprobs = logprobs_from_logits(ref_logits, gen.completion_ids, hp.temperature)
+            ref_logprobs = ref_logprobs.masked_fill(~gen.completion_mask, 0.0)  # (B, N)
+            kl_tokens = kl_penalty(hp.kl_estimator, gen.logprobs, ref_logprobs)  # (B, N) on the sampled tokens
+            rewards = samples.rewards
+            shaped = kl_in_reward(rewards, kl_tokens, gen.completion_mask, self.kl_ctl.beta) if hp.kl_in_reward else rewards
+            # 4. advantages over the global batch, then this rank's rows
+            rollout = Rollout(
+                input_ids, attention_mask, gen.completion_ids, gen.completion_mask, gen.logprobs, ref_logprobs,
+                rewards, self.global_advantages(shaped), gen.finished,
+                kl=masked_sum_rows(kl_tokens, gen.completion_mask),
+            )
+        metrics = self.rollout_metrics(drawn, rounds, kept_groups)
+        if self._rollouts == 0 or (hp.num_logged_samples and hp.eval_every and self._rollouts % hp.eval_every == 0):
+            log_samples(self, "samples/rollout", drawn[0].prompts, drawn[0].completions, drawn[0].golds, hp.num_logged_samples)
+        return rollout, metrics
+
+    def rollout_metrics(self, drawn: list[Samples], rounds: int, kept_groups: int | None) -> dict[str, torch.Tensor]:
+        """`rollout/*` over every completion sampled this step (all rounds, all ranks)."""
+        hp = self.hparams
+        rewards = torch.cat([d.rewards for d in drawn])
+        lengths = torch.cat([d.gen.lengths for d in drawn]).float()
+        finished = torch.cat([d.gen.finished for d in drawn]).float()
+        columns = [rewards, lengths, finished]
+        gold = self.gold_scores(drawn)
+        if gold is not None:
+            columns.append(gold)
+        stats = gather_rows(torch.stack(columns, 1))  # (B_global, 3 or 4)
         metrics = {
             "rollout/reward_mean": stats[:, 0].mean(),
             "rollout/reward_std": stats[:, 0].std(unbiased=False),
             "rollout/completion_len": stats[:, 1].mean(),
             "rollout/eos_rate": stats[:, 2].mean(),
-            "rollout_kl": stats[:, 3].sum() / stats[:, 1].sum(),  # per-token KL of the sampling policy
         }
-        if self._rollouts == 0 or (hp.num_logged_samples and hp.eval_every and self._rollouts % hp.eval_every == 0):
-            log_samples(self, "samples/rollout", prompts, completions, golds, hp.num_logged_samples)
-        return rollout, metrics
+        if gold is not None:
+            metrics["rollout/gold_reward"] = stats[:, 3].mean()
+        if hp.filter_groups:
+            groups = stats.size(0) // hp.samples_per_prompt
+            kept = sum_over_ranks(torch.tensor(float(kept_groups), device=self.device))
+            metrics["rollout/kept_groups_frac"] = kept / groups
+            metrics["rollout/sampling_rounds"] = torch.tensor(float(rounds))
+            metrics["rollout/prompts_drawn"] = torch.tensor(float(groups))
+        return metrics
+
+    def gold_scores(self, drawn: list[Samples]) -> torch.Tensor | None:
+        """The task judge on every sampled completion (B,) when the reward is learned and every gold is known:
+        the gold reward beside the proxy the policy is trained on. None otherwise."""
+        if not _uses_learned(self.hparams.reward, self.hparams.reward_weights):
+            return None
+        golds = [g for d in drawn for g in d.golds]
+        if any(g is None for g in golds):
+            return None
+        return torch.cat([judge_scores(d.completions, d.golds, d.gen.finished).to(self.device) for d in drawn])
 
     def global_advantages(self, rewards: torch.Tensor) -> torch.Tensor:
         """Advantages (B,) of this rank's rows, computed with the statistics of every rank's rewards."""
@@ -275,25 +474,29 @@ class PPOModule(L.LightningModule):
 
     # ------------------------------------------------------------------ update
 
-    def minibatch_loss(self, mb: Rollout, total_tokens: torch.Tensor | None = None) -> tuple[PPOLossOutput, torch.Tensor, torch.Tensor]:
+    def minibatch_loss(self, mb: Rollout) -> tuple[PPOLossOutput, torch.Tensor, torch.Tensor]:
         """(loss output, new log-probs (B, N), entropy) of a minibatch, from one policy forward.
 
-        `total_tokens` is the minibatch's token count over all ranks; the returned loss is scaled by the
-        world size because DDP averages gradients, so the averaged gradient is that of the global token mean.
+        The loss divides by the minibatch's counts over all ranks (valid tokens, sequences with a valid token)
+        and is scaled by the world size because DDP averages gradients, so the averaged gradient is that of
+        the loss on the global minibatch. With `mask_truncated`, completions without EOS have no valid token.
         """
         hp = self.hparams
+        mask = drop_truncated(mb.completion_mask, mb.finished) if hp.mask_truncated else mb.completion_mask  # (B, N)
+        tokens, rows = sum_over_ranks(torch.stack([mask.sum(), mask.any(-1).sum()]).float()).clamp(min=1)
         logits = mb.logits(self.model)  # (B, N, V)
         logprobs = logprobs_from_logits(logits, mb.completion_ids, hp.temperature)  # (B, N)
         beta = 0.0 if hp.kl_in_reward else self.kl_ctl.beta
         out = ppo_loss(
-            logprobs, mb.old_logprobs, mb.ref_logprobs, mb.advantages, mb.completion_mask, hp.clip_eps, beta,
-            hp.kl_estimator, total_tokens,
+            logprobs, mb.old_logprobs, mb.ref_logprobs, mb.advantages, mask, self.clip_range[0], beta,
+            hp.kl_estimator, tokens, clip_eps_high=self.clip_range[1], clip_c=hp.clip_c, ratio_level=hp.ratio_level,
+            loss_agg=hp.loss_agg, total_rows=rows, max_new_tokens=hp.max_new_tokens,
         )
         world = _world_size()
         if world > 1:
             out = PPOLossOutput(*(v * world for v in out))
         with torch.no_grad():
-            entropy = masked_mean(entropy_from_logits(logits.detach() / hp.temperature), mb.completion_mask, total=total_tokens) * world
+            entropy = masked_mean(entropy_from_logits(logits.detach() / hp.temperature), mask, total=tokens) * world
         return out, logprobs, entropy
 
     def ppo_update(self, rollout: Rollout) -> dict[str, torch.Tensor]:
@@ -307,10 +510,9 @@ class PPOModule(L.LightningModule):
         for epoch in range(hp.ppo_epochs):
             perm = torch.randperm(B, generator=self.sampling_generator(), device=self.device)
             parts = list(perm.chunk(chunks))
-            counts = sum_over_ranks(torch.stack([rollout.completion_mask[p].sum() for p in parts]).float())  # global tokens
-            for idx, total in zip(parts, counts):
+            for idx in parts:
                 mb = rollout.select(idx)
-                out, logprobs, entropy = self.minibatch_loss(mb, total)
+                out, logprobs, entropy = self.minibatch_loss(mb)
                 if first_ratio_error is None:  # before any step: must be 1 (same log-probs as generation)
                     first_ratio_error = masked_max(torch.exp(logprobs.detach() - mb.old_logprobs) - 1, mb.completion_mask)
                 opt.zero_grad()
@@ -344,15 +546,22 @@ class PPOModule(L.LightningModule):
             self.evaluate()  # the SFT start, before any update
         start = time.perf_counter()
         rollout, rollout_metrics = self.make_rollout(batch)
-        rollout_kl = rollout_metrics.pop("rollout_kl")
         rollout_time = time.perf_counter() - start
         start = time.perf_counter()
-        update_metrics = self.ppo_update(rollout)
-        update_time = time.perf_counter() - start
         beta = self.kl_ctl.beta
-        self.kl_ctl.update(float(rollout_kl), n_steps=rollout.completion_ids.size(0) * _world_size())
+        if rollout is not None:
+            update_metrics = self.ppo_update(rollout)
+            kl_and_tokens = gather_rows(torch.stack([rollout.kl, rollout.completion_mask.sum(1).float()], 1))  # (B_global, 2)
+            rollout_kl = kl_and_tokens[:, 0].sum() / kl_and_tokens[:, 1].sum()  # per-token KL of the sampling policy
+            self.kl_ctl.update(float(rollout_kl), n_steps=rollout.completion_ids.size(0) * _world_size())
+        else:  # dynamic sampling found no informative group on any rank: nothing to learn from this rollout
+            update_metrics = {}
+            self._skipped_updates += 1
+        update_time = time.perf_counter() - start
         self._rollouts += 1
         metrics = {**update_metrics, **rollout_metrics, "ppo/beta": torch.tensor(beta)}
+        if hp.filter_groups:
+            metrics["rollout/skipped_updates"] = torch.tensor(float(self._skipped_updates))
         # update metrics are per-rank shares of global token means: their mean over ranks is the global value
         self.log_dict({k: v.float() for k, v in metrics.items()}, prog_bar=False, sync_dist=_world_size() > 1)
         self.log_dict({"time/rollout": rollout_time, "time/update": update_time})
@@ -361,8 +570,33 @@ class PPOModule(L.LightningModule):
             self.evaluate()
 
     def on_train_end(self) -> None:
-        if self._rollouts and self.eval_history and self.eval_history[-1]["rollout"] != self._rollouts:
+        self.finalize_policy()
+
+    def finalize_policy(self) -> None:
+        """Evaluate the last policy if it has not been, then keep the best one on `val` (`keep_best`).
+
+        Called by `FinalCheckpoint` before it writes the stage's checkpoint, and at the end of training.
+        """
+        if self.chosen is not None or not self._rollouts:
+            return
+        if self.eval_history and self.eval_history[-1]["rollout"] != self._rollouts:
             self.evaluate()
+        best = self._best
+        if self.hparams.keep_best and best is not None and best["rollout"] != self._rollouts:
+            self.model.load_state_dict(best["state"])
+        chosen = best if self.hparams.keep_best and best is not None else None
+        self.chosen = {
+            "rollout": chosen["rollout"] if chosen else self._rollouts,
+            "eval/accuracy": chosen["accuracy"] if chosen else (self.eval_history[-1]["eval/accuracy"] if self.eval_history else float("nan")),
+        }
+
+    def remember_if_best(self, accuracy: float) -> None:
+        """Keep a CPU copy of the policy's weights when `accuracy` on `val` is at least the best so far."""
+        if not self.hparams.keep_best or accuracy != accuracy:  # NaN: no gold answers to choose by
+            return
+        if self._best is None or accuracy >= self._best["accuracy"]:
+            state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+            self._best = {"rollout": self._rollouts, "accuracy": accuracy, "state": state}
 
     # ------------------------------------------------------------------ evaluation
 
@@ -384,6 +618,7 @@ class PPOModule(L.LightningModule):
         self.model.eval()
         self.reference.to(self.device)
         correct = known = reward_sum = kl_sum = tokens = rows = 0.0
+        all_scores, all_strata = [], []  # per prompt, for `eval/accuracy/<stratum>`
         for i, batch in enumerate(loader):
             batch = move_batch(batch, self.device)
             gen = generate(
@@ -395,6 +630,8 @@ class PPOModule(L.LightningModule):
             has_gold = ~scores.isnan()
             correct += float(scores[has_gold].sum())
             known += float(has_gold.sum())
+            all_scores += scores.tolist()
+            all_strata += batch.get("strata", [()] * len(completions))
             reward_sum += float(self.score(batch["prompts"], completions, gen.finished, batch["golds"]).sum())
             ids, mask = gen.joined(batch["prompt_ids"], batch["prompt_mask"])  # (B, P + N) each
             N = gen.completion_ids.size(1)
@@ -412,9 +649,14 @@ class PPOModule(L.LightningModule):
             "eval/reward": reward_sum / max(rows, 1),
             "eval/kl": kl_sum / max(tokens, 1),
         }
+        for name, m in strata_metrics(all_scores, all_strata).items():
+            if m["accuracy"] is not None:
+                metrics[f"eval/accuracy/{name}"] = m["accuracy"]
         self.eval_history.append({"rollout": self._rollouts, **metrics})
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            self.remember_if_best(metrics["eval/accuracy"])
         if self._trainer is not None and self.logger is not None and self.trainer.is_global_zero:
-            self.logger.log_metrics(metrics, step=self.global_step)
+            self.logger.log_metrics(metrics, step=logging_step(self))
         return metrics
 
     # ------------------------------------------------------------------ checkpoints
@@ -431,6 +673,10 @@ class PPOModule(L.LightningModule):
             "kl_controller": self.kl_ctl.state_dict(),
             "sampling_generator": self.sampling_generator().get_state(),
             "rollouts": self._rollouts,
+            "eval_history": [dict(h) for h in self.eval_history],
+            "skipped_updates": self._skipped_updates,
+            "best": None if self._best is None else {"rollout": self._best["rollout"], "accuracy": self._best["accuracy"], "state": self._best["state"]},
+            "chosen": self.chosen,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -449,6 +695,9 @@ class PPOModule(L.LightningModule):
         if "sampling_generator" in meta:
             self._generator, self._generator_state = None, meta["sampling_generator"].cpu()
         self._rollouts = int(meta.get("rollouts", 0))
+        self.eval_history = [dict(h) for h in meta.get("eval_history", [])]
+        self._skipped_updates = int(meta.get("skipped_updates", 0))
+        self._best = meta.get("best")
 
 
 def _uses_learned(reward: str, weights: dict[str, float] | None) -> bool:

@@ -1,0 +1,166 @@
+"""Dynamic sampling (`filter_groups`), the gold-reward monitor and its bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import CONFIGS, QUIET, run_cli
+from rlhf_lightning.data.ppo import PromptStream
+from rlhf_lightning.generation import Generation
+from rlhf_lightning.modules.ppo import PPOModule, Samples, informative_groups
+
+PPO_YAML = str(CONFIGS / "toy" / "ppo.yaml")
+
+
+def test_informative_groups_by_hand():
+    rewards = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.5, 0.5, 0.2, 0.0])
+    assert informative_groups(rewards, 2).tolist() == [False, True, False, True]
+    assert informative_groups(rewards, 4).tolist() == [True, True]
+
+
+def test_samples_cat_repads_prompts_left_and_completions_right():
+    def samples(prompt_rows, completion_rows, reward):
+        P, N = max(map(len, prompt_rows)), max(map(len, completion_rows))
+        pid = torch.tensor([[0] * (P - len(r)) + r for r in prompt_rows])
+        pmask = torch.tensor([[False] * (P - len(r)) + [True] * len(r) for r in prompt_rows])
+        cid = torch.tensor([r + [0] * (N - len(r)) for r in completion_rows])
+        cmask = torch.tensor([[True] * len(r) + [False] * (N - len(r)) for r in completion_rows])
+        lengths = cmask.sum(1)
+        gen = Generation(cid, cmask, cmask.float() * -0.5, lengths, torch.ones(len(lengths), dtype=torch.bool))
+        n = len(prompt_rows)
+        return Samples(pid, pmask, gen, torch.full((n,), reward), ["p"] * n, ["c"] * n, [None] * n)
+
+    a = samples([[5, 6], [7, 8]], [[9], [10]], 1.0)
+    b = samples([[4, 5, 6]], [[11, 12, 13]], 0.0)
+    cat = Samples.cat([a, b], pad_id=0)
+    assert cat.prompt_ids.tolist() == [[0, 5, 6], [0, 7, 8], [4, 5, 6]]
+    assert cat.prompt_mask.tolist() == [[False, True, True], [False, True, True], [True, True, True]]
+    assert cat.gen.completion_ids.tolist() == [[9, 0, 0], [10, 0, 0], [11, 12, 13]]
+    assert cat.gen.completion_mask.sum(1).tolist() == [1, 1, 3] == cat.gen.lengths.tolist()
+    assert cat.gen.logprobs.tolist() == [[-0.5, 0, 0], [-0.5, 0, 0], [-0.5, -0.5, -0.5]]
+    assert cat.rewards.tolist() == [1.0, 1.0, 0.0]
+    kept = cat.select_groups(torch.tensor([False, True, True]), 1)
+    assert kept.prompt_ids.tolist() == [[0, 7, 8], [4, 5, 6]]
+
+
+def test_prompt_stream_resumes_exactly():
+    stream = PromptStream(size=10, seed=3)
+    stream.take(7)
+    state = stream.state_dict()
+    expected = stream.take(25)  # crosses two epoch boundaries
+    other = PromptStream(size=10, seed=99)
+    other.load_state_dict(state)
+    assert other.take(25) == expected
+    assert sorted(expected[3:13]) == list(range(10))  # epoch 1 is a permutation
+
+
+class HalfUniformReward:
+    """Groups of prompts with an even first operand all get 1.0 (no signal); the others alternate 0/1 by row."""
+
+    name = "judge"
+
+    def __call__(self, prompts, completions, ended, golds):
+        uniform = [int(p.split(" ")[1].split("+")[0].split("-")[0]) % 2 == 0 for p in prompts]
+        return torch.tensor([1.0 if u else float(i % 2) for i, u in enumerate(uniform)])
+
+
+class UniformReward:
+    name = "judge"
+
+    def __call__(self, prompts, completions, ended, golds):
+        return torch.ones(len(prompts))
+
+
+def dynamic_run(sft_ckpt, tmp_path, reward, *extra):
+    """A 2-rollout PPO run with `reward` patched in; returns (cli, the rollouts given to the update)."""
+    from rlhf_lightning.cli import lightning_cli
+    import os
+
+    args = [
+        "--config", PPO_YAML, *QUIET, "--trainer.logger=false", "--trainer.callbacks=[]",
+        "--trainer.enable_checkpointing=false", f"--model.init_args.policy_ckpt={sft_ckpt}",
+        "--model.init_args.reward=judge", "--model.init_args.advantage=group_mean", "--model.init_args.filter_groups=true",
+        "--model.init_args.samples_per_prompt=2", "--model.init_args.eval_every=0", "--data.init_args.batch_size=8",
+        "--data.init_args.max_val_prompts=16", "--trainer.limit_train_batches=2", *extra,
+    ]
+    old = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        cli = lightning_cli(args, run=False)
+        cli.model.reward_source = reward
+        seen, update = [], cli.model.ppo_update
+        cli.model.ppo_update = lambda rollout: seen.append(rollout) or update(rollout)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    finally:
+        os.chdir(old)
+    return cli, seen
+
+
+def test_filter_groups_keeps_only_mixed_groups_at_the_full_batch_size(sft_ckpt, tmp_path):
+    cli, seen = dynamic_run(sft_ckpt, tmp_path, HalfUniformReward(), "--model.init_args.max_sampling_rounds=8")
+    assert len(seen) == 2
+    for rollout in seen:
+        assert rollout.rewards.numel() == 8 * 2  # batch_size groups of K = 2
+        assert informative_groups(rollout.rewards, 2).all()
+        assert rollout.advantages.abs().min() > 0  # every kept row carries a signal
+    metrics = cli.trainer.callback_metrics
+    drawn = float(metrics["rollout/prompts_drawn"])
+    assert drawn > 8 and float(metrics["rollout/sampling_rounds"]) == drawn / 8  # more rounds drew more prompts
+    assert float(metrics["rollout/kept_groups_frac"]) == pytest.approx(8 / drawn)
+    assert float(metrics["rollout/skipped_updates"]) == 0
+    # the extra rounds' prompts came from the DataModule's stream, which advanced by what they drew
+    stream = cli.datamodule.stream.state_dict()
+    assert stream["epoch"] * len(cli.datamodule.train_set) + stream["position"] > 0
+
+
+def test_all_uniform_rewards_skip_the_update(sft_ckpt, tmp_path):
+    cli, seen = dynamic_run(sft_ckpt, tmp_path, UniformReward(), "--model.init_args.max_sampling_rounds=2")
+    assert seen == []  # nothing to learn from: no update, no error
+    module = cli.model
+    assert module._rollouts == 2 and module._skipped_updates == 2 and cli.trainer.global_step == 0
+    assert float(cli.trainer.callback_metrics["rollout/skipped_updates"]) == 2
+    assert float(cli.trainer.callback_metrics["rollout/kept_groups_frac"]) == 0
+    start = PPOModule(policy_ckpt=str(sft_ckpt), reward="judge").model
+    assert all(torch.equal(a, b) for a, b in zip(start.parameters(), module.model.parameters()))
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"filter_groups": True, "advantage": "batch_mean"}, "filter_groups: true needs an advantage with groups"),
+        ({"filter_groups": True, "advantage": "batch_whiten"}, "advantage 'batch_whiten' has none"),
+        ({"filter_groups": True, "advantage": "rloo", "samples_per_prompt": 1}, "needs samples_per_prompt >= 2"),
+        ({"max_sampling_rounds": 0}, "max_sampling_rounds: 0 is not allowed"),
+    ],
+)
+def test_dynamic_sampling_bad_options(sft_ckpt, options, message):
+    with pytest.raises(ValueError, match=message):
+        PPOModule(policy_ckpt=str(sft_ckpt), reward="judge", **options)
+
+
+def test_gold_reward_is_logged_beside_a_learned_reward(sft_ckpt, reward_ckpt, tmp_path):
+    module = PPOModule(policy_ckpt=str(sft_ckpt), reward="learned", reward_ckpt=str(reward_ckpt), samples_per_prompt=4)
+    from rlhf_lightning.data.prompts import PromptDataset, load_prompts
+    from rlhf_lightning.policy import judge_scores
+
+    ds = PromptDataset(module.tokenizer, load_prompts("toy", "train", limit=16), module.prompt_context_length)
+    batch = ds.collate([ds[i] for i in range(len(ds))])
+    drawn = module.sample(batch)
+    metrics = module.rollout_metrics([drawn], rounds=1, kept_groups=None)
+    gold = judge_scores(drawn.completions, drawn.golds, drawn.gen.finished).mean()
+    assert float(metrics["rollout/gold_reward"]) == pytest.approx(float(gold))
+    assert float(metrics["rollout/reward_mean"]) == pytest.approx(float(drawn.rewards.mean()))
+    # the judge as the reward: no separate gold monitor
+    judged = PPOModule(policy_ckpt=str(sft_ckpt), reward="judge", samples_per_prompt=4)
+    assert "rollout/gold_reward" not in judged.rollout_metrics([judged.sample(batch)], rounds=1, kept_groups=None)
+
+
+def test_dynamic_sampling_bad_option_from_the_shell(sft_ckpt, tmp_path, capsys):
+    from rlhf_lightning.cli import main
+
+    code = main(["fit", "--config", PPO_YAML, f"--model.init_args.policy_ckpt={sft_ckpt}", "--model.init_args.reward=judge",
+                 "--model.init_args.filter_groups=true", "--model.init_args.advantage=batch_mean"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("rlhf: error: model.init_args.filter_groups: true needs an advantage with groups")
