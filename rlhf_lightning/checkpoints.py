@@ -110,9 +110,9 @@ def check_resume(path: str | os.PathLike[str], expected: dict[str, Any], data_hp
     checkpoint = read_checkpoint(path, (meta["stage"],), "ckpt_path")
     where = f"ckpt_path: {str(path)!r} was written with a different config, refusing to resume it"
     checks = (
-        (checkpoint["rlhf"], meta, "rlhf"),
         (checkpoint.get("hyper_parameters", {}), expected["hyper_parameters"], "model.init_args"),
         (checkpoint.get("datamodule_hyper_parameters", {}), data_hparams, "data.init_args"),
+        (checkpoint["rlhf"], meta, "rlhf"),
     )
     for saved, current, name in checks:
         if name == "rlhf":  # run state (RNG, counters) differs by design: compare what defines the run

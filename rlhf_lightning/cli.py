@@ -58,6 +58,8 @@ QUIET_WARNINGS = (
     "`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec) and treespec.is_leaf()` instead.",
     # Lightning checks the DataLoader for state; ours lives in the DataModule (data/base.py), which it restores
     "You're resuming from a checkpoint that ended before the epoch ended and your dataloader is not resumable.",
+    # PPO checkpoints after a rollout's updates on purpose: that is the state a resumed run continues from
+    "Using ModelCheckpoint with manual optimization and every_n_train_steps, but no pre-optimization state was saved.",
 )
 
 

@@ -380,8 +380,7 @@ class PreferenceDataModule(TokenizedDataModule):
 
     def _write(self, name: str, pairs: list[PreferencePair]) -> None:
         if self.trainer is not None and self.trainer.is_global_zero:
-            path = write_jsonl(f"{self._run_dir()}/{name}", [p.to_record() for p in pairs])
-            rank_zero_info(f"wrote {len(pairs)} preference pairs to {path}")
+            write_jsonl(f"{self._run_dir()}/{name}", [p.to_record() for p in pairs])
 
     def setup(self, stage: str) -> None:
         hp = self.hparams
@@ -391,6 +390,7 @@ class PreferenceDataModule(TokenizedDataModule):
         val_pairs = read_preferences(hp.val_file) if hp.val_file is not None else None
         if file_pairs is None:  # generated pairs: one policy samples both splits
             policy, policy_tokenizer = self._sampler()
+            rank_zero_info(f"[reward] sampling preferences: {hp.num_samples} completions per prompt, judged by {hp.judge!r}")
 
         if file_pairs is None:
             train_groups = self._generate("train", hp.max_train_prompts, policy, policy_tokenizer)
@@ -411,9 +411,10 @@ class PreferenceDataModule(TokenizedDataModule):
             raise DataError("no preference pairs to train on (every sampled pair was a tie?)", path=hp.train_file or f"{hp.task}:train")
         self.train_set = PairDataset(tokenizer, train_pairs, max_len)
         self.val_set = SampleGroupDataset(tokenizer, val_groups, max_len)
+        written = f", written to {self._run_dir()}/preferences_*.jsonl" if file_pairs is None else ""
         rank_zero_info(
-            f"preference pairs: {len(self.train_set)} train, {sum(len(g.pairs) for g in val_groups)} held out "
-            f"({sum(len(g.completions) for g in val_groups)} held-out completions)"
+            f"[reward] preference pairs: {len(self.train_set)} train, {sum(len(g.pairs) for g in val_groups)} held out "
+            f"({sum(len(g.completions) for g in val_groups)} held-out completions){written}"
         )
 
     def train_dataloader(self) -> DataLoader:
