@@ -16,12 +16,16 @@ from torch import Tensor
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "KL_ESTIMATORS",
+    "LOSS_AGGREGATIONS",
     "PPOLossOutput",
+    "RATIO_LEVELS",
+    "aggregate_loss",
     "batch_mean",
     "batch_whiten",
     "bradley_terry_loss",
     "clipped_surrogate",
     "compute_advantages",
+    "drop_truncated",
     "entropy_from_logits",
     "group_mean",
     "group_whiten",
@@ -29,13 +33,19 @@ __all__ = [
     "kl_k1",
     "kl_k3",
     "kl_penalty",
+    "log_importance_ratio",
     "logprobs_from_logits",
     "masked_mean",
     "masked_sum",
     "pairwise_accuracy",
     "ppo_loss",
     "rloo",
+    "seq_mean_token_mean",
+    "seq_mean_token_sum_norm",
+    "sequence_log_ratio",
+    "token_log_ratio",
     "token_logprobs",
+    "token_mean",
 ]
 
 
@@ -74,6 +84,16 @@ def masked_mean(
         count = mask.bool().sum() if dim is None else mask.bool().sum(dim)
         return numerator / count.clamp(min=1).to(numerator.dtype)
     return numerator / total
+
+
+def drop_truncated(mask: Tensor, finished: Tensor) -> Tensor:
+    """``mask (B, T)`` without the rows that never emitted EOS (``finished (B,)`` False): no loss for them.
+
+    >>> drop_truncated(torch.tensor([[True, True], [True, False]]), torch.tensor([False, True]))
+    tensor([[False, False],
+            [ True, False]])
+    """
+    return mask.bool() & finished.bool().unsqueeze(-1)  # (B, T)
 
 
 # --------------------------------------------------------------------------- log-probs
@@ -232,6 +252,10 @@ ADVANTAGE_ESTIMATORS: dict[str, AdvantageFn] = {
     "rloo": rloo,
 }
 
+#: The estimators whose baseline is the prompt's own group of K samples (a group whose K rewards are all
+#: equal gets zero advantage under them: what dynamic sampling filters out).
+GROUP_ESTIMATORS: frozenset[str] = frozenset({"group_mean", "group_whiten", "rloo"})
+
 
 def compute_advantages(
     name: str, rewards: Tensor, group_size: int, eps: float = 1e-6
@@ -296,32 +320,176 @@ def kl_in_reward(rewards: Tensor, kl_tokens: Tensor, mask: Tensor, beta: float) 
     return rewards - beta * masked_sum(kl_tokens, mask, dim=-1)  # (B,)
 
 
+# --------------------------------------------------------------------------- loss aggregation
+#
+# How per-token terms (B, T) become one number. Under DDP every rank passes the minibatch's counts over all
+# ranks (`tokens`: valid tokens; `rows`: sequences with at least one valid token), so that the ranks' results
+# sum to the value on the global batch.
+
+
+def _row_count(mask: Tensor) -> Tensor:
+    """Number of rows of ``mask (B, T)`` with at least one valid token, at least 1."""
+    return mask.bool().any(-1).sum().clamp(min=1)  # ()
+
+
+def token_mean(
+    values: Tensor,
+    mask: Tensor,
+    tokens: float | Tensor | None = None,
+    rows: float | Tensor | None = None,
+    max_new_tokens: int | None = None,
+) -> Tensor:
+    """Mean over every valid token of the batch: ``sum of values / tokens`` (the seed's).
+
+    >>> token_mean(torch.tensor([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0]]), torch.tensor([[1, 1, 1], [1, 0, 0]]))
+    tensor(2.5000)
+    """
+    return masked_mean(values, mask, total=tokens)  # (); (1 + 2 + 3 + 4) / 4 above
+
+
+def seq_mean_token_mean(
+    values: Tensor,
+    mask: Tensor,
+    tokens: float | Tensor | None = None,
+    rows: float | Tensor | None = None,
+    max_new_tokens: int | None = None,
+) -> Tensor:
+    """Mean over sequences of each sequence's token mean; a sequence without valid tokens does not count.
+
+    >>> seq_mean_token_mean(torch.tensor([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0]]), torch.tensor([[1, 1, 1], [1, 0, 0]]))
+    tensor(3.)
+    """
+    per_row = masked_mean(values, mask, dim=-1)  # (B,) each sequence's token mean, 0 for an empty row
+    return per_row.sum() / (_row_count(mask) if rows is None else rows)  # (); (2 + 4) / 2 above
+
+
+def seq_mean_token_sum_norm(
+    values: Tensor,
+    mask: Tensor,
+    tokens: float | Tensor | None = None,
+    rows: float | Tensor | None = None,
+    max_new_tokens: int | None = None,
+) -> Tensor:
+    """Each sequence's token sum divided by the constant ``max_new_tokens``, then the mean over sequences.
+
+    The divisor does not depend on the sequence's length (Dr. GRPO), so a long wrong answer is not pushed
+    down less per token than a short one.
+
+    >>> seq_mean_token_sum_norm(torch.tensor([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0]]),
+    ...                         torch.tensor([[1, 1, 1], [1, 0, 0]]), max_new_tokens=4)
+    tensor(1.2500)
+    """
+    if max_new_tokens is None or max_new_tokens < 1:
+        raise ValueError(f"seq_mean_token_sum_norm needs max_new_tokens >= 1, got {max_new_tokens}")
+    per_row = masked_sum(values, mask, dim=-1) / max_new_tokens  # (B,)
+    return per_row.sum() / (_row_count(mask) if rows is None else rows)  # (); (6/4 + 4/4) / 2 above
+
+
+LossAggFn = Callable[..., Tensor]
+
+LOSS_AGGREGATIONS: dict[str, LossAggFn] = {
+    "token_mean": token_mean,
+    "seq_mean_token_mean": seq_mean_token_mean,
+    "seq_mean_token_sum_norm": seq_mean_token_sum_norm,
+}
+
+
+def aggregate_loss(
+    name: str,
+    values: Tensor,
+    mask: Tensor,
+    tokens: float | Tensor | None = None,
+    rows: float | Tensor | None = None,
+    max_new_tokens: int | None = None,
+) -> Tensor:
+    """Scalar of ``values (B, T)`` over ``mask`` with the aggregation registered under ``name``.
+
+    >>> aggregate_loss("seq_mean_token_mean", torch.tensor([[1.0, 3.0], [5.0, 0.0]]), torch.tensor([[1, 1], [1, 0]]))
+    tensor(3.5000)
+    """
+    if name not in LOSS_AGGREGATIONS:
+        raise ValueError(f"unknown loss aggregation {name!r}; valid: {sorted(LOSS_AGGREGATIONS)}")
+    return LOSS_AGGREGATIONS[name](values, mask, tokens, rows, max_new_tokens)
+
+
 # --------------------------------------------------------------------------- PPO
 
 
+def token_log_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor) -> Tensor:
+    """Per-token ``log rho_t = logp_t - old_logp_t`` (B, T): the ratio of PPO.
+
+    >>> token_log_ratio(torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -1.0]]), torch.ones(1, 2))
+    tensor([[ 0.5000, -1.0000]])
+    """
+    return logp - old_logp  # (B, T)
+
+
+def sequence_log_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor) -> Tensor:
+    """Each sequence's ``log s_i = mean over its valid tokens of (logp - old_logp)``, broadcast to (B, T) (GSPO).
+
+    ``s_i`` is the geometric mean of the sequence's token ratios. Its gradient reaches every valid token
+    of the sequence as ``s_i / |y_i| * grad logp_t``; ``old_logp`` is detached.
+
+    >>> sequence_log_ratio(torch.tensor([[-1.0, -2.0, 7.0]]), torch.tensor([[-1.5, -1.0, 0.0]]),
+    ...                    torch.tensor([[1, 1, 0]]))  # (0.5 - 1.0) / 2, the third token masked
+    tensor([[-0.2500, -0.2500, -0.2500]])
+    """
+    per_row = masked_mean(logp - old_logp.detach(), mask, dim=-1)  # (B,)
+    return per_row.unsqueeze(-1).expand_as(logp)  # (B, T)
+
+
+RatioFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+RATIO_LEVELS: dict[str, RatioFn] = {"token": token_log_ratio, "sequence": sequence_log_ratio}
+
+
+def log_importance_ratio(level: str, logp: Tensor, old_logp: Tensor, mask: Tensor) -> Tensor:
+    """Log importance ratio (B, T) at the level registered under ``level`` ("token" or "sequence").
+
+    >>> log_importance_ratio("sequence", torch.tensor([[0.0, 1.0]]), torch.zeros(1, 2), torch.ones(1, 2))
+    tensor([[0.5000, 0.5000]])
+    """
+    if level not in RATIO_LEVELS:
+        raise ValueError(f"unknown ratio level {level!r}; valid: {sorted(RATIO_LEVELS)}")
+    return RATIO_LEVELS[level](logp, old_logp, mask)
+
+
 def clipped_surrogate(
-    logp: Tensor, old_logp: Tensor, advantages: Tensor, clip_eps: float
+    log_ratio: Tensor,
+    advantages: Tensor,
+    clip_eps: float,
+    clip_eps_high: float | None = None,
+    clip_c: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """PPO clipped objective per token: ``min(rho * A, clip(rho, 1-eps, 1+eps) * A)``.
+    """PPO clipped objective per token: ``min(rho * A, clip(rho, 1 - eps_low, 1 + eps_high) * A)``.
 
-    ``advantages`` is per sequence ``(B,)`` (broadcast to tokens) or per token
-    ``(B, T)``. Returns ``(objective, ratio, clipped)``, all ``(B, T)``. ``clipped``
-    follows the TRL definition of clipfrac: the clipped term is strictly smaller
-    than the unclipped one, i.e. the token's gradient is cut off. Unlike
-    ``|rho - 1| > eps`` it ignores clipping on the side that does not bind.
+    ``rho = exp(log_ratio)``; ``clip_eps`` is the lower range and, unless ``clip_eps_high`` is given, the
+    upper one too (clip-higher, DAPO). ``clip_c`` (> 1, dual clip) bounds the objective of negative
+    advantages from below: ``max(min(...), clip_c * A)`` where ``A < 0``, so a huge ratio on a bad sample
+    cannot give an unbounded push.
 
-    >>> obj, ratio, clipped = clipped_surrogate(
-    ...     torch.log(torch.tensor([[1.5, 0.5]])), torch.zeros(1, 2), torch.tensor([1.0]), 0.2)
+    ``advantages`` is per sequence ``(B,)`` (broadcast to tokens) or per token ``(B, T)``. Returns
+    ``(objective, ratio, clipped)``, all ``(B, T)``. ``clipped`` follows the TRL definition of clipfrac: the
+    token's objective is a clipped term strictly below the unclipped one, i.e. its gradient is cut off.
+    Unlike ``|rho - 1| > eps`` it ignores clipping on the side that does not bind.
+
+    >>> obj, ratio, clipped = clipped_surrogate(torch.log(torch.tensor([[1.5, 0.5]])), torch.tensor([1.0]), 0.2)
     >>> obj, clipped  # min(1.5, 1.2) = 1.2 (clipped); min(0.5, 0.8) = 0.5 (not)
     (tensor([[1.2000, 0.5000]]), tensor([[ True, False]]))
     """
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(-1)  # (B, 1)
-    ratio = torch.exp(logp - old_logp)  # (B, T)
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    ratio = torch.exp(log_ratio)  # (B, T)
     unclipped = ratio * advantages  # (B, T)
-    clipped_obj = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * advantages  # (B, T)
+    clipped_obj = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + high) * advantages  # (B, T)
     objective = torch.minimum(unclipped, clipped_obj)  # (B, T)
     clipped = clipped_obj < unclipped  # (B, T)
+    if clip_c is not None:
+        floor = clip_c * advantages  # (B, 1) or (B, T)
+        dual = (advantages < 0) & (floor > objective)  # (B, T)
+        objective = torch.where(dual, floor, objective)  # (B, T)
+        clipped = clipped | dual  # (B, T)
     return objective, ratio, clipped
 
 
@@ -345,13 +513,24 @@ def ppo_loss(
     beta: float,
     kl_estimator: str = "k1",
     total_tokens: float | Tensor | None = None,
+    *,
+    clip_eps_high: float | None = None,
+    clip_c: float | None = None,
+    ratio_level: str = "token",
+    loss_agg: str = "token_mean",
+    total_rows: float | Tensor | None = None,
+    max_new_tokens: int | None = None,
 ) -> PPOLossOutput:
-    """``-token_mean(min(rho A, clip(rho) A)) + beta * token_mean(KL)``.
+    """``-agg(min(rho A, clip(rho) A)) + beta * agg(KL)``, ``agg`` a registered loss aggregation.
 
-    Token means run over the valid tokens of the whole batch (or divide by
-    ``total_tokens``). ``kl`` is always reported, also with ``beta=0`` (which is
-    what the caller passes when the KL is placed in the reward instead).
-    ``approx_kl`` is the k3 estimate of KL(old || new): mean of ``(rho-1) - log rho``.
+    With the defaults ``agg`` is the token mean over the valid tokens of the whole batch (or a division
+    by ``total_tokens``), ``rho`` the per-token ratio and the clip range symmetric: the seed's loss.
+    ``loss_agg``, ``total_rows`` and ``max_new_tokens`` pick and scale the aggregation (see
+    ``LOSS_AGGREGATIONS``), ``ratio_level`` the ratio (``RATIO_LEVELS``), ``clip_eps_high`` and ``clip_c``
+    the clipping (``clipped_surrogate``). ``kl`` is always reported, also with ``beta=0`` (which is what the
+    caller passes when the KL is placed in the reward instead). ``clipfrac`` (fraction of valid tokens whose
+    objective was clipped) and ``approx_kl`` (k3 estimate of KL(old || new) per token: mean of
+    ``(rho-1) - log rho`` with the token ratio) are token means whatever the aggregation.
 
     >>> # one token, rho = 1, A = 2, logp - ref = 0.1, beta = 0.5:
     >>> # loss = -(1 * 2) + 0.5 * 0.1 = -1.95
@@ -365,14 +544,16 @@ def ppo_loss(
     if advantages.dim() == 2:
         advantages = torch.where(valid, advantages, zero)  # (B, T)
 
-    objective, ratio, clipped = clipped_surrogate(logp, old_logp, advantages, clip_eps)
-    policy_loss = -masked_mean(objective, valid, total=total_tokens)
-    kl = masked_mean(kl_penalty(kl_estimator, logp, ref_logp), valid, total=total_tokens)
+    log_ratio = log_importance_ratio(ratio_level, logp, old_logp, valid)  # (B, T)
+    objective, ratio, clipped = clipped_surrogate(log_ratio, advantages, clip_eps, clip_eps_high, clip_c)
+    counts = (total_tokens, total_rows, max_new_tokens)
+    policy_loss = -aggregate_loss(loss_agg, objective, valid, *counts)
+    kl = aggregate_loss(loss_agg, kl_penalty(kl_estimator, logp, ref_logp), valid, *counts)
     loss = policy_loss + beta * kl
 
     with torch.no_grad():
-        log_ratio = logp - old_logp  # (B, T)
-        approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, valid, total=total_tokens)
+        token_ratio = logp - old_logp  # (B, T)
+        approx_kl = masked_mean(torch.expm1(token_ratio) - token_ratio, valid, total=total_tokens)
         clipfrac = masked_mean(clipped.float(), valid, total=total_tokens)
 
     return PPOLossOutput(

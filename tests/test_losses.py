@@ -18,11 +18,15 @@ from rlhf_lightning.kl_control import (
 from rlhf_lightning.losses import (
     ADVANTAGE_ESTIMATORS,
     KL_ESTIMATORS,
+    LOSS_AGGREGATIONS,
+    RATIO_LEVELS,
+    aggregate_loss,
     batch_mean,
     batch_whiten,
     bradley_terry_loss,
     clipped_surrogate,
     compute_advantages,
+    drop_truncated,
     entropy_from_logits,
     group_mean,
     group_whiten,
@@ -30,13 +34,19 @@ from rlhf_lightning.losses import (
     kl_k1,
     kl_k3,
     kl_penalty,
+    log_importance_ratio,
     logprobs_from_logits,
     masked_mean,
     masked_sum,
     pairwise_accuracy,
     ppo_loss,
     rloo,
+    seq_mean_token_mean,
+    seq_mean_token_sum_norm,
+    sequence_log_ratio,
+    token_log_ratio,
     token_logprobs,
+    token_mean,
 )
 
 NAN = float("nan")
@@ -246,9 +256,8 @@ def test_kl_in_reward():
 
 def test_clipped_surrogate_token_advantages_and_clip_flags():
     ratio = t([[1.5, 0.5, 0.7]])
-    logp, old = torch.log(ratio), torch.zeros(1, 3)
     adv = t([[1.0, 1.0, -1.0]])
-    obj, r, clipped = clipped_surrogate(logp, old, adv, 0.2)
+    obj, r, clipped = clipped_surrogate(torch.log(ratio), adv, 0.2)
     # min(1.5, 1.2) = 1.2 clipped; min(0.5, 0.8) = 0.5 not clipped (|rho-1| > eps but not binding);
     # min(-0.7, -0.8) = -0.8 clipped
     assert_close(obj, t([[1.2, 0.5, -0.8]]))
@@ -316,6 +325,194 @@ def test_ppo_loss_k3_estimator():
     #   0.0048374 + 0.0187308 + 0.0408182 + 0 + 0.0051709 = 0.0695573 -> / 5 = 0.0139115
     assert_close(out.kl, t(0.0139115))
     assert_close(out.loss, t(-0.16 + 0.0139115))
+
+
+def test_clipped_surrogate_clip_higher():
+    ratio = t([[1.25, 0.75, 1.3]])
+    adv = t([[1.0, -1.0, 1.0]])
+    obj, _, clipped = clipped_surrogate(torch.log(ratio), adv, 0.2, clip_eps_high=0.28)
+    # range [0.8, 1.28]: min(1.25, 1.25) = 1.25, not clipped (1.2 with the symmetric range);
+    # min(-0.75, -0.8) = -0.8, clipped below as before; min(1.3, 1.28) = 1.28, clipped
+    assert_close(obj, t([[1.25, -0.8, 1.28]]))
+    assert clipped.tolist() == [[False, True, True]]
+    symmetric, _, clipped = clipped_surrogate(torch.log(ratio), adv, 0.2)
+    assert_close(symmetric, t([[1.2, -0.8, 1.2]]))
+    assert clipped.tolist() == [[True, True, True]]
+
+
+def test_clipped_surrogate_dual_clip():
+    ratio = t([[4.0, 2.0, 4.0, 0.5]])
+    adv = t([[-1.0, -1.0, 1.0, -1.0]])
+    log_ratio = torch.log(ratio).requires_grad_(True)
+    obj, _, clipped = clipped_surrogate(log_ratio, adv, 0.2, clip_c=3.0)
+    # rho 4, A -1:   min(-4, -1.2) = -4 -> max(-4, 3 * -1) = -3 (dual clip binds)
+    # rho 2, A -1:   min(-2, -1.2) = -2 -> max(-2, -3) = -2 (nothing binds)
+    # rho 4, A +1:   min(4, 1.2) = 1.2 (clipped; the dual clip bounds negative advantages only)
+    # rho 0.5, A -1: min(-0.5, -0.8) = -0.8 (clipped) -> max(-0.8, -3) = -0.8
+    assert_close(obj, t([[-3.0, -2.0, 1.2, -0.8]]))
+    assert clipped.tolist() == [[True, False, True, True]]
+    obj.sum().backward()
+    # d(rho A) / d log rho = rho A where the unclipped term is the objective, 0 where a bound is
+    assert_close(log_ratio.grad, t([[0.0, -2.0, 0.0, 0.0]]))
+    without, _, _ = clipped_surrogate(torch.log(ratio), adv, 0.2)
+    assert_close(without, t([[-4.0, -2.0, 1.2, -0.8]]))
+
+
+def test_ppo_loss_seq_mean_token_mean_hand_example():
+    logp, old, ref, adv, mask = _ppo_inputs()
+    out = ppo_loss(logp, old, ref, adv, mask, clip_eps=0.2, beta=0.5, loss_agg="seq_mean_token_mean")
+    # per-token objectives as in the token-mean example: row 0 [1.0, 1.2, 0.5], row 1 [-1.1, -0.8]
+    # token means: row 0 2.7 / 3 = 0.9, row 1 -1.9 / 2 = -0.95 -> policy_loss = -(0.9 - 0.95) / 2 = 0.025
+    # k1 token means: row 0 0.6 / 3 = 0.2, row 1 -0.1 / 2 = -0.05 -> kl = 0.15 / 2 = 0.075
+    # loss = 0.025 + 0.5 * 0.075 = 0.0625; clipfrac and approx_kl stay token means (0.4, 0.0971038)
+    assert_close(out.policy_loss, t(0.025))
+    assert_close(out.kl, t(0.075))
+    assert_close(out.loss, t(0.0625))
+    assert_close(out.clipfrac, t(0.4))
+    assert_close(out.approx_kl, t(0.0971038))
+    out.loss.backward()
+    # d/dlogp = (-rho A [unclipped tokens only] + beta) / (2 sequences * n_i tokens of the row):
+    #   row 0 (n 3): (-1 + 0.5) / 6, (0 + 0.5) / 6, (-0.5 + 0.5) / 6; row 1 (n 2): (1.1 + 0.5) / 4, (0 + 0.5) / 4
+    assert_close(logp.grad, t([[-1 / 12, 1 / 12, 0.0], [0.4, 0.125, 0.0]]))
+    # a DDP rank's share: divide by the global number of sequences, 4: -(-0.05) / 4, 0.15 / 4
+    out = ppo_loss(logp, old, ref, adv, mask, clip_eps=0.2, beta=0.5, loss_agg="seq_mean_token_mean", total_rows=4)
+    assert_close(out.policy_loss, t(0.0125))
+    assert_close(out.kl, t(0.0375))
+
+
+def test_ppo_loss_seq_mean_token_sum_norm_hand_example():
+    logp, old, ref, adv, mask = _ppo_inputs()
+    kwargs = dict(clip_eps=0.2, beta=0.5, loss_agg="seq_mean_token_sum_norm", max_new_tokens=4)
+    out = ppo_loss(logp, old, ref, adv, mask, **kwargs)
+    # token sums / 4: row 0 2.7 / 4 = 0.675, row 1 -1.9 / 4 = -0.475 -> policy_loss = -(0.675 - 0.475) / 2 = -0.1
+    # k1 sums / 4: 0.6 / 4 = 0.15, -0.1 / 4 = -0.025 -> kl = 0.125 / 2 = 0.0625; loss = -0.1 + 0.03125 = -0.06875
+    assert_close(out.policy_loss, t(-0.1))
+    assert_close(out.kl, t(0.0625))
+    assert_close(out.loss, t(-0.06875))
+    out.loss.backward()
+    # every valid token's weight is 1 / (2 * 4), whatever its row's length: (-rho A + beta) / 8
+    assert_close(logp.grad, t([[-0.5 / 8, 0.5 / 8, 0.0], [1.6 / 8, 0.5 / 8, 0.0]]))
+    out = ppo_loss(logp, old, ref, adv, mask, total_rows=4, **kwargs)
+    assert_close(out.policy_loss, t(-0.05))  # -0.2 / 4
+
+
+def test_ppo_loss_sequence_ratio_hand_example():
+    logp, old, ref, adv, mask = _ppo_inputs()
+    out = ppo_loss(logp, old, ref, adv, mask, clip_eps=0.2, beta=0.0, ratio_level="sequence")
+    # s_0 = (1.0 * 1.5 * 0.5) ** (1/3) = 0.9085603, inside [0.8, 1.2]: objective 0.9085603 on its 3 tokens
+    # s_1 = (1.1 * 0.5) ** (1/2) = 0.7416198 < 0.8 with A = -1: min(-0.7416198, -0.8) = -0.8 (clipped), 2 tokens
+    # token mean: (3 * 0.9085603 - 2 * 0.8) / 5 = 0.2251362; clipfrac = the 2 tokens of row 1 / 5 = 0.4
+    assert_close(out.policy_loss, t(-0.2251362))
+    assert_close(out.clipfrac, t(0.4))
+    assert_close(out.approx_kl, t(0.0971038))  # still the per-token estimate
+    out.loss.backward()
+    # d s_0 / d logp_t = s_0 / 3 on each token of row 0, and s_0 is the objective of its 3 tokens:
+    # d loss / d logp_t = -(3 * s_0 / 3) / 5 = -0.1817121 on all three (token level cuts off the clipped middle one)
+    assert_close(logp.grad, t([[-0.1817121] * 3, [0.0, 0.0, 0.0]]))
+
+
+def _seed_ppo_loss(logp, old, ref, adv, mask, eps, beta):
+    """The loss as the project wrote it before its options existed: per-token ratio, symmetric clip, token means."""
+    valid = mask.bool()
+    zero = torch.zeros(())
+    logp, old, ref = (torch.where(valid, x, zero) for x in (logp, old, ref))
+    ratio = torch.exp(logp - old)
+    a = adv.unsqueeze(-1)
+    objective = torch.minimum(ratio * a, torch.clamp(ratio, 1.0 - eps, 1.0 + eps) * a)
+    count = valid.sum().clamp(min=1).float()
+    policy = -(torch.where(valid, objective, zero).sum() / count)
+    kl = torch.where(valid, logp - ref, zero).sum() / count
+    return policy + beta * kl, policy, kl
+
+
+def test_ppo_loss_defaults_are_bitwise_the_seed_formula():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 5, generator=g)
+    old = base + 0.3 * torch.randn(6, 5, generator=g)
+    ref = base + 0.3 * torch.randn(6, 5, generator=g)
+    mask = torch.rand(6, 5, generator=g) > 0.3
+    adv = torch.randn(6, generator=g)
+    new_logp, seed_logp = base.clone().requires_grad_(True), base.clone().requires_grad_(True)
+    out = ppo_loss(new_logp, old, ref, adv, mask, clip_eps=0.2, beta=0.3)
+    loss, policy, kl = _seed_ppo_loss(seed_logp, old, ref, adv, mask, 0.2, 0.3)
+    assert 0 < out.clipfrac < 1  # both sides of the clip are exercised
+    assert torch.equal(out.loss, loss) and torch.equal(out.policy_loss, policy) and torch.equal(out.kl, kl)
+    out.loss.backward()
+    loss.backward()
+    assert torch.equal(new_logp.grad, seed_logp.grad)
+
+
+# --------------------------------------------------------------------------- loss aggregation, ratio levels
+
+# row 0: 3 valid tokens, row 1: 1, row 2: none (a truncated completion whose tokens were dropped); junk where masked
+AGG = ([[1.0, 2.0, 3.0], [4.0, NAN, INF], [NAN, 5.0, 6.0]], [[1, 1, 1], [1, 0, 0], [0, 0, 0]])
+
+
+def test_token_mean():
+    vals, mask = t(AGG[0], requires_grad=True), torch.tensor(AGG[1])
+    # (1 + 2 + 3 + 4) / 4 valid tokens = 2.5
+    out = token_mean(vals, mask)
+    assert_close(out, t(2.5))
+    out.backward()
+    assert_close(vals.grad, t([[0.25, 0.25, 0.25], [0.25, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+    # a DDP rank's share of a global count of 8 tokens: 10 / 8; `rows` does not concern it
+    assert_close(token_mean(vals, mask, tokens=8, rows=100), t(1.25))
+
+
+def test_seq_mean_token_mean_skips_rows_without_tokens():
+    vals, mask = t(AGG[0], requires_grad=True), torch.tensor(AGG[1])
+    # token means: row 0 (1 + 2 + 3) / 3 = 2, row 1 4 / 1 = 4, row 2 has none and does not count: (2 + 4) / 2 = 3
+    out = seq_mean_token_mean(vals, mask)
+    assert_close(out, t(3.0))
+    out.backward()
+    # weight 1 / (2 sequences * n_i): a token of the short row weighs three times one of the long row
+    assert_close(vals.grad, t([[1 / 6, 1 / 6, 1 / 6], [0.5, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+    assert_close(seq_mean_token_mean(vals, mask, tokens=100, rows=4), t(1.5))  # 6 / 4 global sequences
+
+
+def test_seq_mean_token_sum_norm_divides_by_a_constant():
+    vals, mask = t(AGG[0], requires_grad=True), torch.tensor(AGG[1])
+    # token sums / 5: row 0 6 / 5 = 1.2, row 1 4 / 5 = 0.8; mean over the 2 sequences with tokens: 1.0
+    out = seq_mean_token_sum_norm(vals, mask, max_new_tokens=5)
+    assert_close(out, t(1.0))
+    out.backward()
+    assert_close(vals.grad, t([[0.1, 0.1, 0.1], [0.1, 0.0, 0.0], [0.0, 0.0, 0.0]]))  # 1 / (2 * 5), any length
+    assert_close(seq_mean_token_sum_norm(vals, mask, rows=4, max_new_tokens=5), t(0.5))  # (1.2 + 0.8) / 4
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        seq_mean_token_sum_norm(vals, mask)
+
+
+def test_loss_aggregation_registry():
+    assert set(LOSS_AGGREGATIONS) == {"token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"}
+    vals, mask = t(AGG[0]), torch.tensor(AGG[1])
+    assert_close(aggregate_loss("seq_mean_token_sum_norm", vals, mask, max_new_tokens=5), t(1.0))
+    assert_close(aggregate_loss("token_mean", vals, mask, 8), t(1.25))
+    with pytest.raises(ValueError, match="seq_mean_token_mean"):
+        aggregate_loss("token_sum", vals, mask)
+
+
+def test_drop_truncated():
+    mask = torch.tensor([[True, True, False], [True, True, True], [True, False, False]])
+    finished = torch.tensor([True, False, True])  # row 1 used the whole budget without EOS
+    assert drop_truncated(mask, finished).tolist() == [[True, True, False], [False, False, False], [True, False, False]]
+
+
+def test_token_and_sequence_log_ratios():
+    logp = t([[-1.0, -2.0, -0.5], [-1.0, 0.0, 0.0]], requires_grad=True)
+    old = t([[-1.5, -1.0, -0.5], [-1.3, 0.0, 0.0]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    assert_close(token_log_ratio(logp, old, mask), t([[0.5, -1.0, 0.0], [0.3, 0.0, 0.0]]))
+    # row 0: (0.5 - 1.0 + 0.0) / 3 = -1/6; row 1: 0.3 / 1; broadcast to every position of the row
+    seq = sequence_log_ratio(logp, old, mask)
+    assert_close(seq, t([[-1 / 6] * 3, [0.3] * 3]))
+    seq[:, 0].sum().backward()
+    # d log s_i / d logp_t = 1 / n_i on the row's valid tokens; the old log-probs get no gradient
+    assert_close(logp.grad, t([[1 / 3, 1 / 3, 1 / 3], [1.0, 0.0, 0.0]]))
+    assert old.grad is None
+    assert set(RATIO_LEVELS) == {"token", "sequence"}
+    assert_close(log_importance_ratio("sequence", logp, old, mask), seq)
+    with pytest.raises(ValueError, match="sequence"):
+        log_importance_ratio("group", logp, old, mask)
 
 
 # --------------------------------------------------------------------------- KL control

@@ -1,0 +1,166 @@
+"""PPO loss options (loss aggregation, clip-higher, dual clip, sequence-level ratios, truncation masking) from the
+module and the command line: each option reaches the loss as meant, truncated completions get no loss, and bad
+values stop with one line and exit code 2."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from conftest import CONFIGS, QUIET, run_cli
+from rlhf_lightning.cli import main
+from rlhf_lightning.data.prompts import PromptDataset, load_prompts
+from rlhf_lightning.losses import drop_truncated, logprobs_from_logits, ppo_loss
+from rlhf_lightning.modules.ppo import PPOModule, Rollout
+from rlhf_lightning.policy import load_policy
+
+PPO_YAML = str(CONFIGS / "toy" / "ppo.yaml")
+
+
+def ppo(sft_ckpt, **kwargs) -> PPOModule:
+    return PPOModule(policy_ckpt=str(sft_ckpt), **{"reward": "judge", "beta": 0.1, **kwargs})
+
+
+def menu_rollout(module: PPOModule) -> Rollout:
+    """4 rows of up to 4 tokens (lengths 4, 2, 3, 4; the last row truncated), old log-probs set so that the
+    ratios sit where each option binds: 1.25 (above 1 + 0.2, below 1 + 0.3), 0.85 (above 1 - 0.2, below
+    1 - 0.1) and e = 2.72 (above a dual clip of 1.5 on a negative advantage)."""
+    g = torch.Generator().manual_seed(7)
+    B, P, N, V = 4, 5, 4, module.tokenizer.vocab_size
+    lengths = torch.tensor([4, 2, 3, 4])
+    completion_mask = torch.arange(N)[None, :] < lengths[:, None]  # (B, N)
+    completion_ids = torch.randint(3, V, (B, N), generator=g).masked_fill(~completion_mask, 0)
+    rollout = Rollout(
+        input_ids=torch.cat([torch.randint(3, V, (B, P), generator=g), completion_ids], 1),
+        attention_mask=torch.cat([torch.ones(B, P, dtype=torch.bool), completion_mask], 1),
+        completion_ids=completion_ids, completion_mask=completion_mask,
+        old_logprobs=torch.zeros(B, N), ref_logprobs=torch.zeros(B, N),
+        rewards=torch.zeros(B), advantages=torch.tensor([1.0, -1.0, 0.5, -0.5]),
+        finished=torch.tensor([True, True, True, False]),
+    )
+    with torch.no_grad():
+        logp = logprobs_from_logits(rollout.logits(module.model), completion_ids, module.hparams.temperature)  # (B, N)
+    log_rho = torch.tensor([[0.2231, 0.2231, 0.0, 0.1],  # rho 1.25 on A > 0: clip-higher decides
+                            [1.0, -0.1625, 0.0, 0.0],  # rho e and 0.85 on A < 0: the dual clip and clip_eps_low decide
+                            [0.05, -0.3, 0.2231, 0.0],
+                            [1.0, 0.1, -0.1, 0.3]])  # truncated: counts only without mask_truncated
+    rollout.old_logprobs = (logp - log_rho).masked_fill(~completion_mask, 0.0)
+    rollout.ref_logprobs = (logp - 0.1).masked_fill(~completion_mask, 0.0)
+    return rollout
+
+
+# (module options, the ppo_loss arguments they must turn into; defaults: clip 0.2 both sides, token mean)
+WIRING = {
+    "seq_mean_token_mean": ({"loss_agg": "seq_mean_token_mean"}, {"loss_agg": "seq_mean_token_mean"}),
+    "seq_mean_token_sum_norm": ({"loss_agg": "seq_mean_token_sum_norm", "max_new_tokens": 6},
+                                {"loss_agg": "seq_mean_token_sum_norm", "max_new_tokens": 6}),
+    "clip_eps_high": ({"clip_eps_high": 0.3}, {"clip_eps_high": 0.3}),
+    "clip_eps_low": ({"clip_eps_low": 0.1}, {"clip_eps": 0.1, "clip_eps_high": 0.2}),
+    "clip_eps_sets_both": ({"clip_eps": 0.1}, {"clip_eps": 0.1, "clip_eps_high": 0.1}),
+    "clip_c": ({"clip_c": 1.5}, {"clip_c": 1.5}),
+    "ratio_level": ({"ratio_level": "sequence"}, {"ratio_level": "sequence"}),
+    "mask_truncated": ({"mask_truncated": True}, {"mask": "truncated_dropped"}),
+}
+
+
+@pytest.mark.parametrize("case", list(WIRING))
+def test_each_option_reaches_the_loss(sft_ckpt, case):
+    options, expected_args = WIRING[case]
+    module = ppo(sft_ckpt, **options)
+    rollout = menu_rollout(module)
+    out, logprobs, _ = module.minibatch_loss(rollout)
+    args = {"clip_eps": 0.2, "beta": 0.1, "kl_estimator": "k1", "max_new_tokens": module.hparams.max_new_tokens, **expected_args}
+    mask = drop_truncated(rollout.completion_mask, rollout.finished) if args.pop("mask", None) else rollout.completion_mask
+    expected = ppo_loss(logprobs.detach(), rollout.old_logprobs, rollout.ref_logprobs, rollout.advantages, mask, **args)
+    for name, got, want in zip(out._fields, out, expected):
+        assert_close(got, want, msg=f"{case}: {name}")
+    # and the option matters on this rollout: the default module's loss differs
+    default, _, _ = ppo(sft_ckpt).minibatch_loss(rollout)
+    assert abs(out.loss.item() - default.loss.item()) > 1e-4, case
+
+
+def test_clip_range_defaults_to_clip_eps_on_each_side(sft_ckpt):
+    assert ppo(sft_ckpt, clip_eps=0.3).clip_range == (0.3, 0.3)
+    assert ppo(sft_ckpt, clip_eps=0.3, clip_eps_high=0.4).clip_range == (0.3, 0.4)
+    assert ppo(sft_ckpt, clip_eps=0.3, clip_eps_low=0.1).clip_range == (0.1, 0.3)
+
+
+def test_truncated_completions_get_no_loss_but_keep_their_statistics(sft_ckpt):
+    module = ppo(sft_ckpt, mask_truncated=True, samples_per_prompt=2, max_new_tokens=2)
+    # two new tokens fit a one-digit answer and its EOS, not a two-digit one: a mix of finished and truncated rows
+    records = load_prompts("toy", "train", limit=300)
+    records = [r for r in records if len(r.gold) == 1][:4] + [r for r in records if len(r.gold) == 2][:4]
+    ds = PromptDataset(module.tokenizer, records, module.prompt_context_length)
+    torch.manual_seed(0)
+    rollout, _ = module.make_rollout(ds.collate([ds[i] for i in range(len(ds))]))
+    eos = (rollout.completion_ids == module.tokenizer.eos_id) & rollout.completion_mask
+    assert rollout.finished.tolist() == eos.any(1).tolist() and not rollout.finished.all()
+    # truncated rows still take part in the advantages (batch_mean over all 16 rewards)
+    assert_close(rollout.advantages, rollout.rewards - rollout.rewards.mean())
+    # ... but not in the loss: changing everything the loss reads on them changes nothing
+    out, _, _ = module.minibatch_loss(rollout)
+    cut = ~rollout.finished
+    changed = Rollout(**{**rollout.__dict__})
+    changed.advantages = torch.where(cut, torch.full_like(rollout.advantages, 5.0), rollout.advantages)
+    changed.old_logprobs = torch.where(cut[:, None], rollout.old_logprobs - 1.0, rollout.old_logprobs)
+    changed_out, _, _ = module.minibatch_loss(changed)
+    for got, want in zip(changed_out, out):
+        assert torch.equal(got, want)
+    unmasked, _, _ = ppo(sft_ckpt, samples_per_prompt=2, max_new_tokens=2).minibatch_loss(changed)
+    assert abs(unmasked.loss.item() - out.loss.item()) > 1e-3
+
+
+def test_cli_fit_with_the_options(sft_ckpt, tmp_path):
+    options = {
+        "loss_agg": "seq_mean_token_sum_norm", "clip_eps_low": 0.1, "clip_eps_high": 0.28, "clip_c": 3.0,
+        "ratio_level": "sequence", "mask_truncated": True,
+    }
+    cli = run_cli([
+        "fit", "--config", PPO_YAML, *QUIET, "--trainer.logger=false", f"--model.init_args.policy_ckpt={sft_ckpt}",
+        "--model.init_args.reward=judge", "--model.init_args.eval_every=0", "--data.init_args.max_val_prompts=64",
+        "--trainer.limit_train_batches=2", "--data.init_args.batch_size=8",
+        *(f"--model.init_args.{k}={v}" for k, v in options.items()),
+    ], tmp_path)
+    module = cli.model
+    assert {k: module.hparams[k] for k in options} == options and module.clip_range == (0.1, 0.28)
+    assert module._rollouts == 2 and module.last_update["first_ratio_error"] < 1e-5
+    assert all(torch.isfinite(torch.tensor(v)) for v in module.last_update.values())
+    start, _, _ = load_policy(str(sft_ckpt))
+    assert any(not torch.equal(a, b.cpu()) for a, b in zip(start.parameters(), module.model.parameters()))
+    saved = torch.load(tmp_path / "checkpoints" / "toy" / "ppo.ckpt", weights_only=True)["hyper_parameters"]
+    assert {k: saved[k] for k in options} == options
+
+
+BAD_OPTIONS = {
+    # id: (override, words the one line must contain)
+    "loss_agg": ("loss_agg=token_sum", ["model.init_args.loss_agg", "'token_sum'", "seq_mean_token_mean, seq_mean_token_sum_norm, token_mean"]),
+    "ratio_level": ("ratio_level=group", ["model.init_args.ratio_level", "'group'", "sequence, token"]),
+    "clip_eps_high": ("clip_eps_high=0.1", ["model.init_args.clip_eps_high", "0.1", "clip_eps_low 0.2", "clip_eps_high >= clip_eps_low"]),
+    "clip_eps_low": ("clip_eps_low=0.3", ["model.init_args.clip_eps_high", "0.2", "clip_eps_low 0.3"]),
+    "clip_c": ("clip_c=1.0", ["model.init_args.clip_c", "1.0", "> 1"]),
+    "advantage": ("advantage=whiten", ["model.init_args.advantage", "'whiten'", "group_mean"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_OPTIONS))
+def test_bad_option_is_one_line_and_exit_2(case, tmp_path, monkeypatch, capsys):
+    override, words = BAD_OPTIONS[case]
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--config", PPO_YAML, *QUIET, f"--model.init_args.{override}"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("rlhf: error:")]
+    assert len(lines) == 1 and all(word in lines[0] for word in words), lines
+    assert not list(tmp_path.iterdir())  # stopped before anything was written
+
+
+def test_bad_option_from_the_shell(tmp_path):
+    done = subprocess.run(["rlhf", "fit", "--config", PPO_YAML, "--model.init_args.loss_agg=foo"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "rlhf: error: model.init_args.loss_agg: unknown value 'foo'; "
+        "allowed: seq_mean_token_mean, seq_mean_token_sum_norm, token_mean"
+    )
