@@ -116,7 +116,7 @@ def check_resume(path: str | os.PathLike[str], expected: dict[str, Any], data_hp
     )
     for saved, current, name in checks:
         if name == "rlhf":  # run state (RNG, counters) differs by design: compare what defines the run
-            keys = {"stage", "model", "tokenizer", "policy_sha256", "reward_sha256", "sft_ckpt"} & set(current)
+            keys = {"stage", "model", "tokenizer", "policy_sha256", "reward_sha256", "sft_sha256"} & set(current)
             saved, current = {k: saved.get(k) for k in keys}, {k: current[k] for k in keys}
         difference = first_difference(saved, current, name)
         if difference:

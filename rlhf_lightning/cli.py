@@ -115,10 +115,10 @@ def prepare_resume(trainer, model, datamodule, ckpt_path: str) -> str:
         folders = [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
         if not folders:
             raise CheckpointError("ckpt_path: 'last' needs a ModelCheckpoint callback with a dirpath in the config")
-        found = [f / "last.ckpt" for f in folders if (f / "last.ckpt").is_file()]
-        if not found:
+        found = last_checkpoint(trainer)
+        if found is None:
             raise CheckpointError(f"ckpt_path: no last.ckpt in {str(folders[0])!r} to resume from (leave out --ckpt_path to start a new run)")
-        ckpt_path = str(found[0])
+        ckpt_path = str(found)
     expected = {"hyper_parameters": dict(model.hparams)}
     model.on_save_checkpoint(expected)  # what this run would write: stage, model, tokenizer, input hashes
     checkpoint = check_resume(ckpt_path, expected, dict(datamodule.hparams) if datamodule is not None else {})
@@ -127,6 +127,12 @@ def prepare_resume(trainer, model, datamodule, ckpt_path: str) -> str:
         trainer.logger._version = version
         trainer.logger._kwargs["purge_step"] = first_logged_step(checkpoint)
     return ckpt_path
+
+
+def last_checkpoint(trainer) -> Path | None:
+    """`last.ckpt` in the folder of the first checkpoint callback that has one."""
+    folders = [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+    return next((f / "last.ckpt" for f in folders if (f / "last.ckpt").is_file()), None)
 
 
 def first_logged_step(checkpoint: dict) -> int:
@@ -154,8 +160,11 @@ def _project_error(err: BaseException) -> BaseException | None:
     return None
 
 
-def lightning_cli(args: list[str] | None = None, run: bool = True, cli_class: type | None = None):
-    """The LightningCLI behind `rlhf fit|validate|...`: any LightningModule/DataModule by class_path."""
+def lightning_cli(args: list[str] | None = None, run: bool = True, cli_class: type | None = None, resume_last: bool = False):
+    """The LightningCLI behind `rlhf fit|validate|...`: any LightningModule/DataModule by class_path.
+
+    `resume_last`: continue from the checkpoint folder's last.ckpt when there is one (`rlhf pipeline --resume`).
+    """
     import lightning as L
     from lightning.pytorch.cli import LightningCLI
 
@@ -181,6 +190,8 @@ def lightning_cli(args: list[str] | None = None, run: bool = True, cli_class: ty
             check_output_paths(self.trainer)
             self.trainer.callbacks.append(StageLog())
             config = self.config_init[self.subcommand]
+            if resume_last and not config.get("ckpt_path") and last_checkpoint(self.trainer) is not None:
+                config["ckpt_path"] = "last"
             if config.get("ckpt_path"):
                 config["ckpt_path"] = prepare_resume(self.trainer, self.model, self.datamodule, config["ckpt_path"])
 

@@ -60,7 +60,7 @@ def ppo_config(tmp_path: Path, rollouts: int) -> Path:
     config = yaml.safe_load((CONFIGS / "toy" / "ppo.yaml").read_text())
     config["trainer"].update(limit_train_batches=rollouts, logger=False, enable_progress_bar=False)
     for callback in config["trainer"]["callbacks"]:
-        if callback["class_path"].endswith("ModelCheckpoint"):
+        if callback["class_path"].endswith(("ModelCheckpoint", "ResumeCheckpoint")):
             callback["init_args"]["every_n_train_steps"] = config["model"]["init_args"]["ppo_epochs"]
     config["model"]["init_args"].update(eval_every=0)
     config["data"]["init_args"].update(batch_size=16, max_val_prompts=32)

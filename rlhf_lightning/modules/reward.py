@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import CatMetric, MeanMetric
 
-from rlhf_lightning.checkpoints import read_checkpoint, submodule_state
+from rlhf_lightning.checkpoints import read_checkpoint, sha256_file, submodule_state
 from rlhf_lightning.losses import bradley_terry_loss, masked_mean, pairwise_accuracy
 from rlhf_lightning.models.reward import RewardModel
 from rlhf_lightning.optim import adamw_warmup_cosine
@@ -77,6 +77,7 @@ class RewardModule(L.LightningModule):
         """
         super().__init__()
         sft = read_checkpoint(sft_ckpt, POLICY_STAGES, "model.init_args.sft_ckpt") if sft_ckpt else None
+        self.sft_sha256 = sha256_file(sft_ckpt) if sft_ckpt else None  # a resumed run must start from the same file
         self.tokenizer = self._resolve_tokenizer(tokenizer, sft)
         config = self._resolve_model(model, sft if init_from_sft else None)
         self.model = RewardModel(config)
@@ -177,6 +178,7 @@ class RewardModule(L.LightningModule):
             "reward_mean": float(self.reward_mean),
             "reward_std": float(self.reward_std),
             "sft_ckpt": self.hparams.sft_ckpt,
+            "sft_sha256": self.sft_sha256,
         }
         # Self-describing: `load_from_checkpoint` rebuilds from the resolved model and tokenizer above and
         # never needs the SFT file again (its weights are in the state dict).
