@@ -48,7 +48,7 @@ from rlhf_lightning.losses import (
     masked_mean,
     ppo_loss,
 )
-from rlhf_lightning.optim import adamw
+from rlhf_lightning.optim import adamw, warmup_cosine
 from rlhf_lightning.options import ConfigError, check_choice
 from rlhf_lightning.policy import context_length, judge_scores, load_policy
 from rlhf_lightning.rewards import RewardSettings, build_reward_source, checked_rewards
@@ -228,6 +228,7 @@ class PPOModule(L.LightningModule):
         filter_groups: bool = False,
         max_sampling_rounds: int = 4,
         keep_best: bool = True,
+        warmup_steps: int = 0,
     ) -> None:
         """
         Args:
@@ -276,6 +277,8 @@ class PPOModule(L.LightningModule):
             keep_best: the final policy is the one with the best `eval/accuracy` on `val` among the
                 evaluations (the latest on ties; the SFT start counts), so a reward that starts to be gamed
                 cannot lower the result. False: the last policy.
+            warmup_steps: raise the learning rate linearly from lr / warmup_steps to lr over this many
+                optimizer steps (0: constant lr). Adam's first steps move every weight by about lr.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -341,7 +344,11 @@ class PPOModule(L.LightningModule):
             self.reward_source.to(self.device)
 
     def configure_optimizers(self):
-        return adamw(self.model, self.hparams.lr, self.hparams.weight_decay)
+        optimizer = adamw(self.model, self.hparams.lr, self.hparams.weight_decay)
+        if not self.hparams.warmup_steps:
+            return optimizer
+        scheduler = warmup_cosine(optimizer, self.hparams.warmup_steps, total_steps=1, min_lr_ratio=1.0)  # then constant
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def sampling_generator(self) -> torch.Generator:
         """The rollout sampler's generator: seed + rank, restored from the checkpoint on resume."""
@@ -503,6 +510,7 @@ class PPOModule(L.LightningModule):
         """`ppo_epochs` x shuffled minibatches of backward / clip / step; returns mean metrics of the update."""
         hp = self.hparams
         opt = self.optimizers()
+        scheduler = self.lr_schedulers()
         B = rollout.completion_ids.size(0)
         chunks = max(1, min(hp.num_minibatches, B))
         sums: dict[str, torch.Tensor] = {}
@@ -521,6 +529,8 @@ class PPOModule(L.LightningModule):
                 if hp.max_grad_norm is not None:
                     self.clip_gradients(opt, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
                 opt.step()
+                if scheduler is not None:  # manual optimization: the warm-up is stepped here
+                    scheduler.step()
                 for name, value in zip(("ppo/loss", "ppo/policy_loss", "ppo/kl", "ppo/clipfrac", "ppo/approx_kl"), out):
                     sums[name] = sums.get(name, 0.0) + value.detach()
                 sums["ppo/entropy"] = sums.get("ppo/entropy", 0.0) + entropy

@@ -11,7 +11,8 @@ from torchmetrics import MeanMetric
 from rlhf_lightning.callbacks import log_samples
 from rlhf_lightning.losses import logprobs_from_logits, masked_mean
 from rlhf_lightning.optim import adamw_warmup_cosine
-from rlhf_lightning.policy import build_policy, complete, context_length, judge_scores
+from rlhf_lightning.policy import build_policy, complete, context_length, judge_scores, load_policy
+from rlhf_lightning.tasks.strata import strata_metrics
 
 
 class SFTModule(L.LightningModule):
@@ -28,6 +29,7 @@ class SFTModule(L.LightningModule):
         min_lr_ratio: float = 0.1,
         max_new_tokens: int = 6,
         num_logged_samples: int = 8,
+        init_ckpt: str | None = None,
     ) -> None:
         """
         Args:
@@ -41,13 +43,21 @@ class SFTModule(L.LightningModule):
             min_lr_ratio: final learning rate as a fraction of `lr`.
             max_new_tokens: completion budget of greedy evaluation.
             num_logged_samples: evaluation completions written to TensorBoard as text.
+            init_ckpt: start from the policy in this SFT or PPO checkpoint (or exported folder) instead of
+                a fresh model: continued SFT with a fresh optimizer and schedule; `model` and `tokenizer`
+                are then taken from the checkpoint.
         """
         super().__init__()
-        self.model, self.tokenizer, model_config = build_policy(model, tokenizer)
+        if init_ckpt is not None:
+            self.model, self.tokenizer, meta = load_policy(init_ckpt, role="model.init_args.init_ckpt")
+            model_config = meta["model"]
+        else:
+            self.model, self.tokenizer, model_config = build_policy(model, tokenizer)
         self.save_hyperparameters()
         self.hparams.model = model_config  # resolved: the checkpoint rebuilds exactly this model
         self.hparams.tokenizer = self.tokenizer.to_dict()
         self.val_accuracy = MeanMetric()
+        self.val_rows: list[tuple[float, tuple[str, ...]]] = []  # (score, strata) per `val` prompt, for per-stratum accuracy
 
     @property
     def context_length(self) -> int:
@@ -74,6 +84,7 @@ class SFTModule(L.LightningModule):
         known = ~scores.isnan()
         if known.any():
             self.val_accuracy.update(scores[known])
+        self.val_rows.extend(zip(scores.tolist(), batch.get("strata", [()] * len(scores))))
         if batch_idx == 0:
             log_samples(self, "samples/val", batch["prompts"], completions, batch["golds"], self.hparams.num_logged_samples)
 
@@ -81,6 +92,15 @@ class SFTModule(L.LightningModule):
         if self.val_accuracy.update_called:
             self.log("eval/accuracy", self.val_accuracy.compute(), prog_bar=True)
         self.val_accuracy.reset()
+        rows = self.val_rows
+        if torch.distributed.is_available() and torch.distributed.is_initialized():  # every rank's prompts
+            gathered = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, rows)
+            rows = [row for rank_rows in gathered for row in rank_rows]
+        for name, m in strata_metrics([s for s, _ in rows], [names for _, names in rows]).items():
+            if m["accuracy"] is not None:
+                self.log(f"eval/accuracy/{name}", m["accuracy"])
+        self.val_rows = []
 
     def configure_optimizers(self):
         return adamw_warmup_cosine(self, self.model)
