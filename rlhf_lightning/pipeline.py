@@ -13,12 +13,15 @@ accuracy against the judge on sampled `test` completions.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from rlhf_lightning.data.jsonl import atomic_write_text
 
 STAGES = ("sft", "reward", "ppo")
 
@@ -40,7 +43,8 @@ def build_parser():
         parser.add_argument(f"--{stage}_args", type=list[str], default=[], help=f"extra `rlhf fit` options for the {stage} stage")
     parser.add_argument("--summary", type=str, default="lightning_logs/toy/summary.json", help="where summary.json goes")
     parser.add_argument("--eval_samples", type=int, default=4, help="sampled completions per test prompt for KL and the reward row")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seeds every stage (training, sampling) and the table's sampling")
+    parser.add_argument("--resume", action="store_true", help="skip stages already done with this config and inputs; continue an interrupted one from its last.ckpt")
     return parser
 
 
@@ -69,14 +73,45 @@ def final_checkpoint_path(cli) -> str:
     raise ValueError("the stage config has no rlhf_lightning.callbacks.FinalCheckpoint callback")
 
 
-def run_stage(stage: str, config: Path, args: list[str]) -> tuple[str, float]:
+def stage_key(config: Path, args: list[str], inputs: list[str]) -> str:
+    """SHA-256 of what determines a stage's result: its config file, its options, the checkpoints it reads."""
+    from rlhf_lightning.checkpoints import sha256_file
+
+    digest = hashlib.sha256(Path(config).read_bytes())
+    for part in [*args, *(sha256_file(path) for path in inputs)]:
+        digest.update(b"\0" + part.encode())
+    return digest.hexdigest()
+
+
+def run_recorded_stage(stage: str, config: Path, args: list[str], inputs: list[str], records: Path, resume: bool) -> tuple[str, float]:
+    """`run_stage`, recorded in `records` (JSON: per stage its key, "running" or "done", checkpoint, SHA-256, wall).
+
+    With `resume`, a stage done with the same key whose checkpoint still has the recorded SHA-256 is skipped,
+    and a stage that was running with the same key continues from its last.ckpt; anything else runs anew.
+    """
+    from rlhf_lightning.checkpoints import sha256_file
+
+    state = json.loads(records.read_text()) if records.is_file() else {}
+    key, record = stage_key(config, args, inputs), state.get(stage, {})
+    same = resume and record.get("key") == key
+    if same and record.get("status") == "done" and Path(record["ckpt"]).is_file() and sha256_file(record["ckpt"]) == record["sha256"]:
+        print(f"[pipeline] {stage}: done before with this config and inputs, skipped -> {record['ckpt']}", flush=True)
+        return record["ckpt"], record["wall_s"]
+    atomic_write_text(records, [json.dumps({**state, stage: {"key": key, "status": "running"}}, indent=2) + "\n"])
+    path, wall = run_stage(stage, config, args, resume=same)
+    state[stage] = {"key": key, "status": "done", "ckpt": path, "sha256": sha256_file(path), "wall_s": wall}
+    atomic_write_text(records, [json.dumps(state, indent=2) + "\n"])
+    return path, wall
+
+
+def run_stage(stage: str, config: Path, args: list[str], resume: bool = False) -> tuple[str, float]:
     from rlhf_lightning.cli import lightning_cli
 
     print(f"[pipeline] {stage}: start ({config})", flush=True)
     start = time.perf_counter()
     argv, sys.argv = sys.argv, sys.argv[:1]  # the stage's options are its args, not this process's argv
     try:
-        cli = lightning_cli(["fit", "--config", str(config), *args])
+        cli = lightning_cli(["fit", "--config", str(config), *args], resume_last=resume)
     finally:
         sys.argv = argv
     if cli.trainer.interrupted:
@@ -113,10 +148,12 @@ def repeat_rows(batch: dict, k: int) -> dict:
 
 
 @torch.no_grad()
-def policy_row(stage: str, ckpt: str, reference_ckpt: str, reward_ckpt: str, task: str, samples: int, seed: int) -> dict:
-    """Greedy test accuracy, mean normalized learned reward of those answers, KL to the reference."""
+def policy_row(stage: str, ckpt: str, reference_ckpt: str, reward_ckpt: str, task: str, samples: int, seed: int) -> tuple[dict, dict]:
+    """Greedy test accuracy, mean normalized learned reward of those answers, KL to the reference; and the
+    accuracy and reward per stratum."""
     from rlhf_lightning.models.reward import load_reward_model, score_texts
     from rlhf_lightning.policy import complete, judge_scores, load_policy
+    from rlhf_lightning.tasks.strata import strata_metrics, task_strata_names
 
     policy, tokenizer, _ = load_policy(ckpt)
     reference, _, _ = load_policy(reference_ckpt)
@@ -124,13 +161,16 @@ def policy_row(stage: str, ckpt: str, reference_ckpt: str, reward_ckpt: str, tas
     policy.eval(), reference.eval()
     batch = test_batch(tokenizer, policy, task)
     completions, gen = complete(policy, tokenizer, batch, max_new_tokens=6)
-    accuracy = judge_scores(completions, batch["golds"], gen.finished).nanmean()
+    scores = judge_scores(completions, batch["golds"], gen.finished)  # (B,)
+    accuracy = scores.nanmean()
     rewards = score_texts(reward_model, reward_tokenizer, batch["prompts"], completions, gen.finished)
     rewards = (rewards - meta["reward_mean"]) / max(meta["reward_std"], 1e-6)
+    strata = strata_metrics(scores.tolist(), batch["strata"], rewards.tolist(), task_strata_names(task))
     repeated = repeat_rows(batch, samples)
-    _, sampled = complete(policy, tokenizer, repeated, 6, greedy=False, generator=torch.Generator().manual_seed(seed))
+    sampled_text, sampled = complete(policy, tokenizer, repeated, 6, greedy=False, generator=torch.Generator().manual_seed(seed))
     kl = sequence_kl(policy, reference, repeated, sampled).mean()
-    return {"stage": stage, "test_accuracy": float(accuracy), "test_reward": float(rewards.mean()), "test_kl": float(kl)}
+    gold = judge_scores(sampled_text, repeated["golds"], sampled.finished).nanmean()  # the judge on the same samples
+    return {"stage": stage, "test_accuracy": float(accuracy), "test_reward": float(rewards.mean()), "test_kl": float(kl), "test_gold_reward": float(gold)}, strata
 
 
 @torch.no_grad()
@@ -148,18 +188,43 @@ def reward_row(reward_ckpt: str, sft_ckpt: str, task: str, samples: int, seed: i
     better = labels[:, :, None] > labels[:, None, :]  # (prompts, K, K): pair (i, j) where i is judged better
     agree = (scores[:, :, None] > scores[:, None, :]) & better
     accuracy = agree.sum() / better.sum().clamp_min(1)
-    return {"stage": "reward", "test_accuracy": float(accuracy), "test_reward": None, "test_kl": None}
+    return {"stage": "reward", "test_accuracy": float(accuracy), "test_reward": None, "test_kl": None, "test_gold_reward": None}
 
 
 def format_table(rows: list[dict]) -> str:
     def cell(v):
         return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
 
-    head = ["stage", "test_accuracy", "test_reward", "test_kl", "wall_s"]
+    head = ["stage", "test_accuracy", "test_reward", "test_kl", "test_gold_reward", "wall_s"]
     lines = [head] + [[cell(r[k]) if k != "wall_s" else f"{r[k]:.1f}" for k in head] for r in rows]
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     out = ["  ".join(v.ljust(w) for v, w in zip(line, widths)) for line in lines]
     return "\n".join([out[0], "  ".join("-" * w for w in widths), *out[1:]])
+
+
+def format_worst_strata(rows: list[dict], strata: dict[str, dict], min_n: int = 5) -> str:
+    """One line per policy stage: its least accurate stratum with at least `min_n` test prompts."""
+    from rlhf_lightning.tasks.strata import worst_stratum
+
+    overall = {r["stage"]: r["test_accuracy"] for r in rows}
+    parts = []
+    for stage, metrics in strata.items():
+        name = worst_stratum(metrics, min_n)
+        if name is not None:
+            m = metrics[name]
+            parts.append(f"[pipeline] worst stratum (n >= {min_n}): {stage} {name} {m['accuracy']:.4f} on {m['n']} prompts (overall {overall[stage]:.4f})")
+    return "\n".join(parts)
+
+
+def seed_args(stage: str, seed: int) -> list[str]:
+    """`--seed N` seeds every stage: the global seed, and the sampling seeds of the reward and PPO stages
+    (the stage's own options and `--<stage>.` overrides come after, so they win)."""
+    args = [f"--seed_everything={seed}"]
+    if stage in ("reward", "ppo"):
+        args.append(f"--data.init_args.seed={seed}")
+    if stage == "ppo":
+        args.append(f"--model.init_args.seed={seed}")
+    return args
 
 
 def main(argv: list[str]) -> int:
@@ -178,13 +243,14 @@ def main(argv: list[str]) -> int:
     ckpts, walls = {}, {}
     for stage in STAGES:
         stage_config = base / cfg[f"{stage}_config"]
-        ckpts[stage], walls[stage] = run_stage(stage, stage_config, [*cfg[f"{stage}_args"], *overrides[stage]])
+        stage_args = [*seed_args(stage, cfg.seed), *cfg[f"{stage}_args"], *overrides[stage]]
+        records = Path(cfg.summary).with_name("pipeline_state.json")
+        ckpts[stage], walls[stage] = run_recorded_stage(stage, stage_config, stage_args, list(ckpts.values()), records, cfg.resume)
     print("[pipeline] evaluating on the test split", flush=True)
-    rows = [
-        policy_row("sft", ckpts["sft"], ckpts["sft"], ckpts["reward"], cfg.task, cfg.eval_samples, cfg.seed),
-        reward_row(ckpts["reward"], ckpts["sft"], cfg.task, cfg.eval_samples, cfg.seed),
-        policy_row("ppo", ckpts["ppo"], ckpts["sft"], ckpts["reward"], cfg.task, cfg.eval_samples, cfg.seed),
-    ]
+    sft_row, sft_strata = policy_row("sft", ckpts["sft"], ckpts["sft"], ckpts["reward"], cfg.task, cfg.eval_samples, cfg.seed)
+    ppo_row, ppo_strata = policy_row("ppo", ckpts["ppo"], ckpts["sft"], ckpts["reward"], cfg.task, cfg.eval_samples, cfg.seed)
+    rows = [sft_row, reward_row(ckpts["reward"], ckpts["sft"], cfg.task, cfg.eval_samples, cfg.seed), ppo_row]
+    strata = {"sft": sft_strata, "ppo": ppo_strata}
     for row in rows:
         row["wall_s"] = round(walls[row["stage"]], 2)
     summary = Path(cfg.summary)
@@ -192,7 +258,9 @@ def main(argv: list[str]) -> int:
     tmp = summary.with_name(f".{summary.name}.tmp")
     tmp.write_text(json.dumps(rows, indent=2) + "\n")
     tmp.replace(summary)
+    strata_path = atomic_write_text(summary.with_name("strata.json"), [json.dumps(strata, indent=2) + "\n"])
     print()
     print(format_table(rows))
-    print(f"\n[pipeline] total {time.perf_counter() - start:.1f} s; summary in {summary}", flush=True)
+    print(format_worst_strata(rows, strata))
+    print(f"\n[pipeline] total {time.perf_counter() - start:.1f} s; summary in {summary}, per stratum in {strata_path}", flush=True)
     return 0

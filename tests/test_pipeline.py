@@ -36,6 +36,14 @@ def test_stage_overrides_are_routed_to_their_stage():
     assert overrides == {"sft": ["--trainer.max_epochs=2"], "reward": [], "ppo": ["--model.init_args.lr=1e-5"]}
 
 
+def test_seed_seeds_every_stage():
+    from rlhf_lightning.pipeline import seed_args
+
+    assert seed_args("sft", 3) == ["--seed_everything=3"]
+    assert seed_args("reward", 3) == ["--seed_everything=3", "--data.init_args.seed=3"]
+    assert seed_args("ppo", 3) == ["--seed_everything=3", "--data.init_args.seed=3", "--model.init_args.seed=3"]
+
+
 def run_pipeline(cwd: Path, monkeypatch) -> list[dict]:
     monkeypatch.chdir(cwd)
     assert pipeline_main(PIPELINE_QUICK) == 0
@@ -47,7 +55,8 @@ def test_same_seed_same_config_gives_identical_metrics(tmp_path, monkeypatch, ca
     first = run_pipeline(tmp_path / "a", monkeypatch)
     second = run_pipeline(tmp_path / "b", monkeypatch)
     assert [r["stage"] for r in first] == ["sft", "reward", "ppo"]
-    assert set(first[0]) == {"stage", "test_accuracy", "test_reward", "test_kl", "wall_s"}
+    assert set(first[0]) == {"stage", "test_accuracy", "test_reward", "test_kl", "test_gold_reward", "wall_s"}
+    assert first[1]["test_gold_reward"] is None and all(0 <= first[i]["test_gold_reward"] <= 1 for i in (0, 2))
     strip = lambda rows: [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]  # noqa: E731
     assert strip(first) == strip(second)
     assert first[0]["test_kl"] == pytest.approx(0.0, abs=1e-6)  # the SFT row is its own reference
