@@ -1,4 +1,4 @@
-"""Dynamic sampling (`filter_groups`), the gold-reward monitor and its bad input."""
+"""PPO training options: dynamic sampling (`filter_groups`), the gold-reward monitor, the best policy on `val`, warm-up."""
 
 from __future__ import annotations
 
@@ -164,3 +164,42 @@ def test_dynamic_sampling_bad_option_from_the_shell(sft_ckpt, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
     assert err[0].startswith("rlhf: error: model.init_args.filter_groups: true needs an advantage with groups")
+
+
+@pytest.mark.parametrize("keep_best", [True, False])
+def test_final_checkpoint_is_the_best_policy_on_val(sft_ckpt, tmp_path, keep_best):
+    """A learning rate that wrecks the policy: the final checkpoint is the best evaluation (here the SFT start),
+    unless `keep_best` is off."""
+    from rlhf_lightning.evaluate import evaluate_policy
+
+    cli = run_cli([
+        "fit", "--config", PPO_YAML, *QUIET, "--trainer.logger=false", f"--model.init_args.policy_ckpt={sft_ckpt}",
+        "--model.init_args.reward=judge", "--model.init_args.lr=0.05", "--model.init_args.eval_every=1",
+        f"--model.init_args.keep_best={str(keep_best).lower()}", "--trainer.limit_train_batches=3",
+        "--data.init_args.batch_size=8", "--data.init_args.max_val_prompts=128",
+    ], tmp_path)
+    history = [e["eval/accuracy"] for e in cli.model.eval_history]
+    assert len(history) == 4 and max(history) > history[-1]  # the run did lose accuracy
+    final = tmp_path / "checkpoints" / "toy" / "ppo.ckpt"
+    summary, _ = evaluate_policy(str(final), split="val", limit=128, max_new_tokens=cli.model.hparams.max_new_tokens)
+    best = max(range(4), key=lambda i: (history[i], i))  # the latest of the best
+    chosen = torch.load(final, weights_only=True)["rlhf"]["chosen"]
+    if keep_best:
+        assert summary["accuracy"] == pytest.approx(history[best], abs=1e-6) and chosen["rollout"] == best
+    else:
+        assert summary["accuracy"] == pytest.approx(history[-1], abs=1e-6) and chosen["rollout"] == 3
+
+
+def test_warmup_raises_the_learning_rate_linearly_then_holds(sft_ckpt, tmp_path):
+    cli = run_cli([
+        "fit", "--config", PPO_YAML, *QUIET, "--trainer.logger=false", "--trainer.callbacks=[]",
+        "--trainer.enable_checkpointing=false", f"--model.init_args.policy_ckpt={sft_ckpt}",
+        "--model.init_args.reward=judge", "--model.init_args.lr=1e-4", "--model.init_args.warmup_steps=10",
+        "--model.init_args.ppo_epochs=2", "--model.init_args.num_minibatches=2", "--model.init_args.eval_every=0",
+        "--trainer.limit_train_batches=2", "--data.init_args.batch_size=8", "--data.init_args.max_val_prompts=16",
+    ], tmp_path)
+    steps = cli.trainer.global_step
+    assert steps == 2 * 2 * 2  # rollouts x ppo_epochs x minibatches
+    lr = cli.model.optimizers().param_groups[0]["lr"]
+    assert lr == pytest.approx(1e-4 * (steps + 1) / 10)  # the factor of the next step
+    assert isinstance(PPOModule(policy_ckpt=str(sft_ckpt), reward="judge").configure_optimizers(), torch.optim.AdamW)  # off by default
