@@ -12,6 +12,7 @@ import torch
 from rlhf_lightning.data.jsonl import write_jsonl
 from rlhf_lightning.data.prompts import PromptDataset, load_prompts
 from rlhf_lightning.policy import complete, context_length, judge_scores, load_policy
+from rlhf_lightning.tasks.strata import strata_metrics, task_strata_names
 
 
 def evaluate_policy(
@@ -27,13 +28,13 @@ def evaluate_policy(
     seed: int = 0,
     limit: int | None = None,
 ) -> tuple[dict, list[dict]]:
-    """Return ({"accuracy", "num_prompts", ...}, one record per prompt)."""
+    """Return ({"accuracy", "num_prompts", "strata", ...}, one record per prompt)."""
     model, tokenizer, _ = load_policy(ckpt, role="--ckpt")
     model.eval()
     records = load_prompts(task, split, prompts, limit)
     dataset = PromptDataset(tokenizer, records, context_length(model))
     generator = torch.Generator().manual_seed(seed)
-    rows, scores = [], []
+    rows, scores, strata = [], [], []
     for start in range(0, len(dataset), batch_size):
         batch = dataset.collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
         completions, gen = complete(model, tokenizer, batch, max_new_tokens, greedy, temperature, top_k, generator)
@@ -41,6 +42,7 @@ def evaluate_policy(
         for p, c, g, e, s in zip(batch["prompts"], completions, batch["golds"], gen.finished.tolist(), batch_scores.tolist()):
             rows.append({"prompt": p, "completion": c, "gold": g, "eos": e, "correct": None if g is None else bool(s)})
         scores.append(batch_scores)
+        strata.extend(batch["strata"])
     all_scores = torch.cat(scores)
     known = ~all_scores.isnan()
     summary = {
@@ -50,8 +52,22 @@ def evaluate_policy(
         "num_with_gold": int(known.sum()),
         "accuracy": float(all_scores[known].mean()) if known.any() else None,
         "eos_rate": sum(r["eos"] for r in rows) / len(rows),
+        "strata": strata_metrics(all_scores.tolist(), strata, names=task_strata_names(task) if prompts is None else ()),
     }
     return summary, rows
+
+
+def format_strata(strata: dict[str, dict]) -> str:
+    """One row per stratum: name, n, accuracy and (where known) mean reward; "-" for an empty mean."""
+    show_reward = any("reward" in m for m in strata.values())
+    head = ["stratum", "n", "accuracy"] + (["reward"] if show_reward else [])
+    lines = [head]
+    for name, m in strata.items():
+        cells = [name, str(m["n"])] + [("-" if m.get(k) is None else f"{m[k]:.4f}") for k in head[2:]]
+        lines.append(cells)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    out = ["  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(line, widths))) for line in lines]
+    return "\n".join([out[0], "  ".join("-" * w for w in widths), *out[1:]])
 
 
 def main(argv: list[str]) -> int:
@@ -81,5 +97,7 @@ def main(argv: list[str]) -> int:
     summary["wall_s"] = round(time.perf_counter() - start, 3)
     accuracy = "n/a (no gold answers)" if summary["accuracy"] is None else f"{summary['accuracy']:.4f}"
     print(f"{summary['source']}: accuracy {accuracy} on {summary['num_prompts']} prompts; completions in {out}")
+    if summary["strata"]:
+        print(format_strata(summary["strata"]))
     print(json.dumps(summary))
     return 0

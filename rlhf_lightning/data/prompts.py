@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 from rlhf_lightning.data.collate import left_pad
 from rlhf_lightning.data.jsonl import DataError, read_jsonl
 from rlhf_lightning.tasks.arithmetic import gold_answer, task_problems
+from rlhf_lightning.tasks.strata import prompt_strata
 from rlhf_lightning.tokenizer import CharTokenizer
 
 
@@ -21,15 +22,27 @@ class PromptRecord:
     prompt: str
     gold: str | None  # the answer the judge compares with, when known
     where: str  # "file:line" or "task:split", for error messages
+    strata: tuple[str, ...] = ()  # one stratum per dimension (`tasks.strata`), or the record's `group`
+
+
+def read_group(path: str, line: int, record: dict) -> str | None:
+    """A record's optional `group` (its stratum): a non-empty string, else a `DataError` naming file, line, field."""
+    group = record.get("group")
+    if group is not None and not group.strip():
+        raise DataError(f"expected a non-empty string, got {group!r}", path=path, line=line, field="group")
+    return group
 
 
 def load_prompts(task: str = "toy", split: str = "val", path: str | None = None, limit: int | None = None) -> list[PromptRecord]:
-    """The task's `split` prompts, or the `{"prompt"[, "completion"]}` lines of a JSONL file."""
+    """The task's `split` prompts, or the `{"prompt"[, "completion"][, "group"]}` lines of a JSONL file."""
     if path is not None:
-        rows = read_jsonl(path, required=["prompt"], optional={"completion": str})
-        records = [PromptRecord(r["prompt"], r.get("completion", gold_answer(r["prompt"])), f"{path}:{n}") for n, r in rows]
+        rows = read_jsonl(path, required=["prompt"], optional={"completion": str, "group": str})
+        records = [
+            PromptRecord(r["prompt"], r.get("completion", gold_answer(r["prompt"])), f"{path}:{n}", prompt_strata(r["prompt"], read_group(path, n, r)))
+            for n, r in rows
+        ]
     else:
-        records = [PromptRecord(p.prompt, p.answer, f"{task}:{split}") for p in task_problems(task, split)]
+        records = [PromptRecord(p.prompt, p.answer, f"{task}:{split}", prompt_strata(p.prompt)) for p in task_problems(task, split)]
     if limit is not None:
         records = records[:limit]
     if not records:
@@ -69,6 +82,7 @@ class PromptDataset(Dataset):
             "prompt_mask": prompt_mask,  # (B, P)
             "prompts": [r.prompt for _, r in items],
             "golds": [r.gold for _, r in items],
+            "strata": [r.strata for _, r in items],
         }
 
 

@@ -35,14 +35,17 @@ def check_stratum_weights(weights: Mapping[str, float] | None, option: str) -> d
     return out
 
 
-def example_weights(strata: Sequence[Sequence[str]], weights: Mapping[str, float], option: str = "stratum_weights") -> torch.Tensor:
-    """Per example (N,): the product of ``weights`` of its strata. A weighted stratum that no example belongs
-    to is a :class:`DataError` naming ``option`` (a misspelt name would otherwise do nothing).
+def example_weights(
+    strata: Sequence[Sequence[str]], weights: Mapping[str, float], option: str = "stratum_weights", known: Sequence[str] = ()
+) -> torch.Tensor:
+    """Per example (N,): the product of ``weights`` of its strata. A weighted stratum that is neither in
+    ``known`` (the task's strata) nor one that an example belongs to is a :class:`DataError` naming ``option``
+    (a misspelt name would otherwise do nothing).
 
     >>> example_weights([("a", "x"), ("b", "x"), ("b", "y")], {"b": 2.0, "y": 3.0}).tolist()
     [1.0, 2.0, 6.0]
     """
-    present = {name for row in strata for name in row}
+    present = {name for row in strata for name in row} | set(known)
     missing = sorted(set(weights) - present)
     if missing:
         known = ", ".join(sorted(present)) or "none"

@@ -8,8 +8,10 @@ from torch.utils.data import DataLoader, Dataset
 from rlhf_lightning.data.base import TokenizedDataModule
 from rlhf_lightning.data.collate import right_pad
 from rlhf_lightning.data.jsonl import DataError, read_jsonl
-from rlhf_lightning.data.prompts import PromptDataset, load_prompts
+from rlhf_lightning.data.prompts import PromptDataset, load_prompts, read_group
+from rlhf_lightning.data.sampling import StratumWeightedSampler, check_stratum_weights, example_weights
 from rlhf_lightning.tasks.arithmetic import demonstration_problems, task_problems
+from rlhf_lightning.tasks.strata import prompt_strata, task_strata_names
 from rlhf_lightning.tokenizer import CharTokenizer
 
 
@@ -61,40 +63,52 @@ class SFTDataModule(TokenizedDataModule):
         batch_size: int = 128,
         eval_batch_size: int = 1024,
         max_val_prompts: int | None = None,
+        stratum_weights: dict[str, float] | None = None,
         num_workers: int = 0,
     ) -> None:
         """
         Args:
             task: "toy" (two-digit arithmetic with hash splits) or "seed" (the seed's 8 prompts).
-            train_file: JSONL of {"prompt", "completion"} lines; replaces the task's demonstrations.
+            train_file: JSONL of {"prompt", "completion"[, "group"]} lines; replaces the task's demonstrations.
             val_file: JSONL of {"prompt"[, "completion"]} lines for evaluation; default: the task's `val`.
             demo_fraction: fraction of `train` prompts that have a demonstration (toy task only).
             batch_size: demonstrations per optimizer step.
             eval_batch_size: prompts per batch of greedy evaluation.
             max_val_prompts: evaluate on the first N `val` prompts only (None: all).
+            stratum_weights: draw demonstrations by stratum (`rlhf_lightning.tasks.strata`), e.g.
+                {"digits/1+1": 8, "digits/2+2": 0.5}: a demonstration's weight is the product of its strata's
+                weights (1 where none is given); each epoch draws as many demonstrations as there are, with
+                replacement, in proportion. None: every demonstration once per epoch, shuffled.
             num_workers: DataLoader workers.
         """
         super().__init__()
         self.save_hyperparameters()
+        check_stratum_weights(stratum_weights, "data.init_args.stratum_weights")
 
-    def _pairs(self) -> list[tuple[str, str, str]]:
+    def _pairs(self) -> tuple[list[tuple[str, str, str]], list[tuple[str, ...]]]:
+        """(prompt, completion, where) per demonstration, and its strata."""
         hp = self.hparams
         if hp.train_file is not None:
-            rows = read_jsonl(hp.train_file, required=["prompt", "completion"])
-            return [(r["prompt"], r["completion"], f"{hp.train_file}:{n}") for n, r in rows]
+            rows = read_jsonl(hp.train_file, required=["prompt", "completion"], optional={"group": str})
+            pairs = [(r["prompt"], r["completion"], f"{hp.train_file}:{n}") for n, r in rows]
+            return pairs, [prompt_strata(r["prompt"], read_group(hp.train_file, n, r)) for n, r in rows]
         problems = demonstration_problems(hp.demo_fraction) if hp.task == "toy" else task_problems(hp.task, "train")
-        return [(p.prompt, p.answer, f"{hp.task}:train") for p in problems]
+        return [(p.prompt, p.answer, f"{hp.task}:train") for p in problems], [prompt_strata(p.prompt) for p in problems]
 
     def setup(self, stage: str) -> None:
         tokenizer, context = self.module_tokenizer()
         hp = self.hparams
         if stage == "fit":
-            self.train_set = SFTDataset(tokenizer, self._pairs(), context, self.trainer.lightning_module.hparams.get("prompt_loss", False))
+            pairs, strata = self._pairs()
+            self.train_set = SFTDataset(tokenizer, pairs, context, self.trainer.lightning_module.hparams.get("prompt_loss", False))
+            weights = check_stratum_weights(hp.stratum_weights, "data.init_args.stratum_weights")
+            option, known = "data.init_args.stratum_weights", task_strata_names(hp.task)
+            self.train_sampler = StratumWeightedSampler(example_weights(strata, weights, option, known)) if weights else None
         records = load_prompts(hp.task, "val", hp.val_file, hp.max_val_prompts)
         self.val_set = PromptDataset(tokenizer, records, context)
 
     def train_dataloader(self) -> DataLoader:
-        return self.loader(self.train_set, self.hparams.batch_size, shuffle=True)
+        return self.loader(self.train_set, self.hparams.batch_size, shuffle=self.train_sampler is None, sampler=self.train_sampler)
 
     def val_dataloader(self) -> DataLoader:
         return self.loader(self.val_set, self.hparams.eval_batch_size)
