@@ -2,6 +2,7 @@
 
     rlhf pipeline                                   # the embedded toy task, configs/toy/pipeline.yaml
     rlhf pipeline --config configs/toy/pipeline.yaml --sft.trainer.max_epochs=2 --ppo.model.init_args.lr=1e-4
+    rlhf pipeline --resume                          # after an interruption: skip done stages, continue the one cut off
 
 Each stage is the same `rlhf fit --config <stage yaml>` run in-process; `--<stage>.<option>=<value>`
 passes `--<option>=<value>` to that stage. Checkpoints chain through the stage configs' fixed paths.
