@@ -80,8 +80,11 @@ def temporary_path(final: str | os.PathLike[str]) -> Path:
     return final.with_name(f".{final.name}.{os.getpid()}.tmp")
 
 
-# Options that change no trained number: a run may resume with other values.
-RESUME_FREE_OPTIONS = frozenset({"num_workers", "eval_batch_size", "num_logged_samples"})
+RUN_NAMES = {"sft": "SFT", "reward": "reward-model", "ppo": "PPO"}
+
+# Options that change no trained number, and input checkpoints' paths (their SHA-256 is compared instead):
+# a run may resume with other values.
+RESUME_FREE_OPTIONS = frozenset({"num_workers", "eval_batch_size", "num_logged_samples", "policy_ckpt", "reward_ckpt", "sft_ckpt"})
 
 
 def first_difference(saved: Any, current: Any, name: str) -> str | None:
@@ -108,6 +111,13 @@ def check_resume(path: str | os.PathLike[str], expected: dict[str, Any], data_hp
     """
     meta = expected["rlhf"]
     checkpoint = read_checkpoint(path, (meta["stage"],), "ckpt_path")
+    for role in ("policy", "reward", "sft"):  # input checkpoints are known by content: a path may move
+        saved, current = checkpoint["rlhf"].get(f"{role}_sha256"), meta.get(f"{role}_sha256", "absent")
+        if current != "absent" and saved != current:
+            raise CheckpointError(
+                f"model.init_args.{role}_ckpt: {expected['hyper_parameters'].get(f'{role}_ckpt')!r} (sha256 {current}) is not "
+                f"the file this {RUN_NAMES.get(meta['stage'], meta['stage'])} run started from (sha256 {saved}); refusing to resume {str(path)!r}"
+            )
     where = f"ckpt_path: {str(path)!r} was written with a different config, refusing to resume it"
     checks = (
         (checkpoint.get("hyper_parameters", {}), expected["hyper_parameters"], "model.init_args"),
@@ -116,7 +126,7 @@ def check_resume(path: str | os.PathLike[str], expected: dict[str, Any], data_hp
     )
     for saved, current, name in checks:
         if name == "rlhf":  # run state (RNG, counters) differs by design: compare what defines the run
-            keys = {"stage", "model", "tokenizer", "policy_sha256", "reward_sha256", "sft_sha256"} & set(current)
+            keys = {"stage", "model", "tokenizer"} & set(current)
             saved, current = {k: saved.get(k) for k in keys}, {k: current[k] for k in keys}
         difference = first_difference(saved, current, name)
         if difference:

@@ -254,7 +254,7 @@ def test_cli_fit_writes_the_checkpoint_and_resumes(sft_ckpt, tmp_path):
     assert summary["accuracy"] == pytest.approx(module.eval_history[-1]["eval/accuracy"], abs=1e-6)
 
     # --ckpt_path last resumes: two more rollouts after the first three
-    resumed = run_cli(ppo_args(sft_ckpt, "--trainer.max_epochs=2", "--trainer.limit_train_batches=3",
+    resumed = run_cli(ppo_args(sft_ckpt, "--trainer.max_epochs=2", "--trainer.limit_train_batches=3", "--model.init_args.eval_every=2",
                                "--data.init_args.batch_size=16", "--ckpt_path=last"), tmp_path)
     assert resumed.model._rollouts == 6 and resumed.trainer.global_step == 6 * module.hparams.ppo_epochs
 
@@ -264,7 +264,7 @@ def test_cli_fit_writes_the_checkpoint_and_resumes(sft_ckpt, tmp_path):
     data["rlhf"]["note"] = "changed"
     torch.save(data, other)
     with pytest.raises(CheckpointError, match="policy_ckpt: .*not the file this PPO run started from"):
-        run_cli(ppo_args(other, "--trainer.max_epochs=3", "--trainer.limit_train_batches=3",
+        run_cli(ppo_args(other, "--trainer.max_epochs=3", "--trainer.limit_train_batches=3", "--model.init_args.eval_every=2",
                          "--data.init_args.batch_size=16", "--ckpt_path=last"), tmp_path)
 
 
