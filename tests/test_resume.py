@@ -312,6 +312,10 @@ def test_pipeline_resume_after_a_kill_during_ppo_gives_the_same_table(tmp_path, 
     assert "[pipeline] ppo: start" in out
     assert [p.name for p in (tmp_path / "killed" / "lightning_logs" / "toy" / "ppo").iterdir()] == ["version_0"]  # continued
     resumed = json.loads(summary.read_text())
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]  # noqa: E731
-    assert strip(resumed) == strip(expected)
+    # the checkpoints are bitwise equal; the table's means of the same checkpoints may differ in the last float
+    # bits between two evaluations in one process (a relative difference of 1e-7 in test_reward has been seen)
     assert_same_checkpoint(tmp_path / "killed" / "checkpoints" / "toy" / "ppo.ckpt", tmp_path / "full" / "checkpoints" / "toy" / "ppo.ckpt")
+    assert [r["stage"] for r in resumed] == [r["stage"] for r in expected]
+    for got, want in zip(resumed, expected):
+        for key in ("test_accuracy", "test_reward", "test_kl", "test_gold_reward"):
+            assert got[key] == (None if want[key] is None else pytest.approx(want[key], rel=1e-5, abs=1e-6)), (got["stage"], key)
