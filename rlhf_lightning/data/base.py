@@ -36,10 +36,17 @@ class ResumableRandomSampler(Sampler[int]):
         if self._resume is not None:
             (self.seed, start), self._resume = self._resume, None
         else:
-            torch.empty((), dtype=torch.int64).random_()  # the draw DataLoader makes for its workers' base seed
-            self.seed, start = int(torch.empty((), dtype=torch.int64).random_().item()), 0
-        order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed))  # (N,)
-        yield from order[start:].tolist()
+            self.seed, start = self.draw_epoch_seed(), 0
+        yield from self.epoch_order(torch.Generator().manual_seed(self.seed))[start:].tolist()
+
+    def draw_epoch_seed(self) -> int:
+        """A new epoch's seed from torch's global RNG."""
+        torch.empty((), dtype=torch.int64).random_()  # the draw DataLoader makes for its workers' base seed
+        return int(torch.empty((), dtype=torch.int64).random_().item())
+
+    def epoch_order(self, generator: torch.Generator) -> torch.Tensor:
+        """The epoch's indices (N,), drawn with `generator` only."""
+        return torch.randperm(self.num_samples, generator=generator)
 
 
 class TokenizedDataModule(L.LightningDataModule):

@@ -8,11 +8,11 @@ operation. The sampler draws as many examples per epoch as the dataset holds, so
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
-from torch.utils.data import Sampler
 
+from rlhf_lightning.data.base import ResumableRandomSampler
 from rlhf_lightning.data.jsonl import DataError
 
 __all__ = ["StratumWeightedSampler", "check_stratum_weights", "example_weights"]
@@ -53,32 +53,22 @@ def example_weights(
     return torch.tensor([math.prod(weights.get(name, 1.0) for name in row) for row in strata], dtype=torch.float64)
 
 
-class StratumWeightedSampler(Sampler[int]):
+class StratumWeightedSampler(ResumableRandomSampler):
     """``len(weights)`` indices per epoch, drawn with replacement with probability proportional to ``weights``.
 
     Each epoch's draw comes from a seed taken from torch's global RNG when the epoch's iteration starts (so
-    ``seed_everything`` fixes every epoch). Like the DataModules' resumable shuffle, it exposes the epoch's
-    ``seed`` and ``resume(seed, start)``: the next iteration continues that epoch's draw at index ``start``.
+    ``seed_everything`` fixes every epoch). The epoch's ``seed`` and ``resume(seed, start)`` are the resumable
+    shuffle's: the next iteration continues that epoch's draw at index ``start``.
     """
 
     def __init__(self, weights: torch.Tensor) -> None:
         if weights.ndim != 1 or len(weights) == 0 or not bool((weights > 0).all()):
             raise ValueError("weights must be a non-empty 1-D tensor of positive numbers")
+        super().__init__(len(weights))
         self.weights = weights  # (N,)
-        self.seed: int | None = None  # of the epoch being iterated
-        self._resume: tuple[int, int] | None = None
 
-    def __len__(self) -> int:
-        return len(self.weights)
+    def draw_epoch_seed(self) -> int:
+        return int(torch.empty((), dtype=torch.int64).random_().item())  # one draw: no DataLoader seed to mirror
 
-    def resume(self, seed: int, start: int) -> None:
-        self._resume = (seed, start)
-
-    def __iter__(self) -> Iterator[int]:
-        if self._resume is not None:
-            (self.seed, start), self._resume = self._resume, None
-        else:
-            self.seed, start = int(torch.empty((), dtype=torch.int64).random_().item()), 0
-        generator = torch.Generator().manual_seed(self.seed)
-        order = torch.multinomial(self.weights, len(self.weights), replacement=True, generator=generator)  # (N,)
-        yield from order[start:].tolist()
+    def epoch_order(self, generator: torch.Generator) -> torch.Tensor:
+        return torch.multinomial(self.weights, len(self.weights), replacement=True, generator=generator)  # (N,)
