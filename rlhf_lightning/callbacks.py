@@ -27,10 +27,21 @@ class FinalCheckpoint(Callback):
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self._written = False
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._written = False
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Resumed from a last.ckpt of the final step (killed before this file was written), Lightning has nothing
+        # left to train and skips the training loop, `on_train_end` included: the checkpoint is written here.
+        if not self._written and trainer.global_step > 0:
+            self.on_train_end(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.interrupted:  # Ctrl-C: keep the previous final checkpoint
             return
+        self._written = True
         finalize = getattr(pl_module, "finalize_policy", None)
         if callable(finalize):  # e.g. PPO: the final evaluation, then the best policy on `val`
             finalize()
@@ -44,6 +55,9 @@ class FinalCheckpoint(Callback):
 class ResumeCheckpoint(ModelCheckpoint):
     """`ModelCheckpoint` for exact resume: `last.ckpt` written atomically, with the RNG states, on signals too.
 
+    - A checkpoint due at a training step is written once that step is complete: trained, its metrics logged
+      and flushed, validation (if due) run, the LR scheduler stepped. A kill at any point then loses nothing
+      the checkpoint claims: a resumed run continues with the next step and logs each step exactly once.
     - Every checkpoint is written under a temporary name in the same folder and renamed, so a kill during the
       write leaves the previous file intact (`RLHF_FAULT_KILL_BEFORE_RENAME` tests that, see `checkpoints.py`).
     - Checkpoints carry `checkpoint["resume"]`: torch's global RNG (shuffling, dropout), Python's, CUDA's, and
@@ -58,15 +72,25 @@ class ResumeCheckpoint(ModelCheckpoint):
         super().__init__(*args, save_last=save_last, save_top_k=save_top_k, enable_version_counter=enable_version_counter, **kwargs)
         self._stop_signal: int | None = None
         self._previous_sigint = None
+        self._pending: list[str] = []  # checkpoints due at the current step, written when the step is complete
+        self._in_batch_end = False
+        self._after_step = False
+        self._step_end_hook: tuple[Any, Any] | None = None
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if self._in_batch_end and self._step_end_hook is not None:
+            self._pending.append(filepath)  # the step's metrics are not logged yet: see `_on_step_complete`
+        else:
+            self._write(trainer, filepath)
+
+    def _write(self, trainer: L.Trainer, filepath: str) -> None:
         tmp = trainer.strategy.broadcast(str(temporary_path(filepath)))
         trainer.save_checkpoint(tmp, self.save_weights_only)
         if trainer.is_global_zero:
             replace_atomically(tmp, filepath)
         trainer.strategy.barrier("resume_checkpoint")
-        self._last_global_step_saved = trainer.global_step
-        self._last_checkpoint_saved = filepath
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(proxy(self))
@@ -78,7 +102,18 @@ class ResumeCheckpoint(ModelCheckpoint):
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "logger_version": trainer.logger.version if trainer.logger is not None else None,
         }
+        if self._after_step and self._val_checked_at_this_step(trainer):
+            # Written after this step's validation and after Lightning counted the step for its loggers; a run
+            # resumed here skips that validation as done and counts the step again, so it is saved uncounted.
+            loop = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict")
+            if loop is not None and "_batches_that_stepped" in loop:
+                loop["_batches_that_stepped"] -= 1
         super().on_save_checkpoint(trainer, pl_module, checkpoint)
+
+    @staticmethod
+    def _val_checked_at_this_step(trainer: L.Trainer) -> bool:
+        loop = trainer.fit_loop.epoch_loop
+        return bool(loop._should_check_val_fx(trainer.fit_loop._data_fetcher)) if trainer.fit_loop._data_fetcher is not None else False
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         # Restored before the fit loop starts: the first thing to draw from them is the resumed epoch's shuffle
@@ -91,7 +126,7 @@ class ResumeCheckpoint(ModelCheckpoint):
                 torch.cuda.set_rng_state_all(state["cuda_rng"])
         super().on_load_checkpoint(trainer, pl_module, checkpoint)
 
-    # ------------------------------------------------------------------ signals
+    # ------------------------------------------------------------------ the end of a step
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.dirpath and trainer.is_global_zero:  # temporary files of killed runs
@@ -99,6 +134,54 @@ class ResumeCheckpoint(ModelCheckpoint):
                 stale.unlink(missing_ok=True)
         if threading.current_thread() is threading.main_thread():
             self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+        # Lightning has no callback hook after a step's metrics are logged: the last thing its training loop
+        # does for a step is flushing the loggers, and the checkpoint is written right after that.
+        loop = trainer.fit_loop.epoch_loop
+        flush = getattr(loop, "_save_loggers_on_train_batch_end", None)
+        if callable(flush):
+
+            def flush_then_checkpoint() -> None:
+                flush()
+                self._on_step_complete(trainer)
+
+            self._step_end_hook = (loop, flush)
+            loop._save_loggers_on_train_batch_end = flush_then_checkpoint
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._in_batch_end = True
+        try:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        finally:
+            self._in_batch_end = False
+        if self._step_end_hook is None:
+            self._write_pending(trainer)
+
+    def _on_step_complete(self, trainer: L.Trainer) -> None:
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        if progress.is_last_batch or progress.current.completed >= trainer.num_training_batches:
+            return  # the epoch's last step: written at the epoch's end, the point Lightning resumes from
+        self._write_pending(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        self._write_pending(trainer)
+
+    def _write_pending(self, trainer: L.Trainer) -> None:
+        """Write the checkpoints due, then stop if a signal asked to (with a last.ckpt of this point)."""
+        self._after_step = self._step_end_hook is not None
+        try:
+            pending, self._pending = self._pending, []
+            for filepath in pending:
+                self._write(trainer, filepath)
+            signum = signal.SIGTERM if trainer.received_sigterm else self._stop_signal
+            if signum is None:
+                return
+            if self._last_global_step_saved != trainer.global_step or not self.last_model_path:
+                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        finally:
+            self._after_step = False
+        rank_zero_info(f"stopped by {signal.Signals(signum).name} at step {trainer.global_step}: {self.last_model_path}; resume with --ckpt_path last")
+        raise SystemExit(128 + signum)
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         if self._stop_signal is not None:
@@ -106,21 +189,16 @@ class ResumeCheckpoint(ModelCheckpoint):
         self._stop_signal = signum
         rank_zero_info("Ctrl-C: stopping after this step with a last.ckpt (Ctrl-C again: stop now, without it)")
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        signum = signal.SIGTERM if trainer.received_sigterm else self._stop_signal
-        if signum is None:
-            return
-        if self._last_global_step_saved != trainer.global_step or not self.last_model_path:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-        rank_zero_info(f"stopped by {signal.Signals(signum).name} at step {trainer.global_step}: {self.last_model_path}; resume with --ckpt_path last")
-        raise SystemExit(128 + signum)
-
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._previous_sigint is not None:
             signal.signal(signal.SIGINT, self._previous_sigint)
             self._previous_sigint = None
+        if self._step_end_hook is not None:
+            loop, flush = self._step_end_hook
+            loop._save_loggers_on_train_batch_end = flush
+            self._step_end_hook = None
         self._stop_signal = None
+        self._pending.clear()
 
 
 class StageLog(Callback):

@@ -46,12 +46,28 @@ def assert_same_checkpoint(a: Path, b: Path) -> None:
     x, y = tensors(first), tensors(second)
     assert x.keys() == y.keys()
     assert any(k.startswith("/state_dict/") for k in x) and any(k.startswith("/optimizer_states/") for k in x)
-    different = [k for k in x if not torch.equal(x[k], y[k])]
-    assert not different, different[:5]
     assert (first["global_step"], first["epoch"]) == (second["global_step"], second["epoch"])
+    different = [k for k in x if not torch.equal(x[k], y[k])]
+    if different:
+        # A resume bug (a batch skipped or repeated, an RNG or optimizer state not restored) moves weights by
+        # about a step's update (>= 1e-3 here). Two *uninterrupted* runs of the same config in different
+        # processes also end bitwise different now and then on this CPU (about 1 in 30 runs, at most ~5e-6):
+        # that, and only that, is tolerated, as an expected failure that says so.
+        assert all(x[k].is_floating_point() for k in different), [k for k in different if not x[k].is_floating_point()][:5]
+        worst = max(float((x[k].double() - y[k].double()).abs().max()) for k in different)
+        assert worst < 1e-4, (different[:5], worst)
+        pytest.xfail(f"not bitwise equal, at most {worst:.1e} apart: CPU float nondeterminism across processes, not resume")
+
+
+def next_second() -> None:
+    """TensorBoard orders a run folder's event files by name, whose first part is the creation time in whole
+    seconds: a resumed run's file must not share the second of the run it continues."""
+    time.sleep(1.01 - time.time() % 1)
 
 
 def start(config: Path, cwd: Path, *args: str, fault: str | None = None) -> subprocess.Popen:
+    if args:
+        next_second()
     env = {k: v for k, v in os.environ.items() if k != FAULT_ENV}
     if fault:
         env[FAULT_ENV] = fault
@@ -94,6 +110,7 @@ def kill_three_times_then_resume(config: Path, cwd: Path, stage: str) -> Path:
     steps.append(torch.load(last, weights_only=True)["global_step"])
     assert steps[0] == steps[1] < steps[2], steps  # the 2nd run died writing its first checkpoint, the 3rd its second
     assert not (cwd / "checkpoints" / "toy" / f"{stage}.ckpt").exists()
+    next_second()
     run_cli(["fit", "--config", str(config), "--ckpt_path=last"], cwd)
     return cwd / "checkpoints" / "toy" / f"{stage}.ckpt"
 
@@ -120,14 +137,6 @@ def sft_config(tmp_path: Path) -> Path:
     )
 
 
-#: Resumed runs were bitwise identical to uninterrupted ones in most clean runs of this file, but each of the
-#: SFT, SIGTERM and PPO comparisons has also failed in some (weights differing after resume), with where the kill
-#: lands as the likely variable. Until that is found they are expected failures; they still run every time.
-INTERMITTENT = pytest.mark.xfail(
-    reason="resume after a kill is not always bitwise identical yet (intermittent, under investigation)", strict=False
-)
-
-
 @pytest.fixture(scope="module")
 def sft_full(tmp_path_factory) -> tuple[Path, Path]:
     """(config, final checkpoint) of the tiny SFT run, uninterrupted."""
@@ -136,19 +145,17 @@ def sft_full(tmp_path_factory) -> tuple[Path, Path]:
     return config, uninterrupted(config, tmp_path / "full", "sft")
 
 
-@INTERMITTENT
 def test_sft_killed_three_times_resumes_bitwise_identical_and_logs_each_step_once(tmp_path, sft_full):
     config, expected = sft_full
     (tmp_path / "killed").mkdir()
     final = kill_three_times_then_resume(config, tmp_path / "killed", "sft")
-    assert_same_checkpoint(final, expected)
     runs = list((tmp_path / "killed" / "lightning_logs" / "toy" / "sft").iterdir())
     assert [r.name for r in runs] == ["version_0"]  # the resumed runs log into the same run folder
     full_steps = event_steps(expected.parents[2] / "lightning_logs" / "toy" / "sft" / "version_0", "sft/loss")
-    assert event_steps(runs[0], "sft/loss") == full_steps == list(range(30))
+    assert event_steps(runs[0], "sft/loss") == full_steps == list(range(30))  # each step once, none lost
+    assert_same_checkpoint(final, expected)
 
 
-@INTERMITTENT
 def test_reward_killed_three_times_resumes_bitwise_identical(tmp_path, sft_run):
     config = tiny_config(
         tmp_path, "reward", {"max_steps": 16, "max_epochs": 4}, {},
@@ -161,7 +168,6 @@ def test_reward_killed_three_times_resumes_bitwise_identical(tmp_path, sft_run):
     assert_same_checkpoint(kill_three_times_then_resume(config, tmp_path / "killed", "reward"), expected)
 
 
-@INTERMITTENT
 def test_ppo_killed_three_times_resumes_bitwise_identical(tmp_path, sft_ckpt, reward_ckpt):
     # 5 rollouts per epoch, 2 epochs, a checkpoint every 2 rollouts (4 optimizer steps each)
     config = tiny_config(
@@ -174,11 +180,10 @@ def test_ppo_killed_three_times_resumes_bitwise_identical(tmp_path, sft_ckpt, re
             shutil.copy(ckpt, tmp_path / name / "checkpoints" / "toy" / ckpt.name)
     expected = uninterrupted(config, tmp_path / "full", "ppo")
     final = kill_three_times_then_resume(config, tmp_path / "killed", "ppo")
-    assert_same_checkpoint(final, expected)
     assert torch.load(final, weights_only=True)["rlhf"]["rollouts"] == 10
+    assert_same_checkpoint(final, expected)
 
 
-@INTERMITTENT
 def test_sigterm_and_ctrl_c_stop_after_the_step_with_a_last_checkpoint(tmp_path, sft_full):
     config, expected = sft_full
     cwd = tmp_path / "stopped"
@@ -302,7 +307,6 @@ def pipeline_args(tmp_path: Path) -> list[str]:
     ]
 
 
-@INTERMITTENT
 def test_pipeline_resume_after_a_kill_during_ppo_gives_the_same_table(tmp_path, monkeypatch, capsys):
     from rlhf_lightning.pipeline import main as pipeline_main
 
@@ -325,10 +329,10 @@ def test_pipeline_resume_after_a_kill_during_ppo_gives_the_same_table(tmp_path, 
     assert "[pipeline] ppo: start" in out
     assert [p.name for p in (tmp_path / "killed" / "lightning_logs" / "toy" / "ppo").iterdir()] == ["version_0"]  # continued
     resumed = json.loads(summary.read_text())
-    # the checkpoints are bitwise equal; the table's means of the same checkpoints may differ in the last float
-    # bits between two evaluations in one process (a relative difference of 1e-7 in test_reward has been seen)
-    assert_same_checkpoint(tmp_path / "killed" / "checkpoints" / "toy" / "ppo.ckpt", tmp_path / "full" / "checkpoints" / "toy" / "ppo.ckpt")
+    # the table's means of the same checkpoints may differ in the last float bits between two evaluations in
+    # one process (a relative difference of 1e-7 in test_reward has been seen)
     assert [r["stage"] for r in resumed] == [r["stage"] for r in expected]
     for got, want in zip(resumed, expected):
         for key in ("test_accuracy", "test_reward", "test_kl", "test_gold_reward"):
             assert got[key] == (None if want[key] is None else pytest.approx(want[key], rel=1e-5, abs=1e-6)), (got["stage"], key)
+    assert_same_checkpoint(tmp_path / "killed" / "checkpoints" / "toy" / "ppo.ckpt", tmp_path / "full" / "checkpoints" / "toy" / "ppo.ckpt")
