@@ -1,8 +1,11 @@
-"""`rlhf export --ckpt PATH --out DIR`: a trained policy as safetensors weights plus JSON.
+"""`rlhf export --ckpt PATH --out DIR [--adapters]`: a trained policy as safetensors weights plus JSON.
 
 The folder holds `model.safetensors` (tensors only: the format cannot carry code), `config.json`
-(the model's plain config and the stage it came from) and `tokenizer.json`. `rlhf eval --ckpt DIR`
-and `policy.load_policy(DIR)` read it back.
+(the model's plain config and the stage it came from) and `tokenizer.json`. A policy with LoRA adapters is
+exported merged (W + alpha/r B A: a plain model). With `--adapters` it is written in PEFT's own format instead
+(`adapter_config.json`, `adapter_model.safetensors`, loadable with `peft.PeftModel.from_pretrained` on the base)
+plus `rlhf_adapters.json` (the base's path and SHA-256, the model config, the tokenizer). `rlhf eval --ckpt DIR`
+and `policy.load_policy(DIR)` read both folders back.
 """
 
 from __future__ import annotations
@@ -16,23 +19,37 @@ from pathlib import Path
 from rlhf_lightning.policy import load_policy
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
+ADAPTERS = "rlhf_adapters.json"  # beside PEFT's files in an `--adapters` export
 
 
-def export_policy(ckpt: str, out: str) -> Path:
+def export_policy(ckpt: str, out: str, adapters: bool = False) -> Path:
     """Write the folder next to its final place, then rename it there (no half-written export)."""
     from safetensors.torch import save_file
 
     model, tokenizer, meta = load_policy(ckpt, role="--ckpt")
+    if adapters and not meta.get("lora"):
+        raise ValueError(f"--adapters: {ckpt!r} holds no LoRA adapters (a full model: export it without --adapters)")
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out: {str(out_dir)!r} exists and is not a folder")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        state = {k: v.contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        (tmp / CONFIG).write_text(json.dumps({"stage": meta["stage"], "model": meta["model"]}, indent=2) + "\n")
-        (tmp / TOKENIZER).write_text(json.dumps(tokenizer.to_dict(), indent=2) + "\n")
+        if adapters:
+            from rlhf_lightning.lora import save_peft_folder
+
+            save_peft_folder(model, meta["lora"], tmp, base=meta["base"]["path"])
+            record = {"stage": meta["stage"], "model": meta["model"], "tokenizer": tokenizer.to_dict(), "lora": meta["lora"], "base": meta["base"]}
+            (tmp / ADAPTERS).write_text(json.dumps(record, indent=2) + "\n")
+        else:
+            if meta.get("lora"):
+                from rlhf_lightning.lora import merged
+
+                model = merged(model)
+            state = {k: v.contiguous() for k, v in model.state_dict().items()}
+            save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+            (tmp / CONFIG).write_text(json.dumps({"stage": meta["stage"], "model": meta["model"]}, indent=2) + "\n")
+            (tmp / TOKENIZER).write_text(json.dumps(tokenizer.to_dict(), indent=2) + "\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)
@@ -40,6 +57,11 @@ def export_policy(ckpt: str, out: str) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def read_adapter_export(path: Path) -> dict | None:
+    """The record of an `--adapters` export (None for another folder)."""
+    return json.loads((path / ADAPTERS).read_text()) if (path / ADAPTERS).is_file() else None
 
 
 def read_export(path: Path) -> tuple[dict, dict, dict]:
@@ -56,7 +78,9 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="rlhf export", description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", required=True, help="an SFT or PPO checkpoint")
     parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--adapters", action="store_true", help="LoRA adapters in PEFT's folder format instead of merged weights")
     args = parser.parse_args(argv)
-    out = export_policy(args.ckpt, args.out)
-    print(f"exported {args.ckpt} -> {out}/ ({WEIGHTS}, {CONFIG}, {TOKENIZER})")
+    out = export_policy(args.ckpt, args.out, args.adapters)
+    files = "adapter_config.json, adapter_model.safetensors, " + ADAPTERS if args.adapters else f"{WEIGHTS}, {CONFIG}, {TOKENIZER}"
+    print(f"exported {args.ckpt} -> {out}/ ({files})")
     return 0

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from rlhf_lightning.checkpoints import read_checkpoint, submodule_state
+from rlhf_lightning.checkpoints import CheckpointError, read_checkpoint, sha256_file, submodule_state
 from rlhf_lightning.generation import Generation, generate
 from rlhf_lightning.models import build_model
 from rlhf_lightning.tasks.arithmetic import ALPHABET, judge
@@ -40,20 +40,79 @@ def build_policy(model: dict[str, Any] | None, tokenizer: dict[str, Any] | None)
 def load_policy(path: str, role: str = "ckpt", stages: tuple[str, ...] = POLICY_STAGES) -> tuple[nn.Module, CharTokenizer, dict[str, Any]]:
     """Rebuild the policy stored in an SFT or PPO checkpoint, or in a folder written by `rlhf export`.
 
-    Returns (model, tokenizer, rlhf metadata).
+    A checkpoint of LoRA adapters (`rlhf.lora`, `rlhf.base`) rebuilds its base first, refusing a base whose
+    SHA-256 differs from the recorded one, then adds and loads the adapters. Returns (model, tokenizer, rlhf metadata).
     """
     if Path(path).is_dir():
-        from rlhf_lightning.export import read_export
+        from rlhf_lightning.export import read_adapter_export, read_export
 
+        record = read_adapter_export(Path(path))
+        if record is not None:  # PEFT's folder format
+            from safetensors.torch import load_file
+
+            from rlhf_lightning.lora import add_adapters, load_adapter_state
+
+            model, tokenizer = load_base(record["base"], record, f"{role}: {str(path)!r}")
+            add_adapters(model, record["lora"])
+            load_adapter_state(model, load_file(str(Path(path) / "adapter_model.safetensors")), str(path))
+            return model, tokenizer, record
         state, meta, tokenizer = read_export(Path(path))
         model = build_model(meta["model"])
         model.load_state_dict(state)
         return model, load_tokenizer(tokenizer), {**meta, "tokenizer": tokenizer}
     checkpoint = read_checkpoint(path, stages, role)
     meta = checkpoint["rlhf"]
+    state = submodule_state(checkpoint, "model")
+    if meta.get("lora"):
+        from rlhf_lightning.lora import add_adapters
+
+        model, tokenizer = load_base(meta["base"], meta, f"{role}: {str(path)!r}")
+        add_adapters(model, meta["lora"])
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        lost = [k for k in missing if "lora_" in k]
+        if unexpected or lost:
+            raise CheckpointError(f"{role}: {str(path)!r} does not fit its base: {(unexpected or lost)[0]!r}")
+        return model, tokenizer, meta
     model = build_model(meta["model"])
-    model.load_state_dict(submodule_state(checkpoint, "model"))
+    model.load_state_dict(state)
     return model, load_tokenizer(meta["tokenizer"]), meta
+
+
+def sha256_path(path: str | Path) -> str:
+    """SHA-256 of a checkpoint file, or of a model folder (every file's name and content, in name order)."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    import hashlib
+
+    digest = hashlib.sha256()
+    for f in sorted(q for q in path.rglob("*") if q.is_file() and not q.name.startswith(".")):
+        digest.update(f"{f.relative_to(path)}\0{sha256_file(f)}\n".encode())
+    return digest.hexdigest()
+
+
+def base_record(path: str, kind: str) -> dict[str, str]:
+    """What a checkpoint of adapters records of its base: `kind` "checkpoint" (ours, or an exported folder) or
+    "hf" (a model folder), the absolute path and the SHA-256."""
+    return {"kind": kind, "path": str(Path(path).resolve()), "sha256": sha256_path(path)}
+
+
+def load_base(base: dict[str, str], meta: dict[str, Any], role: str) -> tuple[nn.Module, CharTokenizer]:
+    """The base model of an adapter checkpoint, checked against its recorded SHA-256; its own adapters, if it
+    has any, merged in (a base is always a plain model)."""
+    if not Path(base["path"]).exists():
+        raise CheckpointError(f"{role}: its base {base['path']!r} (sha256 {base['sha256']}) does not exist; nothing was loaded")
+    actual = sha256_path(base["path"])
+    if actual != base["sha256"]:
+        raise CheckpointError(
+            f"{role}: its base {base['path']!r} has sha256 {actual}, the adapters were trained on sha256 {base['sha256']}; nothing was loaded"
+        )
+    if base["kind"] == "hf":
+        return build_model(meta["model"]), load_tokenizer(meta["tokenizer"])
+    from rlhf_lightning.lora import has_adapters, merged
+
+    model, tokenizer, _ = load_policy(base["path"], role=f"{role} base")
+    return (merged(model) if has_adapters(model) else model), tokenizer
 
 
 def context_length(model: nn.Module) -> int:

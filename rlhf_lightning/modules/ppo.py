@@ -50,7 +50,8 @@ from rlhf_lightning.losses import (
 )
 from rlhf_lightning.optim import adamw, warmup_cosine
 from rlhf_lightning.options import ConfigError, check_choice
-from rlhf_lightning.policy import context_length, judge_scores, load_policy
+from rlhf_lightning.lora import BaseOfAdapters, add_adapters, frozen_base_keys, has_adapters, lora_settings, merged, require_peft
+from rlhf_lightning.policy import base_record, context_length, judge_scores, load_policy
 from rlhf_lightning.rewards import RewardSettings, build_reward_source, checked_rewards
 
 
@@ -176,6 +177,10 @@ def _reduce(t: torch.Tensor, op) -> torch.Tensor:
     return t
 
 
+#: Precisions a frozen model (reference, reward model) may be held in.
+FROZEN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 def disable_dropout(model: nn.Module) -> None:
     """PPO's ratio needs deterministic forwards: zero every dropout probability."""
     for module in model.modules():
@@ -229,6 +234,9 @@ class PPOModule(L.LightningModule):
         max_sampling_rounds: int = 4,
         keep_best: bool = True,
         warmup_steps: int = 0,
+        lora: dict[str, Any] | None = None,
+        reference_dtype: str = "float32",
+        reward_dtype: str = "float32",
     ) -> None:
         """
         Args:
@@ -279,6 +287,13 @@ class PPOModule(L.LightningModule):
                 cannot lower the result. False: the last policy.
             warmup_steps: raise the learning rate linearly from lr / warmup_steps to lr over this many
                 optimizer steps (0: constant lr). Adam's first steps move every weight by about lr.
+            lora: train LoRA adapters on the policy (`policy_ckpt` is their base): {r, alpha (default 2 r),
+                dropout, target_modules}. The reference is then the same model with its adapters switched off
+                (no copy). A `policy_ckpt` that holds adapters (LoRA SFT) continues them without this option;
+                its reference is that SFT policy merged once into a frozen copy.
+            reference_dtype: "float32" or "bfloat16" for a frozen reference copy (not used when the reference
+                is the policy with adapters off).
+            reward_dtype: "float32" or "bfloat16" for the learned reward model.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -311,16 +326,34 @@ class PPOModule(L.LightningModule):
                 f"model.init_args.filter_groups: true needs samples_per_prompt >= 2 (a group to compare), got {samples_per_prompt}"
             )
 
+        check_choice("reference_dtype", reference_dtype, FROZEN_DTYPES)
+        check_choice("reward_dtype", reward_dtype, FROZEN_DTYPES)
         self.model, self.tokenizer, meta = load_policy(policy_ckpt, role="model.init_args.policy_ckpt")
+        self.lora: dict[str, Any] | None = None  # resolved LoRA settings and the base's record, if adapters train
+        if lora is not None:
+            require_peft("model.init_args.lora")
+            if has_adapters(self.model):
+                raise ConfigError("model.init_args.lora: policy_ckpt already holds adapters; leave lora unset to continue training them")
+            self.lora = {"lora": add_adapters(self.model, lora_settings(lora)), "base": base_record(policy_ckpt, "checkpoint")}
+            reference: nn.Module = BaseOfAdapters(self.model)
+        elif has_adapters(self.model):  # LoRA SFT: continue its adapters; the reference is that SFT policy
+            self.lora = {"lora": meta["lora"], "base": meta["base"]}
+            reference = merged(self.model).to(FROZEN_DTYPES[reference_dtype])
+        else:
+            reference = copy.deepcopy(self.model).to(FROZEN_DTYPES[reference_dtype])
+        self.strict_loading = self.lora is None  # a checkpoint of adapters leaves the frozen base out
         disable_dropout(self.model)
+        disable_dropout(reference)
         self.policy_meta = {"model": dict(meta["model"], **({"dropout": 0.0} if "dropout" in meta["model"] else {})), "tokenizer": dict(meta["tokenizer"])}
         self.policy_sha256 = sha256_file(policy_ckpt)
         self.reward_sha256 = sha256_file(reward_ckpt) if reward_ckpt and _uses_learned(reward, reward_weights) else None
         # Frozen reference and reward model are kept out of the registered submodules: no optimizer state,
         # no DDP wrapping, not saved (they are reloaded from checkpoints whose hashes are checked on resume).
-        object.__setattr__(self, "reference", copy.deepcopy(self.model).eval().requires_grad_(False))
+        object.__setattr__(self, "reference", reference.eval().requires_grad_(False))
         settings = RewardSettings(reward_ckpt, reward_weights, normalize_reward, self.tokenizer, policy_ckpt)
         object.__setattr__(self, "reward_source", build_reward_source(reward, settings))
+        if reward_dtype != "float32" and hasattr(self.reward_source, "to"):
+            self.reward_source.to(FROZEN_DTYPES[reward_dtype])
         self.kl_ctl = make_kl_controller(beta, target_kl, kl_horizon)
         self.eval_history: list[dict[str, float]] = []
         self.last_update: dict[str, float] = {}
@@ -593,7 +626,7 @@ class PPOModule(L.LightningModule):
             self.evaluate()
         best = self._best
         if self.hparams.keep_best and best is not None and best["rollout"] != self._rollouts:
-            self.model.load_state_dict(best["state"])
+            self.model.load_state_dict(best["state"], strict=self.lora is None)
         chosen = best if self.hparams.keep_best and best is not None else None
         self.chosen = {
             "rollout": chosen["rollout"] if chosen else self._rollouts,
@@ -605,7 +638,7 @@ class PPOModule(L.LightningModule):
         if not self.hparams.keep_best or accuracy != accuracy:  # NaN: no gold answers to choose by
             return
         if self._best is None or accuracy >= self._best["accuracy"]:
-            state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+            state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items() if self.lora is None or "lora_" in k}
             self._best = {"rollout": self._rollouts, "accuracy": accuracy, "state": state}
 
     # ------------------------------------------------------------------ evaluation
@@ -687,7 +720,11 @@ class PPOModule(L.LightningModule):
             "skipped_updates": self._skipped_updates,
             "best": None if self._best is None else {"rollout": self._best["rollout"], "accuracy": self._best["accuracy"], "state": self._best["state"]},
             "chosen": self.chosen,
+            **(self.lora or {}),
         }
+        if self.lora is not None:
+            for key in frozen_base_keys(checkpoint["state_dict"], "model."):
+                del checkpoint["state_dict"][key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get("rlhf", {})

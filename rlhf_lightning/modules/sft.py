@@ -11,7 +11,9 @@ from torchmetrics import MeanMetric
 from rlhf_lightning.callbacks import log_samples
 from rlhf_lightning.losses import logprobs_from_logits, masked_mean
 from rlhf_lightning.optim import adamw_warmup_cosine
-from rlhf_lightning.policy import build_policy, complete, context_length, judge_scores, load_policy
+from rlhf_lightning.lora import add_adapters, frozen_base_keys, has_adapters, lora_settings, merged, require_peft
+from rlhf_lightning.options import ConfigError
+from rlhf_lightning.policy import base_record, build_policy, complete, context_length, judge_scores, load_policy
 from rlhf_lightning.tasks.strata import strata_metrics
 
 
@@ -30,6 +32,8 @@ class SFTModule(L.LightningModule):
         max_new_tokens: int = 6,
         num_logged_samples: int = 8,
         init_ckpt: str | None = None,
+        lora: dict[str, Any] | None = None,
+        base_ckpt: str | None = None,
     ) -> None:
         """
         Args:
@@ -46,13 +50,37 @@ class SFTModule(L.LightningModule):
             init_ckpt: start from the policy in this SFT or PPO checkpoint (or exported folder) instead of
                 a fresh model: continued SFT with a fresh optimizer and schedule; `model` and `tokenizer`
                 are then taken from the checkpoint.
+            lora: train LoRA adapters instead of every weight: {r, alpha (default 2 r), dropout,
+                target_modules (default: the attention and MLP projections)}; needs a trained base.
+            base_ckpt: the base of the adapters: an SFT or PPO checkpoint (adapters it holds are merged in) or
+                an exported folder; an HF model (`model.type: hf`) is its own base.
         """
         super().__init__()
-        if init_ckpt is not None:
+        self.lora: dict[str, Any] | None = None  # resolved LoRA settings and the base's record, if adapters train
+        if lora is not None:
+            require_peft("model.init_args.lora")
+            settings = lora_settings(lora)
+            if base_ckpt is not None:
+                self.model, self.tokenizer, meta = load_policy(base_ckpt, role="model.init_args.base_ckpt")
+                self.model = merged(self.model) if has_adapters(self.model) else self.model
+                model_config, base = meta["model"], base_record(base_ckpt, "checkpoint")
+            elif (model or {}).get("type") == "hf":
+                self.model, self.tokenizer, model_config = build_policy(model, tokenizer)
+                base = base_record(model_config["path"], "hf")
+            else:
+                raise ConfigError(
+                    "model.init_args.lora: adapters need a trained base: set model.init_args.base_ckpt "
+                    "(an SFT or PPO checkpoint) or use an HF model folder (model.type: hf)"
+                )
+            self.lora = {"lora": add_adapters(self.model, settings), "base": base}
+        elif base_ckpt is not None:
+            raise ConfigError("model.init_args.base_ckpt: is the base of LoRA adapters and needs model.init_args.lora (continued full SFT: init_ckpt)")
+        elif init_ckpt is not None:
             self.model, self.tokenizer, meta = load_policy(init_ckpt, role="model.init_args.init_ckpt")
             model_config = meta["model"]
         else:
             self.model, self.tokenizer, model_config = build_policy(model, tokenizer)
+        self.strict_loading = self.lora is None  # a checkpoint of adapters leaves the frozen base out
         self.save_hyperparameters()
         self.hparams.model = model_config  # resolved: the checkpoint rebuilds exactly this model
         self.hparams.tokenizer = self.tokenizer.to_dict()
@@ -106,4 +134,7 @@ class SFTModule(L.LightningModule):
         return adamw_warmup_cosine(self, self.model)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["rlhf"] = {"stage": "sft", "model": dict(self.hparams.model), "tokenizer": dict(self.hparams.tokenizer)}
+        checkpoint["rlhf"] = {"stage": "sft", "model": dict(self.hparams.model), "tokenizer": dict(self.hparams.tokenizer), **(self.lora or {})}
+        if self.lora is not None:
+            for key in frozen_base_keys(checkpoint["state_dict"], "model."):
+                del checkpoint["state_dict"][key]
