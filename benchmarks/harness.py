@@ -49,6 +49,7 @@ def harness_module(ckpt: Path, **hparams) -> PPOModule:
     opt = module.configure_optimizers()
     object.__setattr__(module, "optimizers", lambda: opt)
     object.__setattr__(module, "manual_backward", lambda loss: loss.backward())
+    object.__setattr__(module, "lr_schedulers", lambda: None)  # constant lr (no warmup_steps)
     object.__setattr__(module, "clip_gradients", lambda o, gradient_clip_val, gradient_clip_algorithm: torch.nn.utils.clip_grad_norm_(module.model.parameters(), gradient_clip_val))
     return module
 

@@ -16,6 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from rlhf_lightning.options import ConfigError
 from rlhf_lightning.policy import load_policy
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
@@ -28,7 +29,7 @@ def export_policy(ckpt: str, out: str, adapters: bool = False) -> Path:
 
     model, tokenizer, meta = load_policy(ckpt, role="--ckpt")
     if adapters and not meta.get("lora"):
-        raise ValueError(f"--adapters: {ckpt!r} holds no LoRA adapters (a full model: export it without --adapters)")
+        raise ConfigError(f"--adapters: {ckpt!r} holds no LoRA adapters (a full model: export it without --adapters)")
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out: {str(out_dir)!r} exists and is not a folder")
