@@ -213,11 +213,34 @@ class StageLog(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         resumed = f", resumed at step {trainer.global_step}" if trainer.ckpt_path else ""
+        rank_zero_info(f"[{self.stage(pl_module)}] {memory_estimate(pl_module)}")
         rank_zero_info(f"[{self.stage(pl_module)}] training: {trainer.estimated_stepping_batches} batches{resumed}")
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
             rank_zero_info(f"[{self.stage(pl_module)}] evaluating on val at step {trainer.global_step}")
+
+
+def memory_estimate(pl_module: L.LightningModule) -> str:
+    """What the stage holds in weights and training state before activations: parameters (trainable and
+    frozen), their gradients, AdamW's two float32 moments per trainable parameter, and frozen models outside the
+    module tree (`pl_module.frozen_models()`, e.g. PPO's reference and reward model)."""
+
+    def mb(n: int) -> str:
+        unit = next(u for u in ("B", "KB", "MB", "GB") if n < 1024 ** (("B", "KB", "MB", "GB").index(u) + 1) or u == "GB")
+        return f"{n / 1024 ** ('B', 'KB', 'MB', 'GB').index(unit):,.1f} {unit}"
+
+    params = list(pl_module.parameters())
+    trainable = [p for p in params if p.requires_grad]
+    frozen_models = pl_module.frozen_models() if hasattr(pl_module, "frozen_models") else []
+    frozen = sum(p.numel() * p.element_size() for m in frozen_models for p in m.parameters())
+    weights = sum(p.numel() * p.element_size() for p in params)
+    grads = sum(p.numel() * p.element_size() for p in trainable)
+    optimizer = sum(2 * p.numel() * 4 for p in trainable)
+    return (
+        f"memory before activations: parameters {mb(weights)} ({sum(p.numel() for p in trainable):,} trainable of "
+        f"{sum(p.numel() for p in params):,}), gradients {mb(grads)}, optimizer state {mb(optimizer)}, frozen models {mb(frozen)}"
+    )
 
 
 def logging_step(module: L.LightningModule) -> int:

@@ -78,6 +78,17 @@ def test_adapters_off_is_the_base_and_only_adapters_train(base):
     assert {id(p) for p in optimizer.state} <= in_optimizer
 
 
+def test_memory_line_counts_adapters_their_gradients_and_adam_state(base):
+    from rlhf_lightning.callbacks import memory_estimate
+
+    module = SFTModule(lora={"r": 4}, base_ckpt=str(base))
+    # one layer, 16 wide, r = 4: qkv 4*16 + 48*4, proj 4*16 + 16*4, mlp.0 4*16 + 64*4, mlp.2 4*64 + 16*4
+    trainable = (64 + 192) + (64 + 64) + (64 + 256) + (256 + 64)
+    line = memory_estimate(module)
+    assert f"({trainable:,} trainable of" in line
+    assert f"gradients {trainable * 4 / 1024:.1f} KB, optimizer state {trainable * 8 / 1024:.1f} KB, frozen models 0.0 B" in line
+
+
 def test_adapter_checkpoint_round_trips_and_refuses_another_base(lora_sft, base, tmp_path):
     state = torch.load(lora_sft, weights_only=True)
     assert state["rlhf"]["lora"]["r"] == 4 and state["rlhf"]["base"]["path"] == str(base.resolve())

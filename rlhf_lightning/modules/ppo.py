@@ -364,6 +364,12 @@ class PPOModule(L.LightningModule):
         self._best: dict[str, Any] | None = None  # {rollout, accuracy, state} of the best policy on val
         self.chosen: dict[str, float] | None = None  # what `finalize_policy` kept
 
+    def frozen_models(self) -> list[nn.Module]:
+        """The frozen models held outside the module tree: the reference (none of its own with adapters off) and
+        the learned reward model(s)."""
+        sources = [source for _, source in self.reward_source.parts.values()] if hasattr(self.reward_source, "parts") else [self.reward_source]
+        return [self.reference, *(s.model for s in sources if isinstance(getattr(s, "model", None), nn.Module))]
+
     @property
     def prompt_context_length(self) -> int:
         """Longest prompt (BOS included) that leaves room for `max_new_tokens`: bounds the prompt datasets."""
