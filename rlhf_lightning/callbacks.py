@@ -226,9 +226,12 @@ def memory_estimate(pl_module: L.LightningModule) -> str:
     frozen), their gradients, AdamW's two float32 moments per trainable parameter, and frozen models outside the
     module tree (`pl_module.frozen_models()`, e.g. PPO's reference and reward model)."""
 
-    def mb(n: int) -> str:
-        unit = next(u for u in ("B", "KB", "MB", "GB") if n < 1024 ** (("B", "KB", "MB", "GB").index(u) + 1) or u == "GB")
-        return f"{n / 1024 ** ('B', 'KB', 'MB', 'GB').index(unit):,.1f} {unit}"
+    def mb(n: float) -> str:
+        for unit in ("B", "KB", "MB"):
+            if n < 1024:
+                return f"{n:,.1f} {unit}"
+            n /= 1024
+        return f"{n:,.1f} GB"
 
     params = list(pl_module.parameters())
     trainable = [p for p in params if p.requires_grad]

@@ -27,6 +27,17 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
+def sha256_path(path: str | Path) -> str:
+    """SHA-256 of a checkpoint file, or of a model folder (every file's name and content, in name order)."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    digest = hashlib.sha256()
+    for f in sorted(q for q in path.rglob("*") if q.is_file() and not q.name.startswith(".")):
+        digest.update(f"{f.relative_to(path)}\0{sha256_file(f)}\n".encode())
+    return digest.hexdigest()
+
+
 def read_checkpoint(path: str | os.PathLike[str], stages: tuple[str, ...], role: str) -> dict[str, Any]:
     """Load `path` with `weights_only=True` and check it is a checkpoint of one of `stages`.
 

@@ -14,7 +14,6 @@ reading it rebuilds the base from `path`, refuses a base whose SHA-256 differs, 
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -138,10 +137,6 @@ class BaseOfAdapters(nn.Module):
         super().__init__()
         self.__dict__["policy"] = policy  # not a submodule: the policy is registered where it trains
 
-    @property
-    def config(self):
-        return self.policy.config
-
     @torch.no_grad()
     def forward(self, *args: Any, **kwargs: Any):
         with adapters_disabled(self.policy):
@@ -190,13 +185,13 @@ def save_peft_folder(model: nn.Module, settings: dict[str, Any], out: Path, base
     config.save_pretrained(str(out))
     state = {f"base_model.model.{k}": v.detach().contiguous() for k, v in adapter_state(model).items()}
     save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    json.loads((out / "adapter_config.json").read_text())  # written and readable
 
 
-def frozen_base_keys(state_dict: dict[str, Any], prefix: str) -> list[str]:
-    """Keys under `prefix` of a model with adapters that are not adapter tensors: what a checkpoint of adapters
+def drop_frozen_base(state_dict: dict[str, Any], prefix: str) -> None:
+    """Remove the keys under `prefix` that are not adapter tensors, in place: what a checkpoint of adapters
     leaves out (its base rebuilds them)."""
-    return [k for k in state_dict if k.startswith(prefix) and "lora_" not in k]
+    for key in [k for k in state_dict if k.startswith(prefix) and "lora_" not in k]:
+        del state_dict[key]
 
 
 def count_parameters(model: nn.Module, trainable: bool | None = None) -> int:

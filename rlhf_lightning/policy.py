@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from rlhf_lightning.checkpoints import CheckpointError, read_checkpoint, sha256_file, submodule_state
+from rlhf_lightning.checkpoints import CheckpointError, read_checkpoint, sha256_path, submodule_state
 from rlhf_lightning.generation import Generation, generate
 from rlhf_lightning.models import build_model
 from rlhf_lightning.tasks.arithmetic import ALPHABET, judge
@@ -50,10 +50,9 @@ def load_policy(path: str, role: str = "ckpt", stages: tuple[str, ...] = POLICY_
         if record is not None:  # PEFT's folder format
             from safetensors.torch import load_file
 
-            from rlhf_lightning.lora import add_adapters, load_adapter_state
+            from rlhf_lightning.lora import load_adapter_state
 
-            model, tokenizer = load_base(record["base"], record, f"{role}: {str(path)!r}")
-            add_adapters(model, record["lora"])
+            model, tokenizer = base_with_adapters(record, f"{role}: {str(path)!r}")
             load_adapter_state(model, load_file(str(Path(path) / "adapter_model.safetensors")), str(path))
             return model, tokenizer, record
         state, meta, tokenizer = read_export(Path(path))
@@ -64,10 +63,7 @@ def load_policy(path: str, role: str = "ckpt", stages: tuple[str, ...] = POLICY_
     meta = checkpoint["rlhf"]
     state = submodule_state(checkpoint, "model")
     if meta.get("lora"):
-        from rlhf_lightning.lora import add_adapters
-
-        model, tokenizer = load_base(meta["base"], meta, f"{role}: {str(path)!r}")
-        add_adapters(model, meta["lora"])
+        model, tokenizer = base_with_adapters(meta, f"{role}: {str(path)!r}")
         missing, unexpected = model.load_state_dict(state, strict=False)
         lost = [k for k in missing if "lora_" in k]
         if unexpected or lost:
@@ -78,23 +74,28 @@ def load_policy(path: str, role: str = "ckpt", stages: tuple[str, ...] = POLICY_
     return model, load_tokenizer(meta["tokenizer"]), meta
 
 
-def sha256_path(path: str | Path) -> str:
-    """SHA-256 of a checkpoint file, or of a model folder (every file's name and content, in name order)."""
-    path = Path(path)
-    if path.is_file():
-        return sha256_file(path)
-    import hashlib
-
-    digest = hashlib.sha256()
-    for f in sorted(q for q in path.rglob("*") if q.is_file() and not q.name.startswith(".")):
-        digest.update(f"{f.relative_to(path)}\0{sha256_file(f)}\n".encode())
-    return digest.hexdigest()
-
-
-def base_record(path: str, kind: str) -> dict[str, str]:
+def base_record(path: str, kind: str, sha256: str | None = None) -> dict[str, str]:
     """What a checkpoint of adapters records of its base: `kind` "checkpoint" (ours, or an exported folder) or
-    "hf" (a model folder), the absolute path and the SHA-256."""
-    return {"kind": kind, "path": str(Path(path).resolve()), "sha256": sha256_path(path)}
+    "hf" (a model folder), the absolute path and the SHA-256 (computed unless given)."""
+    return {"kind": kind, "path": str(Path(path).resolve()), "sha256": sha256 or sha256_path(path)}
+
+
+def load_plain_policy(path: str, role: str) -> tuple[nn.Module, CharTokenizer, dict[str, Any]]:
+    """`load_policy`, with the adapters of a LoRA checkpoint merged in: a plain model to put new adapters on."""
+    from rlhf_lightning.lora import has_adapters, merged
+
+    model, tokenizer, meta = load_policy(path, role=role)
+    return (merged(model) if has_adapters(model) else model), tokenizer, meta
+
+
+def base_with_adapters(meta: dict[str, Any], role: str) -> tuple[nn.Module, CharTokenizer]:
+    """The base recorded in `meta["base"]`, checked against its SHA-256, with `meta["lora"]`'s adapters added
+    (their weights still to be loaded)."""
+    from rlhf_lightning.lora import add_adapters
+
+    model, tokenizer = load_base(meta["base"], meta, role)
+    add_adapters(model, meta["lora"])
+    return model, tokenizer
 
 
 def load_base(base: dict[str, str], meta: dict[str, Any], role: str) -> tuple[nn.Module, CharTokenizer]:
@@ -109,10 +110,8 @@ def load_base(base: dict[str, str], meta: dict[str, Any], role: str) -> tuple[nn
         )
     if base["kind"] == "hf":
         return build_model(meta["model"]), load_tokenizer(meta["tokenizer"])
-    from rlhf_lightning.lora import has_adapters, merged
-
-    model, tokenizer, _ = load_policy(base["path"], role=f"{role} base")
-    return (merged(model) if has_adapters(model) else model), tokenizer
+    model, tokenizer, _ = load_plain_policy(base["path"], role=f"{role} base")
+    return model, tokenizer
 
 
 def context_length(model: nn.Module) -> int:

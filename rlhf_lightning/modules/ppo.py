@@ -50,7 +50,7 @@ from rlhf_lightning.losses import (
 )
 from rlhf_lightning.optim import adamw, warmup_cosine
 from rlhf_lightning.options import ConfigError, check_choice
-from rlhf_lightning.lora import BaseOfAdapters, add_adapters, frozen_base_keys, has_adapters, lora_settings, merged, require_peft
+from rlhf_lightning.lora import BaseOfAdapters, add_adapters, drop_frozen_base, has_adapters, lora_settings, merged, require_peft
 from rlhf_lightning.policy import base_record, context_length, judge_scores, load_policy
 from rlhf_lightning.rewards import RewardSettings, build_reward_source, checked_rewards
 
@@ -329,12 +329,13 @@ class PPOModule(L.LightningModule):
         check_choice("reference_dtype", reference_dtype, FROZEN_DTYPES)
         check_choice("reward_dtype", reward_dtype, FROZEN_DTYPES)
         self.model, self.tokenizer, meta = load_policy(policy_ckpt, role="model.init_args.policy_ckpt")
+        self.policy_sha256 = sha256_file(policy_ckpt)
         self.lora: dict[str, Any] | None = None  # resolved LoRA settings and the base's record, if adapters train
         if lora is not None:
             require_peft("model.init_args.lora")
             if has_adapters(self.model):
                 raise ConfigError("model.init_args.lora: policy_ckpt already holds adapters; leave lora unset to continue training them")
-            self.lora = {"lora": add_adapters(self.model, lora_settings(lora)), "base": base_record(policy_ckpt, "checkpoint")}
+            self.lora = {"lora": add_adapters(self.model, lora_settings(lora)), "base": base_record(policy_ckpt, "checkpoint", self.policy_sha256)}
             reference: nn.Module = BaseOfAdapters(self.model)
         elif has_adapters(self.model):  # LoRA SFT: continue its adapters; the reference is that SFT policy
             self.lora = {"lora": meta["lora"], "base": meta["base"]}
@@ -345,7 +346,6 @@ class PPOModule(L.LightningModule):
         disable_dropout(self.model)
         disable_dropout(reference)
         self.policy_meta = {"model": dict(meta["model"], **({"dropout": 0.0} if "dropout" in meta["model"] else {})), "tokenizer": dict(meta["tokenizer"])}
-        self.policy_sha256 = sha256_file(policy_ckpt)
         self.reward_sha256 = sha256_file(reward_ckpt) if reward_ckpt and _uses_learned(reward, reward_weights) else None
         # Frozen reference and reward model are kept out of the registered submodules: no optimizer state,
         # no DDP wrapping, not saved (they are reloaded from checkpoints whose hashes are checked on resume).
@@ -729,8 +729,7 @@ class PPOModule(L.LightningModule):
             **(self.lora or {}),
         }
         if self.lora is not None:
-            for key in frozen_base_keys(checkpoint["state_dict"], "model."):
-                del checkpoint["state_dict"][key]
+            drop_frozen_base(checkpoint["state_dict"], "model.")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get("rlhf", {})

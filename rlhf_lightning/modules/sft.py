@@ -11,9 +11,9 @@ from torchmetrics import MeanMetric
 from rlhf_lightning.callbacks import log_samples
 from rlhf_lightning.losses import logprobs_from_logits, masked_mean
 from rlhf_lightning.optim import adamw_warmup_cosine
-from rlhf_lightning.lora import add_adapters, frozen_base_keys, has_adapters, lora_settings, merged, require_peft
+from rlhf_lightning.lora import add_adapters, drop_frozen_base, lora_settings, require_peft
 from rlhf_lightning.options import ConfigError
-from rlhf_lightning.policy import base_record, build_policy, complete, context_length, judge_scores, load_policy
+from rlhf_lightning.policy import base_record, build_policy, complete, context_length, judge_scores, load_plain_policy, load_policy
 from rlhf_lightning.tasks.strata import strata_metrics
 
 
@@ -61,8 +61,7 @@ class SFTModule(L.LightningModule):
             require_peft("model.init_args.lora")
             settings = lora_settings(lora)
             if base_ckpt is not None:
-                self.model, self.tokenizer, meta = load_policy(base_ckpt, role="model.init_args.base_ckpt")
-                self.model = merged(self.model) if has_adapters(self.model) else self.model
+                self.model, self.tokenizer, meta = load_plain_policy(base_ckpt, role="model.init_args.base_ckpt")
                 model_config, base = meta["model"], base_record(base_ckpt, "checkpoint")
             elif (model or {}).get("type") == "hf":
                 self.model, self.tokenizer, model_config = build_policy(model, tokenizer)
@@ -136,5 +135,4 @@ class SFTModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["rlhf"] = {"stage": "sft", "model": dict(self.hparams.model), "tokenizer": dict(self.hparams.tokenizer), **(self.lora or {})}
         if self.lora is not None:
-            for key in frozen_base_keys(checkpoint["state_dict"], "model."):
-                del checkpoint["state_dict"][key]
+            drop_frozen_base(checkpoint["state_dict"], "model.")
