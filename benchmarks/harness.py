@@ -19,7 +19,6 @@ import torch
 
 from rlhf_lightning.data.prompts import PromptDataset, load_prompts
 from rlhf_lightning.generation import generate
-from rlhf_lightning.losses import logprobs_from_logits
 from rlhf_lightning.modules.ppo import PPOModule, Rollout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +54,7 @@ def harness_module(ckpt: Path, **hparams) -> PPOModule:
 
 
 def prompt_batch(module: PPOModule, prompts: int, split: str = "train") -> dict:
-    data = PromptDataset(module.tokenizer, load_prompts("toy", split, limit=prompts), module.prompt_context_length)
+    data = PromptDataset(module.tokenizer, load_prompts("toy", split, limit=prompts), module.data_max_length)
     return data.collate([data[i] for i in range(len(data))])
 
 
@@ -82,7 +81,7 @@ def ppo_iteration(module: PPOModule, batch: dict, eos: bool = True) -> tuple[dic
         times["reward"] = time.perf_counter() - t
         t = time.perf_counter()
         rollout = Rollout(*gen.joined(prompt_ids, prompt_mask), gen.completion_ids, gen.completion_mask, gen.logprobs, gen.logprobs, rewards, rewards)
-        ref = logprobs_from_logits(rollout.logits(module.reference), gen.completion_ids, hp.temperature)
+        ref = rollout.logprobs(module.reference, hp.temperature)
         ref = ref.masked_fill(~gen.completion_mask, 0.0)
         times["reference"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -96,8 +95,7 @@ def ppo_iteration(module: PPOModule, batch: dict, eos: bool = True) -> tuple[dic
 
 def plain_step(model, rollout: Rollout, optimizer=None) -> None:
     """A plain forward + backward (next-token NLL of the completion tokens) of the same batch; optional step."""
-    logits = rollout.logits(model)
-    loss = -(logprobs_from_logits(logits, rollout.completion_ids, 1.0) * rollout.completion_mask).sum() / rollout.completion_mask.sum()
+    loss = -(rollout.logprobs(model, 1.0) * rollout.completion_mask).sum() / rollout.completion_mask.sum()
     model.zero_grad(set_to_none=True)
     loss.backward()
     if optimizer is not None:

@@ -32,7 +32,7 @@ from common import emit  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = [
     "--sft.trainer.max_epochs=2", "--sft.data.init_args.max_val_prompts=128",
-    "--reward.trainer.max_epochs=1", "--reward.data.init_args.max_train_prompts=300", "--reward.data.init_args.max_val_prompts=100",
+    "--reward.trainer.max_epochs=1", "--reward.data.init_args.pairs.max_train_prompts=300", "--reward.data.init_args.pairs.max_val_prompts=100",
     "--ppo.trainer.limit_train_batches=3", "--ppo.data.init_args.max_val_prompts=64",
 ]
 

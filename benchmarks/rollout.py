@@ -19,7 +19,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from common import emit, median_time  # noqa: E402
 
-from rlhf_lightning.data.collate import left_pad  # noqa: E402
+from rlhf_lightning.padding import left_pad  # noqa: E402
 from rlhf_lightning.generation import generate  # noqa: E402
 from rlhf_lightning.policy import build_policy  # noqa: E402
 from rlhf_lightning.tasks.arithmetic import problems  # noqa: E402

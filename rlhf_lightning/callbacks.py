@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import threading
@@ -15,7 +14,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
-from rlhf_lightning.checkpoints import replace_atomically, temporary_path
+from rlhf_lightning.files import commit, temporary_path
 
 
 class FinalCheckpoint(Callback):
@@ -48,7 +47,7 @@ class FinalCheckpoint(Callback):
         tmp = trainer.strategy.broadcast(str(temporary_path(self.path)))
         trainer.save_checkpoint(tmp, weights_only=False)
         if trainer.is_global_zero:
-            os.replace(tmp, self.path)
+            commit(tmp, self.path)
         trainer.strategy.barrier("final_checkpoint")
 
 
@@ -89,7 +88,7 @@ class ResumeCheckpoint(ModelCheckpoint):
         tmp = trainer.strategy.broadcast(str(temporary_path(filepath)))
         trainer.save_checkpoint(tmp, self.save_weights_only)
         if trainer.is_global_zero:
-            replace_atomically(tmp, filepath)
+            commit(tmp, filepath)
         trainer.strategy.barrier("resume_checkpoint")
         if trainer.is_global_zero:
             for logger in trainer.loggers:
@@ -224,7 +223,7 @@ class StageLog(Callback):
 def memory_estimate(pl_module: L.LightningModule) -> str:
     """What the stage holds in weights and training state before activations: parameters (trainable and
     frozen), their gradients, AdamW's two float32 moments per trainable parameter, and frozen models outside the
-    module tree (`pl_module.frozen_models()`, e.g. PPO's reference and reward model)."""
+    models (`pl_module.frozen_models()`, e.g. PPO's reference and reward model), counted once."""
 
     def mb(n: float) -> str:
         for unit in ("B", "KB", "MB"):
@@ -233,10 +232,11 @@ def memory_estimate(pl_module: L.LightningModule) -> str:
             n /= 1024
         return f"{n:,.1f} GB"
 
-    params = list(pl_module.parameters())
-    trainable = [p for p in params if p.requires_grad]
     frozen_models = pl_module.frozen_models() if hasattr(pl_module, "frozen_models") else []
-    frozen = sum(p.numel() * p.element_size() for m in frozen_models for p in m.parameters())
+    frozen_params = {id(p): p for m in frozen_models for p in m.parameters()}
+    params = [p for p in pl_module.parameters() if id(p) not in frozen_params]
+    trainable = [p for p in params if p.requires_grad]
+    frozen = sum(p.numel() * p.element_size() for p in frozen_params.values())
     weights = sum(p.numel() * p.element_size() for p in params)
     grads = sum(p.numel() * p.element_size() for p in trainable)
     optimizer = sum(2 * p.numel() * 4 for p in trainable)

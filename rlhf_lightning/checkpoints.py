@@ -7,8 +7,8 @@ so it is read with `weights_only=True` (no pickled code can run) and rebuilds it
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -66,29 +66,25 @@ def submodule_state(checkpoint: dict[str, Any], prefix: str) -> dict[str, torch.
     return {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
 
 
-# Fault injection for tests: "last.ckpt:2" kills this process with SIGKILL right before the 2nd rename onto a
-# file named last.ckpt, i.e. while a checkpoint is being written (the temporary file is complete, the rename
-# has not happened).
-FAULT_ENV = "RLHF_FAULT_KILL_BEFORE_RENAME"
-_renames: dict[str, int] = {}
+# An exported policy folder (`rlhf export`): plain weights, or PEFT's adapter files plus our record.
+WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
+ADAPTERS = "rlhf_adapters.json"  # beside PEFT's files in an `--adapters` export
 
 
-def replace_atomically(tmp: str | os.PathLike[str], final: str | os.PathLike[str]) -> None:
-    """Rename a fully written temporary file over `final` (same directory, so the rename is atomic)."""
-    fault = os.environ.get(FAULT_ENV)
-    if fault:
-        name, _, count = fault.partition(":")
-        if Path(final).name == name:
-            _renames[name] = _renames.get(name, 0) + 1
-            if _renames[name] == int(count or 1):
-                os.kill(os.getpid(), signal.SIGKILL)
-    os.replace(tmp, final)
+def read_adapter_export(path: Path) -> dict | None:
+    """The record of an `--adapters` export (None for another folder)."""
+    return json.loads((path / ADAPTERS).read_text()) if (path / ADAPTERS).is_file() else None
 
 
-def temporary_path(final: str | os.PathLike[str]) -> Path:
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return final.with_name(f".{final.name}.{os.getpid()}.tmp")
+def read_export(path: Path) -> tuple[dict, dict, dict]:
+    """(state dict, {"stage", "model"}, tokenizer dict) of an exported folder."""
+    from safetensors.torch import load_file
+
+    for name in (WEIGHTS, CONFIG, TOKENIZER):
+        if not (path / name).is_file():
+            raise ValueError(f"{str(path)!r} is not an exported policy: {name} is missing")
+    return load_file(str(path / WEIGHTS)), json.loads((path / CONFIG).read_text()), json.loads((path / TOKENIZER).read_text())
+
 
 
 RUN_NAMES = {"sft": "SFT", "reward": "reward-model", "ppo": "PPO"}

@@ -171,6 +171,11 @@ def lightning_cli(args: list[str] | None = None, run: bool = True, cli_class: ty
     quiet_library_output()
 
     class RLHFCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            # A DataModule is given the module's tokenizer (it travels in the module's checkpoint) and length limit.
+            parser.link_arguments("model.tokenizer", "data.init_args.tokenizer", apply_on="instantiate")
+            parser.link_arguments("model.data_max_length", "data.init_args.max_length", apply_on="instantiate")
+
         def parse_arguments(self, parser, args) -> None:
             # `args` is always this command's own argv (resolved): no warning about also having sys.argv
             self.config = parser.parse_args(args)

@@ -11,7 +11,9 @@ import torch
 
 from rlhf_lightning.data.jsonl import write_jsonl
 from rlhf_lightning.data.prompts import PromptDataset, load_prompts
-from rlhf_lightning.policy import complete, context_length, judge_scores, load_policy
+from rlhf_lightning.policy import context_length, load_policy
+from rlhf_lightning.sampling import complete
+from rlhf_lightning.tasks.arithmetic import judge_scores
 from rlhf_lightning.tasks.strata import strata_metrics, task_strata_names
 
 
@@ -37,7 +39,10 @@ def evaluate_policy(
     rows, scores, strata = [], [], []
     for start in range(0, len(dataset), batch_size):
         batch = dataset.collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        completions, gen = complete(model, tokenizer, batch, max_new_tokens, greedy, temperature, top_k, generator)
+        completions, gen = complete(
+            model, tokenizer, batch["prompt_ids"], batch["prompt_mask"], max_new_tokens,
+            greedy=greedy, temperature=temperature, top_k=top_k, generator=generator,
+        )
         batch_scores = judge_scores(completions, batch["golds"], gen.finished)
         for p, c, g, e, s in zip(batch["prompts"], completions, batch["golds"], gen.finished.tolist(), batch_scores.tolist()):
             rows.append({"prompt": p, "completion": c, "gold": g, "eos": e, "correct": None if g is None else bool(s)})

@@ -12,19 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
+from rlhf_lightning.checkpoints import ADAPTERS, CONFIG, TOKENIZER, WEIGHTS
+from rlhf_lightning.files import atomic_write
 from rlhf_lightning.options import ConfigError
 from rlhf_lightning.policy import load_policy
 
-WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
-ADAPTERS = "rlhf_adapters.json"  # beside PEFT's files in an `--adapters` export
 
 
 def export_policy(ckpt: str, out: str, adapters: bool = False) -> Path:
-    """Write the folder next to its final place, then rename it there (no half-written export)."""
+    """Write the folder next to its final place, then rename it there (`files.atomic_write`: no half-written export)."""
     from safetensors.torch import save_file
 
     model, tokenizer, meta = load_policy(ckpt, role="--ckpt")
@@ -33,46 +31,27 @@ def export_policy(ckpt: str, out: str, adapters: bool = False) -> Path:
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out: {str(out_dir)!r} exists and is not a folder")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+
+    def write(tmp: Path) -> None:
+        tmp.mkdir()
         if adapters:
             from rlhf_lightning.lora import save_peft_folder
 
             save_peft_folder(model, meta["lora"], tmp, base=meta["base"]["path"])
             record = {"stage": meta["stage"], "model": meta["model"], "tokenizer": tokenizer.to_dict(), "lora": meta["lora"], "base": meta["base"]}
             (tmp / ADAPTERS).write_text(json.dumps(record, indent=2) + "\n")
-        else:
-            if meta.get("lora"):
-                from rlhf_lightning.lora import merged
+            return
+        plain = model
+        if meta.get("lora"):
+            from rlhf_lightning.lora import merged
 
-                model = merged(model)
-            state = {k: v.contiguous() for k, v in model.state_dict().items()}
-            save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
-            (tmp / CONFIG).write_text(json.dumps({"stage": meta["stage"], "model": meta["model"]}, indent=2) + "\n")
-            (tmp / TOKENIZER).write_text(json.dumps(tokenizer.to_dict(), indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+            plain = merged(model)
+        state = {k: v.contiguous() for k, v in plain.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / CONFIG).write_text(json.dumps({"stage": meta["stage"], "model": meta["model"]}, indent=2) + "\n")
+        (tmp / TOKENIZER).write_text(json.dumps(tokenizer.to_dict(), indent=2) + "\n")
 
-
-def read_adapter_export(path: Path) -> dict | None:
-    """The record of an `--adapters` export (None for another folder)."""
-    return json.loads((path / ADAPTERS).read_text()) if (path / ADAPTERS).is_file() else None
-
-
-def read_export(path: Path) -> tuple[dict, dict, dict]:
-    """(state dict, {"stage", "model"}, tokenizer dict) of an exported folder."""
-    from safetensors.torch import load_file
-
-    for name in (WEIGHTS, CONFIG, TOKENIZER):
-        if not (path / name).is_file():
-            raise ValueError(f"{str(path)!r} is not an exported policy: {name} is missing")
-    return load_file(str(path / WEIGHTS)), json.loads((path / CONFIG).read_text()), json.loads((path / TOKENIZER).read_text())
+    return atomic_write(out_dir, write)
 
 
 def main(argv: list[str]) -> int:

@@ -44,7 +44,6 @@ __all__ = [
     "seq_mean_token_sum_norm",
     "sequence_log_ratio",
     "token_log_ratio",
-    "token_logprobs",
     "token_mean",
 ]
 
@@ -121,25 +120,6 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     return torch.special.entr(probs).sum(-1)  # (B, T); entr(0) = 0 handles -inf logits
 
 
-def token_logprobs(
-    model: torch.nn.Module,
-    input_ids: Tensor,
-    attention_mask: Tensor,
-    temperature: float = 1.0,
-) -> Tensor:
-    """Teacher-forced log-probs of each token given its prefix, from one forward.
-
-    Entry ``[:, t]`` is ``log p(input_ids[:, t] | input_ids[:, :t])`` for ``t >= 1``;
-    entry ``[:, 0]`` has no prefix and is 0.0.
-
-    >>> # model whose logits after token 0 are [0, log 3] -> p(1 | 0) = 0.75
-    >>> # token_logprobs(model, tensor([[0, 1]]), ones) -> [[0.0, log 0.75]] = [[0.0, -0.2877]]
-    """
-    logits = model(input_ids, attention_mask)  # (B, T, V)
-    shifted = logprobs_from_logits(logits[:, :-1], input_ids[:, 1:], temperature)  # (B, T-1)
-    return F.pad(shifted, (1, 0), value=0.0)  # (B, T)
-
-
 # --------------------------------------------------------------------------- reward model
 
 
@@ -169,77 +149,77 @@ def pairwise_accuracy(r_chosen: Tensor, r_rejected: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- advantages
 
 
-def _groups(rewards: Tensor, group_size: int) -> Tensor:
-    """View ``rewards (N,)`` as ``(N // group_size, group_size)``; validate the layout."""
+def _groups(rewards: Tensor, samples_per_prompt: int) -> Tensor:
+    """View ``rewards (N,)`` as ``(N // samples_per_prompt, samples_per_prompt)``; validate the layout."""
     if rewards.dim() != 1:
         raise ValueError(f"rewards must be 1-D, got shape {tuple(rewards.shape)}")
-    if group_size < 1 or rewards.numel() % group_size != 0:
+    if samples_per_prompt < 1 or rewards.numel() % samples_per_prompt != 0:
         raise ValueError(
             f"number of rewards ({rewards.numel()}) must be a positive multiple of "
-            f"group_size ({group_size})"
+            f"samples_per_prompt ({samples_per_prompt})"
         )
-    return rewards.view(-1, group_size)  # (G, K)
+    return rewards.view(-1, samples_per_prompt)  # (G, K)
 
 
-def batch_mean(rewards: Tensor, group_size: int, eps: float = 1e-6) -> Tensor:
+def batch_mean(rewards: Tensor, samples_per_prompt: int, eps: float = 1e-6) -> Tensor:
     """``R - mean(R)`` over the whole batch.
 
-    >>> batch_mean(torch.tensor([1.0, 0.0, 0.0, 0.0]), group_size=2)
+    >>> batch_mean(torch.tensor([1.0, 0.0, 0.0, 0.0]), samples_per_prompt=2)
     tensor([ 0.7500, -0.2500, -0.2500, -0.2500])
     """
-    _groups(rewards, group_size)
+    _groups(rewards, samples_per_prompt)
     return rewards - rewards.mean()  # (N,)
 
 
-def batch_whiten(rewards: Tensor, group_size: int, eps: float = 1e-6) -> Tensor:
+def batch_whiten(rewards: Tensor, samples_per_prompt: int, eps: float = 1e-6) -> Tensor:
     """``(R - mean(R)) / max(std(R), eps)`` with the population std over the batch.
 
-    >>> batch_whiten(torch.tensor([1.0, 0.0]), group_size=1)
+    >>> batch_whiten(torch.tensor([1.0, 0.0]), samples_per_prompt=1)
     tensor([ 1., -1.])
     """
-    _groups(rewards, group_size)
+    _groups(rewards, samples_per_prompt)
     std = rewards.std(unbiased=False).clamp(min=eps)  # ()
     return (rewards - rewards.mean()) / std  # (N,)
 
 
-def group_mean(rewards: Tensor, group_size: int, eps: float = 1e-6) -> Tensor:
+def group_mean(rewards: Tensor, samples_per_prompt: int, eps: float = 1e-6) -> Tensor:
     """``R - mean`` of the reward's own prompt group.
 
-    >>> group_mean(torch.tensor([1.0, 0.0, 0.0, 1.0]), group_size=2)
+    >>> group_mean(torch.tensor([1.0, 0.0, 0.0, 1.0]), samples_per_prompt=2)
     tensor([ 0.5000, -0.5000, -0.5000,  0.5000])
     """
-    grouped = _groups(rewards, group_size)  # (G, K)
+    grouped = _groups(rewards, samples_per_prompt)  # (G, K)
     return (grouped - grouped.mean(dim=1, keepdim=True)).reshape(-1)  # (N,)
 
 
-def group_whiten(rewards: Tensor, group_size: int, eps: float = 1e-6) -> Tensor:
+def group_whiten(rewards: Tensor, samples_per_prompt: int, eps: float = 1e-6) -> Tensor:
     """``(R - group mean) / (group std + eps)``, unbiased std within each group (GRPO).
 
-    >>> group_whiten(torch.tensor([1.0, 0.0]), group_size=2, eps=0.0)  # std = sqrt(0.5)
+    >>> group_whiten(torch.tensor([1.0, 0.0]), samples_per_prompt=2, eps=0.0)  # std = sqrt(0.5)
     tensor([ 0.7071, -0.7071])
     """
-    if group_size < 2:
-        raise ValueError(f"group_whiten needs group_size >= 2 for a group std, got {group_size}")
-    grouped = _groups(rewards, group_size)  # (G, K)
+    if samples_per_prompt < 2:
+        raise ValueError(f"group_whiten needs samples_per_prompt >= 2 for a group std, got {samples_per_prompt}")
+    grouped = _groups(rewards, samples_per_prompt)  # (G, K)
     centred = grouped - grouped.mean(dim=1, keepdim=True)  # (G, K)
     return (centred / (grouped.std(dim=1, keepdim=True) + eps)).reshape(-1)  # (N,)
 
 
-def rloo(rewards: Tensor, group_size: int, eps: float = 1e-6) -> Tensor:
+def rloo(rewards: Tensor, samples_per_prompt: int, eps: float = 1e-6) -> Tensor:
     """Leave-one-out: ``R_i`` minus the mean of the other ``K - 1`` rewards of its group.
 
     Equal to ``K / (K - 1) * (R_i - group mean)``.
 
-    >>> rloo(torch.tensor([3.0, 0.0, 0.0]), group_size=3)
+    >>> rloo(torch.tensor([3.0, 0.0, 0.0]), samples_per_prompt=3)
     tensor([ 3.0000, -1.5000, -1.5000])
     """
-    if group_size < 2:
+    if samples_per_prompt < 2:
         raise ValueError(
-            f"rloo needs at least 2 samples per prompt (group_size >= 2), got {group_size}"
+            f"rloo needs at least 2 samples per prompt (samples_per_prompt >= 2), got {samples_per_prompt}"
         )
-    grouped = _groups(rewards, group_size)  # (G, K)
+    grouped = _groups(rewards, samples_per_prompt)  # (G, K)
     centred = grouped - grouped.mean(dim=1, keepdim=True)  # (G, K)
-    return (centred * group_size / (group_size - 1)).reshape(-1)  # (N,)
+    return (centred * samples_per_prompt / (samples_per_prompt - 1)).reshape(-1)  # (N,)
 
 
 AdvantageFn = Callable[[Tensor, int, float], Tensor]
@@ -258,7 +238,7 @@ GROUP_ESTIMATORS: frozenset[str] = frozenset({"group_mean", "group_whiten", "rlo
 
 
 def compute_advantages(
-    name: str, rewards: Tensor, group_size: int, eps: float = 1e-6
+    name: str, rewards: Tensor, samples_per_prompt: int, eps: float = 1e-6
 ) -> Tensor:
     """Per-sequence advantages ``(N,)`` with the estimator registered under ``name``.
 
@@ -269,7 +249,7 @@ def compute_advantages(
         raise ValueError(
             f"unknown advantage estimator {name!r}; valid: {sorted(ADVANTAGE_ESTIMATORS)}"
         )
-    return ADVANTAGE_ESTIMATORS[name](rewards, group_size, eps)
+    return ADVANTAGE_ESTIMATORS[name](rewards, samples_per_prompt, eps)
 
 
 # --------------------------------------------------------------------------- KL

@@ -5,10 +5,13 @@
     rlhf pipeline --resume                          # after an interruption: skip done stages, continue the one cut off
 
 Each stage is the same `rlhf fit --config <stage yaml>` run in-process; `--<stage>.<option>=<value>`
-passes `--<option>=<value>` to that stage. Checkpoints chain through the stage configs' fixed paths.
+passes `--<option>=<value>` to that stage. Each stage's final checkpoint is passed to the next stage's options
+explicitly (`stage_inputs`): the reward stage gets `model.init_args.sft_ckpt` (and its pair sampler's
+`policy_ckpt`), PPO gets `policy_ckpt` and `reward_ckpt`.
 The table (and `summary.json`, one row per stage: `stage`, `test_accuracy`, `test_reward`, `test_kl`,
 `wall_s`) reports for each policy its greedy accuracy on `test`, the learned reward's mean (normalized)
-on those answers, and the KL to the SFT reference; the reward row reports the reward model's pairwise
+on those answers, and `test_kl`: the per-token KL to the SFT reference on those answers, with `eval/kl`'s
+definition (`scoring.completion_kl`, at temperature 1); the reward row reports the reward model's pairwise
 accuracy against the judge on sampled `test` completions.
 """
 
@@ -16,13 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
-from rlhf_lightning.data.jsonl import atomic_write_text
+from rlhf_lightning.files import atomic_write_text
 
 STAGES = ("sft", "reward", "ppo")
 
@@ -43,7 +46,8 @@ def build_parser():
         parser.add_argument(f"--{stage}_config", type=str, default=f"{stage}.yaml", help=f"{stage} stage YAML, relative to the pipeline YAML")
         parser.add_argument(f"--{stage}_args", type=list[str], default=[], help=f"extra `rlhf fit` options for the {stage} stage")
     parser.add_argument("--summary", type=str, default="lightning_logs/toy/summary.json", help="where summary.json goes")
-    parser.add_argument("--eval_samples", type=int, default=4, help="sampled completions per test prompt for KL and the reward row")
+    parser.add_argument("--samples_per_prompt", type=int, default=4, help="sampled completions per test prompt (K) for the reward row and test_gold_reward")
+    parser.add_argument("--eval_samples", type=int | None, default=None, help="deprecated name of --samples_per_prompt")
     parser.add_argument("--seed", type=int, default=0, help="seeds every stage (training, sampling) and the table's sampling")
     parser.add_argument("--resume", action="store_true", help="skip stages already done with this config and inputs; continue an interrupted one from its last.ckpt")
     return parser
@@ -110,28 +114,13 @@ def run_stage(stage: str, config: Path, args: list[str], resume: bool = False) -
 
     print(f"[pipeline] {stage}: start ({config})", flush=True)
     start = time.perf_counter()
-    argv, sys.argv = sys.argv, sys.argv[:1]  # the stage's options are its args, not this process's argv
-    try:
-        cli = lightning_cli(["fit", "--config", str(config), *args], resume_last=resume)
-    finally:
-        sys.argv = argv
+    cli = lightning_cli(["fit", "--config", str(config), *args], resume_last=resume)
     if cli.trainer.interrupted:
         raise SystemExit(f"[pipeline] {stage}: interrupted")
     wall = time.perf_counter() - start
     path = final_checkpoint_path(cli)
     print(f"[pipeline] {stage}: done in {wall:.1f} s -> {path}", flush=True)
     return path, wall
-
-
-@torch.no_grad()
-def sequence_kl(policy, reference, batch: dict, gen, temperature: float = 1.0) -> torch.Tensor:
-    """Per-sequence KL(policy || reference) estimate on sampled completions: sum over tokens of l - l_ref (B,)."""
-    from rlhf_lightning.generation import completion_logits
-    from rlhf_lightning.losses import logprobs_from_logits, masked_sum
-
-    ids, mask = gen.joined(batch["prompt_ids"], batch["prompt_mask"])  # (B, P + N) each
-    ref = logprobs_from_logits(completion_logits(reference, ids, mask, gen.completion_ids.size(1)), gen.completion_ids, temperature)  # (B, N)
-    return masked_sum(gen.logprobs - ref, gen.completion_mask, dim=1)  # (B,)
 
 
 def test_batch(tokenizer, policy, task: str) -> dict:
@@ -152,38 +141,48 @@ def repeat_rows(batch: dict, k: int) -> dict:
 def policy_row(stage: str, ckpt: str, reference_ckpt: str, reward_ckpt: str, task: str, samples: int, seed: int) -> tuple[dict, dict]:
     """Greedy test accuracy, mean normalized learned reward of those answers, KL to the reference; and the
     accuracy and reward per stratum."""
-    from rlhf_lightning.models.reward import load_reward_model, score_texts
-    from rlhf_lightning.policy import complete, judge_scores, load_policy
+    from rlhf_lightning.losses import masked_mean
+    from rlhf_lightning.policy import load_policy
+    from rlhf_lightning.rewards import LearnedReward
+    from rlhf_lightning.sampling import complete
+    from rlhf_lightning.scoring import completion_kl
+    from rlhf_lightning.tasks.arithmetic import judge_scores
     from rlhf_lightning.tasks.strata import strata_metrics, task_strata_names
 
     policy, tokenizer, _ = load_policy(ckpt)
     reference, _, _ = load_policy(reference_ckpt)
-    reward_model, reward_tokenizer, meta = load_reward_model(reward_ckpt)
+    reward = LearnedReward(reward_ckpt, normalize=True, policy_tokenizer=tokenizer, policy_ckpt=ckpt)
     policy.eval(), reference.eval()
     batch = test_batch(tokenizer, policy, task)
-    completions, gen = complete(policy, tokenizer, batch, max_new_tokens=6)
+    completions, gen = complete(policy, tokenizer, batch["prompt_ids"], batch["prompt_mask"], 6, greedy=True)
     scores = judge_scores(completions, batch["golds"], gen.finished)  # (B,)
     accuracy = scores.nanmean()
-    rewards = score_texts(reward_model, reward_tokenizer, batch["prompts"], completions, gen.finished)
-    rewards = (rewards - meta["reward_mean"]) / max(meta["reward_std"], 1e-6)
+    rewards = reward(batch["prompts"], completions, gen.finished, batch["golds"])  # (B,) normalized
     strata = strata_metrics(scores.tolist(), batch["strata"], rewards.tolist(), task_strata_names(task))
+    ids, mask = gen.joined(batch["prompt_ids"], batch["prompt_mask"])  # (B, P + N) each
+    kl = masked_mean(completion_kl(policy, reference, ids, mask, gen.completion_ids.size(1)), gen.completion_mask)  # eval/kl's definition
     repeated = repeat_rows(batch, samples)
-    sampled_text, sampled = complete(policy, tokenizer, repeated, 6, greedy=False, generator=torch.Generator().manual_seed(seed))
-    kl = sequence_kl(policy, reference, repeated, sampled).mean()
-    gold = judge_scores(sampled_text, repeated["golds"], sampled.finished).nanmean()  # the judge on the same samples
+    sampled_text, sampled = complete(
+        policy, tokenizer, repeated["prompt_ids"], repeated["prompt_mask"], 6, generator=torch.Generator().manual_seed(seed)
+    )
+    gold = judge_scores(sampled_text, repeated["golds"], sampled.finished).nanmean()  # the judge on K samples per prompt
     return {"stage": stage, "test_accuracy": float(accuracy), "test_reward": float(rewards.mean()), "test_kl": float(kl), "test_gold_reward": float(gold)}, strata
 
 
 @torch.no_grad()
 def reward_row(reward_ckpt: str, sft_ckpt: str, task: str, samples: int, seed: int) -> dict:
     """Pairwise accuracy of the reward model against the judge on sampled test completions of the SFT policy."""
-    from rlhf_lightning.models.reward import load_reward_model, score_texts
-    from rlhf_lightning.policy import complete, judge_scores, load_policy
+    from rlhf_lightning.policy import load_policy
+    from rlhf_lightning.sampling import complete
+    from rlhf_lightning.scoring import load_reward_model, score_texts
+    from rlhf_lightning.tasks.arithmetic import judge_scores
 
     policy, tokenizer, _ = load_policy(sft_ckpt)
     reward_model, reward_tokenizer, _ = load_reward_model(reward_ckpt)
     repeated = repeat_rows(test_batch(tokenizer, policy, task), samples)
-    completions, gen = complete(policy.eval(), tokenizer, repeated, 6, greedy=False, generator=torch.Generator().manual_seed(seed))
+    completions, gen = complete(
+        policy.eval(), tokenizer, repeated["prompt_ids"], repeated["prompt_mask"], 6, generator=torch.Generator().manual_seed(seed)
+    )
     labels = judge_scores(completions, repeated["golds"], gen.finished).view(-1, samples)  # (prompts, K)
     scores = score_texts(reward_model, reward_tokenizer, repeated["prompts"], completions, gen.finished).view(-1, samples)
     better = labels[:, :, None] > labels[:, None, :]  # (prompts, K, K): pair (i, j) where i is judged better
@@ -217,6 +216,26 @@ def format_worst_strata(rows: list[dict], strata: dict[str, dict], min_n: int = 
     return "\n".join(parts)
 
 
+def samples_pairs(config: Path) -> bool:
+    """Whether a reward stage config samples its preference pairs from a policy (`SampledPairs`)."""
+    import yaml
+
+    pairs = ((yaml.safe_load(Path(config).read_text()) or {}).get("data") or {}).get("init_args", {}).get("pairs") or {}
+    return isinstance(pairs, dict) and str(pairs.get("class_path", "")).endswith("SampledPairs")
+
+
+def stage_inputs(stage: str, config: Path, ckpts: dict[str, str]) -> list[str]:
+    """The options that hand the earlier stages' checkpoints to `stage`: the pipeline's explicit wiring."""
+    if stage == "reward":
+        args = [f"--model.init_args.sft_ckpt={ckpts['sft']}"]
+        if samples_pairs(config):
+            args.append(f"--data.init_args.pairs.init_args.policy_ckpt={ckpts['sft']}")
+        return args
+    if stage == "ppo":
+        return [f"--model.init_args.policy_ckpt={ckpts['sft']}", f"--model.init_args.reward_ckpt={ckpts['reward']}"]
+    return []
+
+
 def seed_args(stage: str, seed: int) -> list[str]:
     """`--seed N` seeds every stage: the global seed, and the sampling seeds of the reward and PPO stages
     (the stage's own options and `--<stage>.` overrides come after, so they win)."""
@@ -240,25 +259,26 @@ def main(argv: list[str]) -> int:
 
         config, argv = resolve_config(config), resolve_config_args(argv)
     cfg = build_parser().parse_args(argv)
+    if cfg.eval_samples is not None:
+        warnings.warn("rlhf pipeline: eval_samples is deprecated, use samples_per_prompt", DeprecationWarning, stacklevel=1)
+        cfg.samples_per_prompt = cfg.eval_samples
     base = Path(config).resolve().parent
     ckpts, walls = {}, {}
     for stage in STAGES:
         stage_config = base / cfg[f"{stage}_config"]
-        stage_args = [*seed_args(stage, cfg.seed), *cfg[f"{stage}_args"], *overrides[stage]]
+        stage_args = [*stage_inputs(stage, stage_config, ckpts), *seed_args(stage, cfg.seed), *cfg[f"{stage}_args"], *overrides[stage]]
         records = Path(cfg.summary).with_name("pipeline_state.json")
         ckpts[stage], walls[stage] = run_recorded_stage(stage, stage_config, stage_args, list(ckpts.values()), records, cfg.resume)
     print("[pipeline] evaluating on the test split", flush=True)
-    sft_row, sft_strata = policy_row("sft", ckpts["sft"], ckpts["sft"], ckpts["reward"], cfg.task, cfg.eval_samples, cfg.seed)
-    ppo_row, ppo_strata = policy_row("ppo", ckpts["ppo"], ckpts["sft"], ckpts["reward"], cfg.task, cfg.eval_samples, cfg.seed)
-    rows = [sft_row, reward_row(ckpts["reward"], ckpts["sft"], cfg.task, cfg.eval_samples, cfg.seed), ppo_row]
+    sft_row, sft_strata = policy_row("sft", ckpts["sft"], ckpts["sft"], ckpts["reward"], cfg.task, cfg.samples_per_prompt, cfg.seed)
+    ppo_row, ppo_strata = policy_row("ppo", ckpts["ppo"], ckpts["sft"], ckpts["reward"], cfg.task, cfg.samples_per_prompt, cfg.seed)
+    rows = [sft_row, reward_row(ckpts["reward"], ckpts["sft"], cfg.task, cfg.samples_per_prompt, cfg.seed), ppo_row]
     strata = {"sft": sft_strata, "ppo": ppo_strata}
     for row in rows:
         row["wall_s"] = round(walls[row["stage"]], 2)
     summary = Path(cfg.summary)
     summary.parent.mkdir(parents=True, exist_ok=True)
-    tmp = summary.with_name(f".{summary.name}.tmp")
-    tmp.write_text(json.dumps(rows, indent=2) + "\n")
-    tmp.replace(summary)
+    atomic_write_text(summary, [json.dumps(rows, indent=2) + "\n"])
     strata_path = atomic_write_text(summary.with_name("strata.json"), [json.dumps(strata, indent=2) + "\n"])
     print()
     print(format_table(rows))

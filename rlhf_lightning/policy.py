@@ -5,26 +5,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.nn as nn
 
-from rlhf_lightning.checkpoints import CheckpointError, read_checkpoint, sha256_path, submodule_state
-from rlhf_lightning.generation import Generation, generate
+from rlhf_lightning.checkpoints import CheckpointError, read_adapter_export, read_checkpoint, read_export, sha256_path, submodule_state
 from rlhf_lightning.models import build_model
-from rlhf_lightning.tasks.arithmetic import ALPHABET, judge
-from rlhf_lightning.tokenizer import CharTokenizer, load_tokenizer
+from rlhf_lightning.tasks.arithmetic import ALPHABET
+from rlhf_lightning.tokenizer import CharTokenizer, Tokenizer, load_tokenizer
 
 POLICY_STAGES = ("sft", "ppo")
 
 
-def build_policy(model: dict[str, Any] | None, tokenizer: dict[str, Any] | None) -> tuple[nn.Module, CharTokenizer, dict[str, Any]]:
+def build_policy(model: dict[str, Any] | None, tokenizer: dict[str, Any] | None) -> tuple[nn.Module, Tokenizer, dict[str, Any]]:
     """Model from a plain config (vocab size taken from the tokenizer; default: the toy alphabet).
 
     An "hf" model keeps its own vocabulary; its tokenizer defaults to the one saved in the same folder.
     """
     config = {"type": "gpt", **(model or {})}
     if config["type"] == "hf":
-        from rlhf_lightning.models.hf import local_folder
+        from rlhf_lightning.hf_files import local_folder
 
         config["path"] = local_folder(config.get("path"))  # absolute: checkpoints reload from any directory
         tok = load_tokenizer(tokenizer or {"type": "hf", "path": config["path"]})
@@ -37,15 +35,13 @@ def build_policy(model: dict[str, Any] | None, tokenizer: dict[str, Any] | None)
     return build_model(config), tok, config
 
 
-def load_policy(path: str, role: str = "ckpt", stages: tuple[str, ...] = POLICY_STAGES) -> tuple[nn.Module, CharTokenizer, dict[str, Any]]:
+def load_policy(path: str, role: str = "ckpt", stages: tuple[str, ...] = POLICY_STAGES) -> tuple[nn.Module, Tokenizer, dict[str, Any]]:
     """Rebuild the policy stored in an SFT or PPO checkpoint, or in a folder written by `rlhf export`.
 
     A checkpoint of LoRA adapters (`rlhf.lora`, `rlhf.base`) rebuilds its base first, refusing a base whose
     SHA-256 differs from the recorded one, then adds and loads the adapters. Returns (model, tokenizer, rlhf metadata).
     """
     if Path(path).is_dir():
-        from rlhf_lightning.export import read_adapter_export, read_export
-
         record = read_adapter_export(Path(path))
         if record is not None:  # PEFT's folder format
             from safetensors.torch import load_file
@@ -80,7 +76,7 @@ def base_record(path: str, kind: str, sha256: str | None = None) -> dict[str, st
     return {"kind": kind, "path": str(Path(path).resolve()), "sha256": sha256 or sha256_path(path)}
 
 
-def load_plain_policy(path: str, role: str) -> tuple[nn.Module, CharTokenizer, dict[str, Any]]:
+def load_plain_policy(path: str, role: str) -> tuple[nn.Module, Tokenizer, dict[str, Any]]:
     """`load_policy`, with the adapters of a LoRA checkpoint merged in: a plain model to put new adapters on."""
     from rlhf_lightning.lora import has_adapters, merged
 
@@ -88,7 +84,7 @@ def load_plain_policy(path: str, role: str) -> tuple[nn.Module, CharTokenizer, d
     return (merged(model) if has_adapters(model) else model), tokenizer, meta
 
 
-def base_with_adapters(meta: dict[str, Any], role: str) -> tuple[nn.Module, CharTokenizer]:
+def base_with_adapters(meta: dict[str, Any], role: str) -> tuple[nn.Module, Tokenizer]:
     """The base recorded in `meta["base"]`, checked against its SHA-256, with `meta["lora"]`'s adapters added
     (their weights still to be loaded)."""
     from rlhf_lightning.lora import add_adapters
@@ -98,7 +94,7 @@ def base_with_adapters(meta: dict[str, Any], role: str) -> tuple[nn.Module, Char
     return model, tokenizer
 
 
-def load_base(base: dict[str, str], meta: dict[str, Any], role: str) -> tuple[nn.Module, CharTokenizer]:
+def load_base(base: dict[str, str], meta: dict[str, Any], role: str) -> tuple[nn.Module, Tokenizer]:
     """The base model of an adapter checkpoint, checked against its recorded SHA-256; its own adapters, if it
     has any, merged in (a base is always a plain model)."""
     if not Path(base["path"]).exists():
@@ -116,31 +112,3 @@ def load_base(base: dict[str, str], meta: dict[str, Any], role: str) -> tuple[nn
 
 def context_length(model: nn.Module) -> int:
     return int(getattr(model.config, "block_size", 1 << 30))
-
-
-def complete(
-    model: nn.Module,
-    tokenizer: CharTokenizer,
-    batch: dict,
-    max_new_tokens: int,
-    greedy: bool = True,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    generator: torch.Generator | None = None,
-) -> tuple[list[str], Generation]:
-    """Generate for a batch from `PromptDataset.collate` and decode the completions to text."""
-    gen = generate(
-        model, batch["prompt_ids"], batch["prompt_mask"], max_new_tokens=max_new_tokens,
-        eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, temperature=temperature, top_k=top_k,
-        greedy=greedy, generator=generator,
-    )
-    return [tokenizer.decode(row) for row in gen.completion_ids.tolist()], gen
-
-
-def judge_scores(completions: list[str], golds: list[str | None], finished: torch.Tensor) -> torch.Tensor:
-    """The task judge per row (B,); NaN where no gold answer is known."""
-    ended = finished.tolist()
-    return torch.tensor(
-        [float("nan") if g is None else judge(c, g, e) for c, g, e in zip(completions, golds, ended)],
-        dtype=torch.float32,
-    )

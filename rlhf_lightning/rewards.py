@@ -23,8 +23,8 @@ from typing import Protocol
 import torch
 
 from rlhf_lightning.checkpoints import CheckpointError
-from rlhf_lightning.tasks.arithmetic import gold_answer, judge
-from rlhf_lightning.tokenizer import CharTokenizer
+from rlhf_lightning.tasks.arithmetic import gold_answer, judge_scores
+from rlhf_lightning.tokenizer import Tokenizer
 
 __all__ = [
     "REWARD_SOURCES",
@@ -58,7 +58,7 @@ class RewardSettings:
     reward_ckpt: str | None = None
     reward_weights: dict[str, float] | None = None
     normalize: bool = True
-    policy_tokenizer: CharTokenizer | None = None
+    policy_tokenizer: Tokenizer | None = None
     policy_ckpt: str | None = None  # for error messages only
 
 
@@ -93,16 +93,14 @@ class JudgeReward:
         return cls()
 
     def __call__(self, prompts, completions, ended, golds) -> torch.Tensor:
-        scores = []
-        for prompt, completion, end, gold in zip(prompts, completions, ended.tolist(), golds):
-            gold = gold if gold is not None else gold_answer(prompt)
+        golds = [gold if gold is not None else gold_answer(prompt) for prompt, gold in zip(prompts, golds)]
+        for prompt, gold in zip(prompts, golds):
             if gold is None:
                 raise RewardError(
                     f"reward source 'judge' has no gold answer for prompt {prompt!r}: give a 'completion' field "
                     "in the prompts file or use the learned reward"
                 )
-            scores.append(judge(completion, gold, bool(end)))
-        return torch.tensor(scores, dtype=torch.float32, device=ended.device)
+        return judge_scores(completions, golds, ended).to(ended.device)  # (B,)
 
 
 class LearnedReward:
@@ -114,8 +112,8 @@ class LearnedReward:
 
     name = "learned"
 
-    def __init__(self, reward_ckpt: str, normalize: bool = True, policy_tokenizer: CharTokenizer | None = None, policy_ckpt: str | None = None) -> None:
-        from rlhf_lightning.models.reward import load_reward_model  # imported on use: only this source needs it
+    def __init__(self, reward_ckpt: str, normalize: bool = True, policy_tokenizer: Tokenizer | None = None, policy_ckpt: str | None = None) -> None:
+        from rlhf_lightning.scoring import load_reward_model  # imported on use: only this source needs it
 
         self.reward_ckpt = reward_ckpt
         self.model, self.tokenizer, meta = load_reward_model(reward_ckpt, role="model.init_args.reward_ckpt")
@@ -144,7 +142,7 @@ class LearnedReward:
 
     @torch.no_grad()
     def __call__(self, prompts, completions, ended, golds) -> torch.Tensor:
-        from rlhf_lightning.models.reward import score_texts
+        from rlhf_lightning.scoring import score_texts
 
         scores = score_texts(self.model, self.tokenizer, list(prompts), list(completions), ended, where=self.reward_ckpt)
         return ((scores.float() - self.mean) / self.std).to(ended.device)  # (B,)

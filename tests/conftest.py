@@ -56,7 +56,7 @@ def sft_ckpt(sft_run) -> Path:
 RM_QUICK = [
     "fit", "--config", str(CONFIGS / "toy" / "reward.yaml"), *QUIET, "--trainer.logger=false",
     "--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--data.init_args.batch_size=32",
-    "--data.init_args.max_train_prompts=300", "--data.init_args.max_val_prompts=100",
+    "--data.init_args.pairs.max_train_prompts=300", "--data.init_args.pairs.max_val_prompts=100",
 ]
 
 

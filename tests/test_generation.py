@@ -2,7 +2,7 @@
 
 import torch
 
-from rlhf_lightning.data.collate import left_pad
+from rlhf_lightning.padding import left_pad
 from rlhf_lightning.generation import generate
 from rlhf_lightning.losses import logprobs_from_logits
 from rlhf_lightning.models import GPT, GPTConfig

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import CONFIGS, QUIET, run_cli
-from rlhf_lightning.data.collate import left_pad
+from rlhf_lightning.padding import left_pad
 from rlhf_lightning.generation import generate
 from rlhf_lightning.losses import logprobs_from_logits
 from rlhf_lightning.tasks.arithmetic import ALPHABET, format_prompt
@@ -71,7 +71,7 @@ def test_tokenizer_keeps_the_project_contract(gpt2_dir):
 
 
 def test_generation_matches_a_full_recompute_for_left_padded_rows(gpt2_dir):
-    from rlhf_lightning.hf_tokenizer import HFTokenizer
+    from rlhf_lightning.tokenizer.hf import HFTokenizer
     from rlhf_lightning.models import build_model
 
     model, tok = build_model({"type": "hf", "path": str(gpt2_dir)}).eval(), HFTokenizer(str(gpt2_dir))
@@ -114,15 +114,15 @@ def write_pairs(path: Path, items: list[tuple[int, int]]) -> str:
 
 
 def test_reward_fit_on_an_hf_backbone(gpt2_dir, hf_sft):
-    from rlhf_lightning.models.reward import load_reward_model
+    from rlhf_lightning.scoring import load_reward_model
 
     train = write_pairs(hf_sft / "prefs_train.jsonl", [(a, b) for a in range(8) for b in range(4)])
     val = write_pairs(hf_sft / "prefs_val.jsonl", [(a, 9) for a in range(8)])
     run_cli(
         [
             "fit", "--config", str(CONFIGS / "hf" / "reward.yaml"), *QUIET, "--trainer.logger=false",
-            f"--model.init_args.model={{type: hf, path: {gpt2_dir}}}", f"--data.init_args.train_file={train}",
-            f"--data.init_args.val_file={val}", "--data.init_args.batch_size=8", "--trainer.max_epochs=1",
+            f"--model.init_args.model={{type: hf, path: {gpt2_dir}}}", "--data.init_args.pairs=JsonlPairs",
+            f"--data.init_args.pairs.train_file={train}", f"--data.init_args.pairs.val_file={val}", "--data.init_args.batch_size=8", "--trainer.max_epochs=1",
         ],
         hf_sft,
     )
@@ -162,17 +162,10 @@ def test_ppo_two_rollouts_with_the_judge(hf_sft):
 
 
 def test_missing_transformers_names_the_extra(monkeypatch, gpt2_dir):
-    import importlib
+    import sys
 
     from rlhf_lightning.models import build_model
 
-    real = importlib.import_module
-
-    def without_transformers(name, *args):
-        if name.split(".")[0] == "transformers":
-            raise ModuleNotFoundError(f"No module named {name!r}")
-        return real(name, *args)
-
-    monkeypatch.setattr(importlib, "import_module", without_transformers)
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` now raises ImportError
     with pytest.raises(ImportError, match=r"pip install 'rlhf-lightning\[hf\]'"):
         build_model({"type": "hf", "path": str(gpt2_dir)})

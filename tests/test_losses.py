@@ -15,6 +15,7 @@ from rlhf_lightning.kl_control import (
     FixedKLController,
     make_kl_controller,
 )
+from rlhf_lightning.scoring import token_logprobs
 from rlhf_lightning.losses import (
     ADVANTAGE_ESTIMATORS,
     KL_ESTIMATORS,
@@ -45,7 +46,6 @@ from rlhf_lightning.losses import (
     seq_mean_token_sum_norm,
     sequence_log_ratio,
     token_log_ratio,
-    token_logprobs,
     token_mean,
 )
 
@@ -211,9 +211,9 @@ def test_advantages_reject_bad_layout(name):
 
 
 def test_small_groups_rejected():
-    with pytest.raises(ValueError, match="group_size"):
+    with pytest.raises(ValueError, match="samples_per_prompt"):
         rloo(t([1.0, 2.0]), 1)
-    with pytest.raises(ValueError, match="group_size"):
+    with pytest.raises(ValueError, match="samples_per_prompt"):
         group_whiten(t([1.0, 2.0]), 1)
 
 

@@ -25,7 +25,7 @@ PIPELINE_QUICK = [
     *QUIET_STAGES,
     "--sft.trainer.max_epochs=1", "--sft.data.init_args.demo_fraction=0.1", "--sft.data.init_args.max_val_prompts=64",
     "--reward.trainer.max_epochs=1", "--reward.trainer.limit_train_batches=3",
-    "--reward.data.init_args.max_train_prompts=200", "--reward.data.init_args.max_val_prompts=50",
+    "--reward.data.init_args.pairs.max_train_prompts=200", "--reward.data.init_args.pairs.max_val_prompts=50",
     "--ppo.trainer.limit_train_batches=3", "--ppo.data.init_args.batch_size=16", "--ppo.data.init_args.max_val_prompts=64",
 ]
 

@@ -22,7 +22,7 @@ PPO_YAML = str(CONFIGS / "toy" / "ppo.yaml")
 
 
 def prompt_batch(module: PPOModule, n: int = 8, split: str = "train") -> dict:
-    ds = PromptDataset(module.tokenizer, load_prompts("toy", split, limit=n), module.prompt_context_length)
+    ds = PromptDataset(module.tokenizer, load_prompts("toy", split, limit=n), module.data_max_length)
     return ds.collate([ds[i] for i in range(len(ds))])
 
 

@@ -9,7 +9,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from rlhf_lightning.losses import logprobs_from_logits
 from rlhf_lightning.modules.ppo import PPOModule, Rollout
 
 WORLD = 2
@@ -50,7 +49,7 @@ def fixed_rollout(module: PPOModule) -> Rollout:
         rewards=torch.tensor([1.0, 0.0, 0.5, 0.5, 0.0, 0.0, 1.0, 0.25]), advantages=torch.zeros(B), finished=finished,
     )
     with torch.no_grad():  # old and reference log-probs near the policy's own: ratios around 1, some clipped
-        logp = logprobs_from_logits(rollout.logits(module.model), completion_ids, module.hparams.temperature)
+        logp = rollout.logprobs(module.model, module.hparams.temperature)
     rollout.old_logprobs = (logp + 0.2 * torch.randn(B, N, generator=g)).masked_fill(~completion_mask, 0.0)
     rollout.ref_logprobs = (logp - 0.3 * torch.rand(B, N, generator=g)).masked_fill(~completion_mask, 0.0)
     return rollout

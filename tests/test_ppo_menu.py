@@ -13,7 +13,7 @@ from torch.testing import assert_close
 from conftest import CONFIGS, QUIET, run_cli
 from rlhf_lightning.cli import main
 from rlhf_lightning.data.prompts import PromptDataset, load_prompts
-from rlhf_lightning.losses import drop_truncated, logprobs_from_logits, ppo_loss
+from rlhf_lightning.losses import drop_truncated, ppo_loss
 from rlhf_lightning.modules.ppo import PPOModule, Rollout
 from rlhf_lightning.policy import load_policy
 
@@ -42,7 +42,7 @@ def menu_rollout(module: PPOModule) -> Rollout:
         finished=torch.tensor([True, True, True, False]),
     )
     with torch.no_grad():
-        logp = logprobs_from_logits(rollout.logits(module.model), completion_ids, module.hparams.temperature)  # (B, N)
+        logp = rollout.logprobs(module.model, module.hparams.temperature)  # (B, N)
     log_rho = torch.tensor([[0.2231, 0.2231, 0.0, 0.1],  # rho 1.25 on A > 0: clip-higher decides
                             [1.0, -0.1625, 0.0, 0.0],  # rho e and 0.85 on A < 0: the dual clip and clip_eps_low decide
                             [0.05, -0.3, 0.2231, 0.0],
@@ -93,7 +93,7 @@ def test_truncated_completions_get_no_loss_but_keep_their_statistics(sft_ckpt):
     # two new tokens fit a one-digit answer and its EOS, not a two-digit one: a mix of finished and truncated rows
     records = load_prompts("toy", "train", limit=300)
     records = [r for r in records if len(r.gold) == 1][:4] + [r for r in records if len(r.gold) == 2][:4]
-    ds = PromptDataset(module.tokenizer, records, module.prompt_context_length)
+    ds = PromptDataset(module.tokenizer, records, module.data_max_length)
     torch.manual_seed(0)
     rollout, _ = module.make_rollout(ds.collate([ds[i] for i in range(len(ds))]))
     eos = (rollout.completion_ids == module.tokenizer.eos_id) & rollout.completion_mask

@@ -144,7 +144,7 @@ def test_gold_reward_is_logged_beside_a_learned_reward(sft_ckpt, reward_ckpt, tm
     from rlhf_lightning.data.prompts import PromptDataset, load_prompts
     from rlhf_lightning.policy import judge_scores
 
-    ds = PromptDataset(module.tokenizer, load_prompts("toy", "train", limit=16), module.prompt_context_length)
+    ds = PromptDataset(module.tokenizer, load_prompts("toy", "train", limit=16), module.data_max_length)
     batch = ds.collate([ds[i] for i in range(len(ds))])
     drawn = module.sample(batch)
     metrics = module.rollout_metrics([drawn], rounds=1, kept_groups=None)

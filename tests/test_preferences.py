@@ -120,7 +120,7 @@ def test_held_out_groups_score_each_completion_once(tmp_path):
 def test_generated_pairs_have_no_ties_and_come_from_one_prompt(sft_ckpt):
     policy, tokenizer, _ = load_policy(str(sft_ckpt))
     records = load_prompts("toy", "train")[:200]
-    groups = sample_groups(policy, tokenizer, records, num_samples=4, temperature=1.5, batch_size=64, seed=3)
+    groups = sample_groups(policy, tokenizer, records, samples_per_prompt=4, temperature=1.5, batch_size=64, seed=3)
     assert [g.prompt for g in groups] == [r.prompt for r in records]
     n_pairs = 0
     for g, r in zip(groups, records):
@@ -135,13 +135,13 @@ def test_generated_pairs_have_no_ties_and_come_from_one_prompt(sft_ckpt):
         n_pairs += len(g.pairs)
     assert n_pairs > 50  # a quick SFT policy at temperature 1.5 gets some right and some wrong
     # seeded: the same call gives the same samples
-    again = sample_groups(policy, tokenizer, records, num_samples=4, temperature=1.5, batch_size=64, seed=3)
+    again = sample_groups(policy, tokenizer, records, samples_per_prompt=4, temperature=1.5, batch_size=64, seed=3)
     assert [g.completions for g in again] == [g.completions for g in groups]
 
 
 def test_random_judge_pairs_every_distinct_score(sft_ckpt):
     policy, tokenizer, _ = load_policy(str(sft_ckpt))
-    groups = sample_groups(policy, tokenizer, load_prompts("toy", "train")[:10], num_samples=3, judge_name="random")
+    groups = sample_groups(policy, tokenizer, load_prompts("toy", "train")[:10], samples_per_prompt=3, judge_name="random")
     assert all(len(g.pairs) == 3 for g in groups)  # continuous random scores never tie
     assert all(not math.isnan(x) for g in groups for x in g.labels)
 
@@ -150,5 +150,5 @@ def test_auto_judge_needs_a_gold_answer(tmp_path, sft_ckpt):
     policy, tokenizer, _ = load_policy(str(sft_ckpt))
     path = write_lines(tmp_path / "prompts.jsonl", [json.dumps({"prompt": "Q: 1+2=\nA:"}), json.dumps({"prompt": "Q: 3=\nA:"})])
     with pytest.raises(DataError, match="gold answer") as err:
-        sample_groups(policy, tokenizer, load_prompts(path=path), num_samples=2)
+        sample_groups(policy, tokenizer, load_prompts(path=path), samples_per_prompt=2)
     assert err.value.path == f"{path}:2" and err.value.field == "prompt"

@@ -17,17 +17,20 @@ import torch
 import yaml
 
 from conftest import CONFIGS, run_cli
-from rlhf_lightning.checkpoints import FAULT_ENV, CheckpointError
+from rlhf_lightning.checkpoints import CheckpointError
+from rlhf_lightning.files import FAULT_ENV
 from rlhf_lightning.cli import main
 
 
-def tiny_config(tmp_path: Path, stage: str, trainer: dict, model: dict, data: dict, every: int) -> Path:
+def tiny_config(tmp_path: Path, stage: str, trainer: dict, model: dict, data: dict, every: int, pairs: dict | None = None) -> Path:
     """The toy stage config, small, with a last.ckpt every `every` optimizer steps and TensorBoard logs."""
     config = yaml.safe_load((CONFIGS / "toy" / f"{stage}.yaml").read_text())
     config["trainer"].update(enable_progress_bar=False, log_every_n_steps=1, **trainer)
     config["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = every
     config["model"]["init_args"].update(model)
     config["data"]["init_args"].update(data)
+    if pairs:
+        config["data"]["init_args"]["pairs"]["init_args"].update(pairs)
     path = tmp_path / f"{stage}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -159,7 +162,7 @@ def test_sft_killed_three_times_resumes_bitwise_identical_and_logs_each_step_onc
 def test_reward_killed_three_times_resumes_bitwise_identical(tmp_path, sft_run):
     config = tiny_config(
         tmp_path, "reward", {"max_steps": 16, "max_epochs": 4}, {},
-        {"max_train_prompts": 60, "max_val_prompts": 16, "batch_size": 16, "num_samples": 4}, every=3,
+        {"batch_size": 16}, every=3, pairs={"max_train_prompts": 60, "max_val_prompts": 16, "samples_per_prompt": 4},
     )
     for name in ("full", "killed"):
         (tmp_path / name / "checkpoints" / "toy").mkdir(parents=True)
@@ -303,7 +306,7 @@ def pipeline_args(tmp_path: Path) -> list[str]:
     return [
         f"--ppo_config={ppo}", "--sft.trainer.enable_progress_bar=false", "--reward.trainer.enable_progress_bar=false",
         "--sft.trainer.max_epochs=1", "--sft.data.init_args.demo_fraction=0.1", "--sft.data.init_args.max_val_prompts=64",
-        "--reward.trainer.limit_train_batches=3", "--reward.data.init_args.max_train_prompts=200", "--reward.data.init_args.max_val_prompts=50",
+        "--reward.trainer.limit_train_batches=3", "--reward.data.init_args.pairs.max_train_prompts=200", "--reward.data.init_args.pairs.max_val_prompts=50",
     ]
 
 

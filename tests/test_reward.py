@@ -12,9 +12,10 @@ import torch
 
 from conftest import CONFIGS, QUIET, run_cli
 from rlhf_lightning.checkpoints import CheckpointError, read_checkpoint, submodule_state
-from rlhf_lightning.data.collate import left_pad, right_pad
+from rlhf_lightning.padding import left_pad, right_pad
 from rlhf_lightning.data.jsonl import DataError, read_jsonl
-from rlhf_lightning.models.reward import RewardModel, encode_scored, load_reward_model, score_texts
+from rlhf_lightning.models.reward import RewardModel
+from rlhf_lightning.scoring import encode_scored, load_reward_model, score_texts
 from rlhf_lightning.modules.reward import RewardModule, binary_auroc
 from rlhf_lightning.tasks.arithmetic import ALPHABET, gold_answer, judge, split_of
 from rlhf_lightning.tokenizer import CharTokenizer, UnknownCharacterError
@@ -28,7 +29,7 @@ ENDED = [True, True, False]
 RM_QUICK = [
     "fit", "--config", str(CONFIGS / "toy" / "reward.yaml"), *QUIET,
     "--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--data.init_args.batch_size=32",
-    "--data.init_args.max_train_prompts=300", "--data.init_args.max_val_prompts=100",
+    "--data.init_args.pairs.max_train_prompts=300", "--data.init_args.pairs.max_val_prompts=100",
 ]
 # The held-out pairs of `easy_pairs` that a tiny fit must rank right; chance is 0.5.
 HELD_OUT_ACCURACY = 0.9
@@ -122,7 +123,8 @@ def test_tiny_fit_ranks_held_out_chosen_above_rejected(tmp_path):
         "fit", "--config", str(CONFIGS / "toy" / "reward.yaml"), *QUIET, "--trainer.logger=false",
         "--trainer.max_epochs=3", "--model.init_args.sft_ckpt=null", "--model.init_args.lr=0.003",
         "--model.init_args.model={type: gpt, n_layer: 1, n_embd: 32, block_size: 24}", "--model.init_args.chosen_nll=0",
-        f"--data.init_args.train_file={tmp_path / 'train.jsonl'}", f"--data.init_args.val_file={tmp_path / 'val.jsonl'}",
+        "--data.init_args.pairs=JsonlPairs", f"--data.init_args.pairs.train_file={tmp_path / 'train.jsonl'}",
+        f"--data.init_args.pairs.val_file={tmp_path / 'val.jsonl'}",
         "--data.init_args.batch_size=32",
     ], tmp_path)
     metrics = cli.trainer.callback_metrics
@@ -185,8 +187,8 @@ def test_fit_from_jsonl_files(reward_run, tmp_path):
         "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.num_sanity_val_steps=0",
         "--model.init_args.sft_ckpt=null", "--model.init_args.model={type: mean_embedding, n_embd: 16}",
         "--model.init_args.chosen_nll=0",
-        f"--data.init_args.train_file={run_dir / 'preferences_train.jsonl'}",
-        f"--data.init_args.val_file={run_dir / 'preferences_val.jsonl'}",
+        "--data.init_args.pairs=JsonlPairs", f"--data.init_args.pairs.train_file={run_dir / 'preferences_train.jsonl'}",
+        f"--data.init_args.pairs.val_file={run_dir / 'preferences_val.jsonl'}",
     ], tmp_path)
     assert cli.trainer.global_step == 2
     held_out = len(read_jsonl(run_dir / "preferences_val.jsonl", ["prompt"]))
@@ -201,14 +203,14 @@ def test_bad_input_fails_before_training(tmp_path):
     bad.write_text(json.dumps({"prompt": "Q: 1+2=\nA:", "chosen": "3", "rejected": "4"}) + "\n\n" + json.dumps({"prompt": "Q: 1+2=\nA:", "chosen": "3"}) + "\n")
     base = ["fit", "--config", str(CONFIGS / "toy" / "reward.yaml"), *QUIET, "--trainer.logger=false"]
     with pytest.raises(DataError, match=rf"{bad}:3: field 'rejected': missing"):
-        run_cli([*base, "--model.init_args.sft_ckpt=null", f"--data.init_args.train_file={bad}"], tmp_path)
+        run_cli([*base, "--model.init_args.sft_ckpt=null", "--data.init_args.pairs=JsonlPairs", f"--data.init_args.pairs.train_file={bad}"], tmp_path)
     with pytest.raises(CheckpointError, match=r"model.init_args.sft_ckpt: checkpoint 'checkpoints/toy/sft.ckpt' does not exist"):
         run_cli(base, tmp_path)  # the default config, with no SFT run in this directory
     assert not (tmp_path / "checkpoints").exists()
 
 
 def test_lm_feature_adds_the_completions_log_likelihood_under_the_policy():
-    from rlhf_lightning.losses import token_logprobs
+    from rlhf_lightning.scoring import token_logprobs
     from rlhf_lightning.models import GPT, GPTConfig
 
     torch.manual_seed(0)
@@ -231,7 +233,8 @@ def test_lm_feature_adds_the_completions_log_likelihood_under_the_policy():
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # a training_step called by hand
 def test_chosen_nll_adds_the_chosen_completions_mean_token_nll():
     from rlhf_lightning.data.preferences import PairDataset, PreferencePair
-    from rlhf_lightning.losses import bradley_terry_loss, token_logprobs
+    from rlhf_lightning.losses import bradley_terry_loss
+    from rlhf_lightning.scoring import token_logprobs
     from rlhf_lightning.models import GPT, GPTConfig
 
     torch.manual_seed(0)

@@ -96,7 +96,7 @@ def save_reward_ckpt(path, alphabet=ALPHABET, mean=0.5, std=2.0, stage="reward")
 
 
 def test_learned_reward_is_frozen_and_normalized(tmp_path):
-    from rlhf_lightning.models.reward import score_texts
+    from rlhf_lightning.scoring import score_texts
 
     path = tmp_path / "reward.ckpt"
     model, tok = save_reward_ckpt(path, mean=0.5, std=2.0)

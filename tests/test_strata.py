@@ -158,7 +158,7 @@ def test_ppo_evaluate_returns_and_logs_accuracy_per_stratum(sft_ckpt):
     from rlhf_lightning.modules.ppo import PPOModule
 
     module = PPOModule(policy_ckpt=str(sft_ckpt), reward="judge")
-    data = PromptDataset(module.tokenizer, load_prompts("toy", "val", limit=200), module.prompt_context_length)
+    data = PromptDataset(module.tokenizer, load_prompts("toy", "val", limit=200), module.data_max_length)
     metrics = module.evaluate(DataLoader(data, batch_size=64, collate_fn=data.collate))
     summary, _ = evaluate_policy(str(sft_ckpt), split="val", limit=200, max_new_tokens=module.hparams.max_new_tokens)
     expected = {f"eval/accuracy/{n}": m["accuracy"] for n, m in summary["strata"].items() if m["n"]}
@@ -202,9 +202,9 @@ def test_sft_stratum_weights_reach_the_loader_and_bad_names_exit_2(tmp_path, mon
     from rlhf_lightning.data.sft import SFTDataModule
     from rlhf_lightning.modules.sft import SFTModule
 
-    data = SFTDataModule(task="toy", demo_fraction=0.2, stratum_weights={"digits/1+1": 50.0})
-    data.tokenizer = SFTModule().tokenizer
-    data.trainer = type("T", (), {"lightning_module": SFTModule(), "world_size": 1})()
+    module = SFTModule()
+    data = SFTDataModule(task="toy", demo_fraction=0.2, stratum_weights={"digits/1+1": 50.0}, tokenizer=module.tokenizer, max_length=module.data_max_length)
+    data.trainer = type("T", (), {"world_size": 1})()
     data.setup("fit")
     loader = data.train_dataloader()
     assert isinstance(loader.sampler, StratumWeightedSampler) and len(loader.sampler) == len(data.train_set)

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from rlhf_lightning.tasks.arithmetic import ALPHABET, problems
-from rlhf_lightning.tokenizer import CharTokenizer, UnknownCharacterError
+from rlhf_lightning.tokenizer import CharTokenizer, Tokenizer, UnknownCharacterError, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -78,18 +78,14 @@ def test_unknown_character_error_names_char_index_and_where(tok):
         tok.encode_completion("12a", where="where-c")
 
 
-def test_dict_and_json_round_trip(tok, tmp_path):
+def test_dict_and_json_round_trip(tok):
     d = tok.to_dict()
     assert d == {"type": "char", "alphabet": ALPHABET}
     assert json.loads(json.dumps(d)) == d
     assert CharTokenizer.from_dict(d) == tok
-    path = tmp_path / "sub" / "tokenizer.json"
-    tok.save(path)
-    assert json.loads(path.read_text(encoding="utf-8")) == d
-    loaded = CharTokenizer.load(path)
-    assert loaded == tok
+    loaded = load_tokenizer(json.loads(json.dumps(d)))
+    assert loaded == tok and isinstance(loaded, Tokenizer)
     assert loaded.encode("Q: 5-3=\nA:2") == tok.encode("Q: 5-3=\nA:2")
-    assert [p.name for p in path.parent.iterdir()] == ["tokenizer.json"]
     assert CharTokenizer("ab") != tok
     with pytest.raises(ValueError, match="type"):
         CharTokenizer.from_dict({"type": "bpe", "alphabet": "ab"})

@@ -1,4 +1,4 @@
-"""What every stage's DataModule shares: the tokenizer of the attached LightningModule, and loaders."""
+"""What every stage's DataModule shares: the tokenizer and length limit it is given, and resumable loaders."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from rlhf_lightning.tokenizer import CharTokenizer
+from rlhf_lightning.tokenizer import Tokenizer
 
 
 class ResumableRandomSampler(Sampler[int]):
@@ -50,25 +50,30 @@ class ResumableRandomSampler(Sampler[int]):
 
 
 class TokenizedDataModule(L.LightningDataModule):
-    """The tokenizer belongs to the LightningModule (it travels inside the checkpoint): `setup` takes it, and
-    the context length named by `context_attr`, from there unless one was assigned to `self.tokenizer`.
+    """The tokenizer belongs to the LightningModule (it travels inside the checkpoint). A DataModule is given it,
+    and the longest sequence the module takes, as the constructor arguments `tokenizer` and `max_length`
+    (`rlhf fit` links them from `model.tokenizer` and `model.data_max_length`); they are not hyperparameters.
 
     The training order is resumable: `state_dict()` records the epoch's shuffle seed and how many batches the
     training loop has consumed, and a resumed run's training loader continues there (one process only; under
     DDP Lightning's distributed sampler shuffles and a resumed run starts its epoch over).
     """
 
-    context_attr = "context_length"
-    tokenizer: CharTokenizer | None = None
     _train_order: ResumableRandomSampler | None = None
     _resume_order: dict[str, int] | None = None
 
-    def module_tokenizer(self) -> tuple[CharTokenizer, int]:
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        tokenizer = self.tokenizer or getattr(module, "tokenizer", None)
-        if tokenizer is None:
-            raise RuntimeError(f"{type(self).__name__} needs a tokenizer: attach it to a LightningModule or set `.tokenizer`")
-        return tokenizer, getattr(module, self.context_attr, 1 << 30)
+    def __init__(self, tokenizer: Tokenizer | None = None, max_length: int | None = None) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    def tokenizer_and_length(self) -> tuple[Tokenizer, int]:
+        """(tokenizer, longest sequence) given to the constructor; a clear error when no tokenizer was."""
+        if self.tokenizer is None:
+            raise RuntimeError(
+                f"{type(self).__name__} needs the module's tokenizer: pass tokenizer= (and max_length=), as `rlhf fit` does"
+            )
+        return self.tokenizer, self.max_length or (1 << 30)
 
     def loader(self, dataset: Dataset, batch_size: int, shuffle: bool = False, drop_last: bool = False, sampler: Sampler | None = None) -> DataLoader:
         """Batches of `dataset` through its own `collate`.

@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from rlhf_lightning.files import atomic_write_text
 
 __all__ = ["DataError", "read_jsonl", "write_jsonl"]
 
@@ -160,30 +161,6 @@ def _json_kind(value: Any) -> str:
     if value is None:
         return "null"
     return type(value).__name__
-
-
-def atomic_write_text(path: str | os.PathLike[str], chunks: Iterable[str]) -> Path:
-    """Write the text ``chunks`` to ``path`` through a temporary file in the same directory (parents
-    created), synced and renamed into place only once complete: no half-written file ever carries the
-    final name, and a failure leaves any previous file untouched. Returns the final path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
 
 
 def write_jsonl(path: str | os.PathLike[str], records: Iterable[Mapping[str, Any]]) -> Path:

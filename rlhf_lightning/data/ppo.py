@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 
 from rlhf_lightning.data.base import TokenizedDataModule
 from rlhf_lightning.data.prompts import PromptDataset, load_prompts
+from rlhf_lightning.tokenizer import Tokenizer
 
 
 class PromptStream:
@@ -65,8 +66,6 @@ class PromptDataModule(TokenizedDataModule):
     (before the first update, every few rollouts and at the end), not from Lightning's validation loop.
     """
 
-    context_attr = "prompt_context_length"  # prompts leave room for max_new_tokens
-
     def __init__(
         self,
         task: str = "toy",
@@ -78,6 +77,8 @@ class PromptDataModule(TokenizedDataModule):
         max_val_prompts: int | None = None,
         num_workers: int = 0,
         seed: int = 0,
+        tokenizer: Tokenizer | None = None,
+        max_length: int | None = None,
     ) -> None:
         """
         Args:
@@ -90,14 +91,17 @@ class PromptDataModule(TokenizedDataModule):
             max_val_prompts: evaluate on the first N `val` prompts only (None: all).
             num_workers: DataLoader workers.
             seed: seed of the stream that `draw_prompts` takes extra `train` prompts from.
+            tokenizer: the LightningModule's tokenizer (`rlhf fit` links `model.tokenizer` here: it travels
+                inside the module's checkpoint, not among this DataModule's hyperparameters).
+            max_length: the longest prompt, leaving room for the completion (`rlhf fit` links `model.data_max_length` here).
         """
-        super().__init__()
-        self.save_hyperparameters()
+        super().__init__(tokenizer, max_length)
+        self.save_hyperparameters(ignore=["tokenizer", "max_length"])
         self.stream: PromptStream | None = None
         self._stream_state: dict[str, int] | None = None
 
     def setup(self, stage: str) -> None:
-        tokenizer, context = self.module_tokenizer()
+        tokenizer, context = self.tokenizer_and_length()
         hp = self.hparams
         if stage == "fit":
             records = load_prompts(hp.task, "train", hp.train_file, hp.max_train_prompts)

@@ -1,4 +1,5 @@
-"""Preference pairs for the reward model, from a JSONL file or sampled from an SFT policy and judged.
+"""Preference pairs for the reward model, from a pair source: a JSONL reader or a sampler that samples an SFT
+policy and judges the completions. `PreferenceDataModule(pairs=...)` takes either by `class_path`.
 
 A file holds TRL-style lines ``{"prompt", "chosen", "rejected"[, "margin"]}``; our generated files add
 ``chosen_ended`` / ``rejected_ended`` (did the completion emit EOS; default true), so they can be read back
@@ -15,7 +16,6 @@ reward's AUROC and its mean and std can be measured.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -24,22 +24,25 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from rlhf_lightning.data.base import TokenizedDataModule
-from rlhf_lightning.data.collate import left_pad, right_pad
 from rlhf_lightning.data.jsonl import DataError, read_jsonl, write_jsonl
 from rlhf_lightning.data.prompts import PromptRecord, encode_prompts, load_prompts
-from rlhf_lightning.generation import generate
-from rlhf_lightning.models.reward import completion_mask, encode_scored
+from rlhf_lightning.padding import left_pad, right_pad
 from rlhf_lightning.policy import context_length, load_policy
-from rlhf_lightning.tasks.arithmetic import gold_answer, judge, split_of
-from rlhf_lightning.tokenizer import CharTokenizer
+from rlhf_lightning.sampling import complete
+from rlhf_lightning.scoring import completion_mask, encode_scored
+from rlhf_lightning.tasks.arithmetic import gold_answer, judge_scores, split_of
+from rlhf_lightning.tokenizer import Tokenizer
 
 __all__ = [
     "JUDGES",
+    "JsonlPairs",
     "PairDataset",
+    "PairSource",
     "PreferenceDataModule",
     "PreferencePair",
     "SampleGroup",
     "SampleGroupDataset",
+    "SampledPairs",
     "pairs_from_group",
     "read_preferences",
     "sample_groups",
@@ -109,11 +112,11 @@ Judge = Callable[[list[str], list[str | None], list[bool], list[str], torch.Gene
 
 
 def auto_judge(completions: list[str], golds: list[str | None], ended: list[bool], wheres: list[str], generator: torch.Generator) -> list[float]:
-    """The task's judge: 1.0 for the exact gold answer followed by EOS, else 0.0."""
+    """The task's judge (`tasks.arithmetic.judge_scores`): 1.0 for the exact gold answer followed by EOS, else 0.0."""
     for gold, where in zip(golds, wheres):
         if gold is None:
             raise DataError("the 'auto' judge needs a gold answer and this prompt has none", path=where, field="prompt")
-    return [judge(c, g, e) for c, g, e in zip(completions, golds, ended)]
+    return judge_scores(completions, golds, ended).tolist()
 
 
 def random_judge(completions: list[str], golds: list[str | None], ended: list[bool], wheres: list[str], generator: torch.Generator) -> list[float]:
@@ -147,9 +150,9 @@ def pairs_from_group(scores: Sequence[float], completions: Sequence[str], tie_br
 @torch.no_grad()
 def sample_groups(
     policy: torch.nn.Module,
-    tokenizer: CharTokenizer,
+    tokenizer: Tokenizer,
     records: list[PromptRecord],
-    num_samples: int,
+    samples_per_prompt: int,
     judge_name: str = "auto",
     tie_break: str | None = None,
     max_new_tokens: int = 6,
@@ -158,11 +161,12 @@ def sample_groups(
     batch_size: int = 256,
     seed: int = 0,
 ) -> list[SampleGroup]:
-    """Sample `num_samples` completions per prompt (batched, seeded), judge them, pair them up."""
+    """Sample `samples_per_prompt` completions per prompt (batched, seeded), judge them, pair them up."""
+    K = samples_per_prompt
     if judge_name not in JUDGES:
         raise ValueError(f"unknown judge {judge_name!r}; choose one of {sorted(JUDGES)}")
-    if num_samples < 2:
-        raise ValueError(f"num_samples must be >= 2 to form pairs, got {num_samples}")
+    if K < 2:
+        raise ValueError(f"samples_per_prompt must be >= 2 to form pairs, got {K}")
     device = next(policy.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     judge_generator = torch.Generator().manual_seed(seed + 1)
@@ -171,20 +175,18 @@ def sample_groups(
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
         ids, mask = left_pad(prompt_ids[start : start + batch_size], tokenizer.pad_id)  # (b, P)
-        gen = generate(
-            policy, ids.repeat_interleave(num_samples, 0).to(device), mask.repeat_interleave(num_samples, 0).to(device),
-            max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-            temperature=temperature, top_k=top_k, generator=generator,
+        texts, gen = complete(
+            policy, tokenizer, ids.repeat_interleave(K, 0).to(device), mask.repeat_interleave(K, 0).to(device),
+            max_new_tokens, temperature=temperature, top_k=top_k, generator=generator,
         )  # rows r*K .. r*K + K-1 belong to prompt r
-        texts = [tokenizer.decode(row) for row in gen.completion_ids.tolist()]
         ended = gen.finished.tolist()
-        golds = [r.gold for r in chunk for _ in range(num_samples)]
-        wheres = [r.where for r in chunk for _ in range(num_samples)]
+        golds = [r.gold for r in chunk for _ in range(K)]
+        wheres = [r.where for r in chunk for _ in range(K)]
         scores = JUDGES[judge_name](texts, golds, ended, wheres, judge_generator)
+        labels = judge_scores(texts, golds, ended).tolist()  # the task judge, NaN without a gold answer
         for r, record in enumerate(chunk):
-            k = slice(r * num_samples, (r + 1) * num_samples)
-            labels = [math.nan if record.gold is None else judge(c, record.gold, e) for c, e in zip(texts[k], ended[k])]
-            group = SampleGroup(record.prompt, record.gold, texts[k], ended[k], scores[k], labels, record.where)
+            k = slice(r * K, (r + 1) * K)
+            group = SampleGroup(record.prompt, record.gold, texts[k], ended[k], scores[k], labels[k], record.where)
             group.pairs = pairs_from_group(group.scores, group.completions, tie_break)
             groups.append(group)
     return groups
@@ -203,7 +205,7 @@ def pair_groups(pairs: list[PreferencePair]) -> list[SampleGroup]:
     for p in pairs:
         gold = gold_answer(p.prompt)
         completions, ended = [p.chosen, p.rejected], [p.chosen_ended, p.rejected_ended]
-        labels = [math.nan if gold is None else judge(c, gold, e) for c, e in zip(completions, ended)]
+        labels = judge_scores(completions, [gold, gold], ended).tolist()
         groups.append(SampleGroup(p.prompt, gold, completions, ended, [1.0, 0.0], labels, p.where, [(0, 1)]))
     return groups
 
@@ -211,7 +213,7 @@ def pair_groups(pairs: list[PreferencePair]) -> list[SampleGroup]:
 # --------------------------------------------------------------------------- datasets
 
 
-def _encode(tokenizer: CharTokenizer, prompt: str, completion: str, ended: bool, where: str, field_name: str, max_len: int) -> tuple[list[int], int]:
+def _encode(tokenizer: Tokenizer, prompt: str, completion: str, ended: bool, where: str, field_name: str, max_len: int) -> tuple[list[int], int]:
     """(ids, prompt length): where the completion starts, for reward models that score its likelihood."""
     ids = encode_scored(tokenizer, prompt, completion, ended, where, field_name)
     if len(ids) > max_len:
@@ -228,7 +230,7 @@ def _pad(encoded: list[tuple[list[int], int]], pad_id: int) -> dict:
 class PairDataset(Dataset):
     """Training pairs; a batch stacks all chosen then all rejected sequences for one forward."""
 
-    def __init__(self, tokenizer: CharTokenizer, pairs: list[PreferencePair], max_len: int) -> None:
+    def __init__(self, tokenizer: Tokenizer, pairs: list[PreferencePair], max_len: int) -> None:
         self.pad_id = tokenizer.pad_id
         self.examples = [
             (
@@ -256,7 +258,7 @@ class PairDataset(Dataset):
 class SampleGroupDataset(Dataset):
     """Held-out groups: a batch scores every completion once, then compares the pairs by index."""
 
-    def __init__(self, tokenizer: CharTokenizer, groups: list[SampleGroup], max_len: int) -> None:
+    def __init__(self, tokenizer: Tokenizer, groups: list[SampleGroup], max_len: int) -> None:
         self.pad_id = tokenizer.pad_id
         self.groups = groups
         self.ids = [
@@ -286,23 +288,48 @@ class SampleGroupDataset(Dataset):
         }
 
 
-# --------------------------------------------------------------------------- the DataModule
+# --------------------------------------------------------------------------- pair sources
 
 
-class PreferenceDataModule(TokenizedDataModule):
-    """Preference pairs from JSONL files, or sampled from an SFT policy and judged (in `setup`).
+class PairSource:
+    """Where preference pairs come from: `load(task, seed, device)` -> (train pairs, held-out groups)."""
 
-    The tokenizer belongs to the LightningModule (it travels inside the checkpoint); `setup` takes it
-    from there. Generated pairs are written to `<run dir>/preferences_{train,val}.jsonl`.
-    """
+    generated = False  # True: the pairs were sampled here (the DataModule writes them to the run folder)
+
+    def load(self, task: str, seed: int, device: torch.device) -> tuple[list[PreferencePair], list[SampleGroup]]:
+        raise NotImplementedError
+
+
+class JsonlPairs(PairSource):
+    """Pairs from JSONL files of ``{"prompt", "chosen", "rejected"[, "margin"]}`` lines."""
+
+    def __init__(self, train_file: str, val_file: str | None = None) -> None:
+        """
+        Args:
+            train_file: the training pairs. Without `val_file`, its pairs whose prompt hashes to `val` are held out
+                (`test` ones dropped).
+            val_file: held-out pairs (default: held out of `train_file`).
+        """
+        self.train_file, self.val_file = train_file, val_file
+
+    def load(self, task: str, seed: int, device: torch.device) -> tuple[list[PreferencePair], list[SampleGroup]]:
+        pairs = read_preferences(self.train_file)
+        if self.val_file is not None:
+            return pairs, pair_groups(read_preferences(self.val_file))
+        held_out = [p for p in pairs if split_of(p.prompt) == "val"]
+        return [p for p in pairs if split_of(p.prompt) == "train"], pair_groups(held_out)
+
+
+class SampledPairs(PairSource):
+    """Pairs sampled from a policy checkpoint and judged: K completions per `train` prompt (and per `val` prompt,
+    held out), every two with different scores make a pair."""
+
+    generated = True
 
     def __init__(
         self,
-        task: str = "toy",
-        train_file: str | None = None,
-        val_file: str | None = None,
-        policy_ckpt: str | None = None,
-        num_samples: int = 4,
+        policy_ckpt: str,
+        samples_per_prompt: int = 4,
         judge: str = "auto",
         tie_break: str | None = None,
         temperature: float = 1.0,
@@ -310,21 +337,12 @@ class PreferenceDataModule(TokenizedDataModule):
         max_new_tokens: int = 6,
         max_train_prompts: int | None = None,
         max_val_prompts: int | None = None,
-        seed: int = 0,
         generation_batch_size: int = 256,
-        batch_size: int = 128,
-        eval_batch_size: int = 256,
-        num_workers: int = 0,
     ) -> None:
         """
         Args:
-            task: prompts to sample from: "toy" (hash splits) or "seed" (the seed's 8 prompts).
-            train_file: JSONL of {"prompt", "chosen", "rejected"[, "margin"]} lines; replaces generation.
-                Without `val_file`, its pairs whose prompt hashes to `val` are held out (`test` ones dropped).
-            val_file: JSONL of held-out pairs (default: generated from `val` prompts, or held out of `train_file`).
-            policy_ckpt: SFT (or PPO) checkpoint that samples the completions; default: the RewardModule's
-                `sft_ckpt`.
-            num_samples: completions sampled per prompt (K); every two with different scores make a pair.
+            policy_ckpt: SFT (or PPO) checkpoint that samples the completions.
+            samples_per_prompt: completions sampled per prompt (K); every two with different scores make a pair.
             judge: "auto" (the task's judge) or "random" (noisy labels).
             tie_break: None (drop ties) or "length" (the longer completion wins a tie, as the seed did).
             temperature: sampling temperature.
@@ -332,47 +350,76 @@ class PreferenceDataModule(TokenizedDataModule):
             max_new_tokens: completion budget; a completion without EOS within it gets 0 from the judge.
             max_train_prompts: sample from a random subset of N `train` prompts (None: all).
             max_val_prompts: sample from a random subset of N `val` prompts (None: all).
-            seed: seed of the sampling and of the subsets (independent of the global seed, so a resumed
-                run sees the same pairs).
             generation_batch_size: prompts per batch of sampling (each repeated K times). 256 x K=8 rows
                 sample fastest on a 2-core CPU; 2048 prompts took 40% longer and 900 MB more for the KV cache.
+        """
+        option = "data.init_args.pairs.init_args"
+        if judge not in JUDGES:
+            raise ValueError(f"{option}.judge: unknown judge {judge!r}; choose one of {sorted(JUDGES)}")
+        if tie_break not in (None, "length"):
+            raise ValueError(f"{option}.tie_break: must be null or 'length', got {tie_break!r}")
+        if samples_per_prompt < 2:
+            raise ValueError(f"{option}.samples_per_prompt: must be >= 2 to form pairs, got {samples_per_prompt}")
+        self.policy_ckpt, self.samples_per_prompt, self.judge, self.tie_break = policy_ckpt, samples_per_prompt, judge, tie_break
+        self.temperature, self.top_k, self.max_new_tokens = temperature, top_k, max_new_tokens
+        self.max_train_prompts, self.max_val_prompts, self.generation_batch_size = max_train_prompts, max_val_prompts, generation_batch_size
+
+    def load(self, task: str, seed: int, device: torch.device) -> tuple[list[PreferencePair], list[SampleGroup]]:
+        policy, tokenizer, _ = load_policy(self.policy_ckpt, role="data.init_args.pairs.init_args.policy_ckpt")
+        policy = policy.to(device).eval()
+        rank_zero_info(f"[reward] sampling preferences: {self.samples_per_prompt} completions per prompt, judged by {self.judge!r}")
+        train = group_pairs(self._groups(policy, tokenizer, task, "train", self.max_train_prompts, seed))
+        return train, self._groups(policy, tokenizer, task, "val", self.max_val_prompts, seed + 1)
+
+    def _groups(self, policy, tokenizer: Tokenizer, task: str, split: str, limit: int | None, seed: int) -> list[SampleGroup]:
+        records = load_prompts(task, split)
+        if limit is not None and limit < len(records):
+            order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed - (split == "val")))
+            records = [records[i] for i in sorted(order[:limit].tolist())]
+        return sample_groups(
+            policy, tokenizer, records, self.samples_per_prompt, self.judge, self.tie_break, self.max_new_tokens,
+            self.temperature, self.top_k, self.generation_batch_size, seed,
+        )
+
+
+# --------------------------------------------------------------------------- the DataModule
+
+
+class PreferenceDataModule(TokenizedDataModule):
+    """Preference pairs from a pair source (`JsonlPairs` or `SampledPairs`), loaded in `setup`.
+
+    Sampled pairs are written to `<run dir>/preferences_{train,val}.jsonl`, readable back with `JsonlPairs`.
+    """
+
+    def __init__(
+        self,
+        pairs: PairSource,
+        task: str = "toy",
+        seed: int = 0,
+        batch_size: int = 128,
+        eval_batch_size: int = 256,
+        num_workers: int = 0,
+        tokenizer: Tokenizer | None = None,
+        max_length: int | None = None,
+    ) -> None:
+        """
+        Args:
+            pairs: the pair source, by class_path: `rlhf_lightning.data.preferences.JsonlPairs` (files) or
+                `rlhf_lightning.data.preferences.SampledPairs` (sampled from a policy checkpoint and judged).
+            task: prompts to sample from: "toy" (hash splits) or "seed" (the seed's 8 prompts).
+            seed: seed of the sampling and of the prompt subsets (independent of the global seed, so a resumed
+                run sees the same pairs).
             batch_size: pairs per optimizer step.
             eval_batch_size: held-out prompts (groups of completions) per batch.
             num_workers: DataLoader workers.
+            tokenizer: the LightningModule's tokenizer (`rlhf fit` links `model.tokenizer` here: it travels
+                inside the module's checkpoint, not among this DataModule's hyperparameters).
+            max_length: the longest sequence the reward model takes (`rlhf fit` links `model.data_max_length`).
         """
-        super().__init__()
-        self.save_hyperparameters()
-        if judge not in JUDGES:
-            raise ValueError(f"data.init_args.judge: unknown judge {judge!r}; choose one of {sorted(JUDGES)}")
-        if tie_break not in (None, "length"):
-            raise ValueError(f"data.init_args.tie_break: must be null or 'length', got {tie_break!r}")
-
-    # ------------------------------------------------------------------ sources
-    def _subset(self, records: list[PromptRecord], limit: int | None) -> list[PromptRecord]:
-        if limit is None or limit >= len(records):
-            return records
-        order = torch.randperm(len(records), generator=torch.Generator().manual_seed(self.hparams.seed))
-        return [records[i] for i in sorted(order[:limit].tolist())]
-
-    def _sampler(self) -> tuple[torch.nn.Module, CharTokenizer]:
-        hp = self.hparams
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        path, role = hp.policy_ckpt, "data.init_args.policy_ckpt"
-        if path is None:
-            path, role = getattr(module, "hparams", {}).get("sft_ckpt"), "model.init_args.sft_ckpt"
-        if path is None:
-            raise ValueError("generated preference pairs need a policy: set model.init_args.sft_ckpt or data.init_args.policy_ckpt (or give data.init_args.train_file)")
-        policy, tokenizer, _ = load_policy(path, role=role)
-        device = module.device if module is not None else torch.device("cpu")
-        return policy.to(device).eval(), tokenizer
-
-    def _generate(self, split: str, limit: int | None, policy, tokenizer) -> list[SampleGroup]:
-        hp = self.hparams
-        records = self._subset(load_prompts(hp.task, split), limit)
-        return sample_groups(
-            policy, tokenizer, records, hp.num_samples, hp.judge, hp.tie_break, hp.max_new_tokens,
-            hp.temperature, hp.top_k, hp.generation_batch_size, hp.seed + (split == "val"),
-        )
+        super().__init__(tokenizer, max_length)
+        self.save_hyperparameters(ignore=["tokenizer", "max_length", "pairs"])
+        self.pairs = pairs
+        self.hparams["pairs"] = {"class_path": f"{type(pairs).__module__}.{type(pairs).__qualname__}", "init_args": dict(vars(pairs))}
 
     def _run_dir(self) -> str:
         trainer = self.trainer
@@ -384,34 +431,18 @@ class PreferenceDataModule(TokenizedDataModule):
 
     def setup(self, stage: str) -> None:
         hp = self.hparams
-        tokenizer, max_len = self.module_tokenizer()
-
-        file_pairs = read_preferences(hp.train_file) if hp.train_file is not None else None
-        val_pairs = read_preferences(hp.val_file) if hp.val_file is not None else None
-        if file_pairs is None:  # generated pairs: one policy samples both splits
-            policy, policy_tokenizer = self._sampler()
-            rank_zero_info(f"[reward] sampling preferences: {hp.num_samples} completions per prompt, judged by {hp.judge!r}")
-
-        if file_pairs is None:
-            train_groups = self._generate("train", hp.max_train_prompts, policy, policy_tokenizer)
-            train_pairs = group_pairs(train_groups)
+        tokenizer, max_len = self.tokenizer_and_length()
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        train_pairs, val_groups = self.pairs.load(hp.task, hp.seed, device)
+        if self.pairs.generated:
             self._write("preferences_train.jsonl", train_pairs)
-        elif val_pairs is None:  # hold out the file's `val` prompts
-            train_pairs = [p for p in file_pairs if split_of(p.prompt) == "train"]
-            val_pairs = [p for p in file_pairs if split_of(p.prompt) == "val"]
-        else:
-            train_pairs = file_pairs
-        if val_pairs is not None:
-            val_groups = pair_groups(val_pairs)
-        else:
-            val_groups = self._generate("val", hp.max_val_prompts, policy, policy_tokenizer)
             self._write("preferences_val.jsonl", group_pairs(val_groups))
-
         if not train_pairs:
-            raise DataError("no preference pairs to train on (every sampled pair was a tie?)", path=hp.train_file or f"{hp.task}:train")
+            where = getattr(self.pairs, "train_file", None) or f"{hp.task}:train"
+            raise DataError("no preference pairs to train on (every sampled pair was a tie?)", path=where)
         self.train_set = PairDataset(tokenizer, train_pairs, max_len)
         self.val_set = SampleGroupDataset(tokenizer, val_groups, max_len)
-        written = f", written to {self._run_dir()}/preferences_*.jsonl" if file_pairs is None else ""
+        written = f", written to {self._run_dir()}/preferences_*.jsonl" if self.pairs.generated and self.trainer is not None else ""
         rank_zero_info(
             f"[reward] preference pairs: {len(self.train_set)} train, {sum(len(g.pairs) for g in val_groups)} held out "
             f"({sum(len(g.completions) for g in val_groups)} held-out completions){written}"

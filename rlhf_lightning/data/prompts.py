@@ -10,11 +10,11 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
-from rlhf_lightning.data.collate import left_pad
+from rlhf_lightning.padding import left_pad
 from rlhf_lightning.data.jsonl import DataError, read_jsonl
 from rlhf_lightning.tasks.arithmetic import gold_answer, task_problems
 from rlhf_lightning.tasks.strata import prompt_strata
-from rlhf_lightning.tokenizer import CharTokenizer
+from rlhf_lightning.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ def load_prompts(task: str = "toy", split: str = "val", path: str | None = None,
     return records
 
 
-def encode_prompts(tokenizer: CharTokenizer, records: list[PromptRecord], max_len: int | None = None) -> list[list[int]]:
+def encode_prompts(tokenizer: Tokenizer, records: list[PromptRecord], max_len: int | None = None) -> list[list[int]]:
     """BOS + prompt ids per record; errors name the record's file, line and field."""
     out = []
     for r in records:
@@ -64,7 +64,7 @@ def encode_prompts(tokenizer: CharTokenizer, records: list[PromptRecord], max_le
 class PromptDataset(Dataset):
     """Encoded prompts; batches are left-padded for generation."""
 
-    def __init__(self, tokenizer: CharTokenizer, records: list[PromptRecord], max_len: int | None = None) -> None:
+    def __init__(self, tokenizer: Tokenizer, records: list[PromptRecord], max_len: int | None = None) -> None:
         self.records = records
         self.ids = encode_prompts(tokenizer, records, max_len)
         self.pad_id = tokenizer.pad_id

@@ -6,19 +6,19 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from rlhf_lightning.data.base import TokenizedDataModule
-from rlhf_lightning.data.collate import right_pad
+from rlhf_lightning.padding import right_pad
 from rlhf_lightning.data.jsonl import DataError, read_jsonl
 from rlhf_lightning.data.prompts import PromptDataset, load_prompts, read_group
 from rlhf_lightning.data.sampling import StratumWeightedSampler, check_stratum_weights, example_weights
 from rlhf_lightning.tasks.arithmetic import demonstration_problems, task_problems
 from rlhf_lightning.tasks.strata import prompt_strata, task_strata_names
-from rlhf_lightning.tokenizer import CharTokenizer
+from rlhf_lightning.tokenizer import Tokenizer
 
 
 class SFTDataset(Dataset):
     """Each example is BOS + prompt + completion + EOS and a mask of the tokens the loss predicts."""
 
-    def __init__(self, tokenizer: CharTokenizer, pairs: list[tuple[str, str, str]], max_len: int, prompt_loss: bool) -> None:
+    def __init__(self, tokenizer: Tokenizer, pairs: list[tuple[str, str, str]], max_len: int) -> None:
         self.pad_id = tokenizer.pad_id
         self.examples = []
         for prompt, completion, where in pairs:
@@ -29,29 +29,32 @@ class SFTDataset(Dataset):
                     f"prompt + completion is {len(p) + len(c)} tokens, the model's context is {max_len}",
                     path=where, field="completion",
                 )
-            # target t is predicted from tokens < t; BOS is never a target
-            targets = [prompt_loss and t > 0 for t in range(len(p))] + [True] * len(c)
-            self.examples.append((p + c, targets))
+            self.examples.append((p + c, len(p)))
 
     def __len__(self) -> int:
         return len(self.examples)
 
-    def __getitem__(self, i: int) -> tuple[list[int], list[bool]]:
+    def __getitem__(self, i: int) -> tuple[list[int], int]:
         return self.examples[i]
 
-    def collate(self, items: list[tuple[list[int], list[bool]]]) -> dict:
-        input_ids, attention_mask = right_pad([ids for ids, _ in items], self.pad_id)
-        loss_mask = torch.zeros_like(attention_mask)
-        for i, (_, targets) in enumerate(items):
-            loss_mask[i, : len(targets)] = torch.tensor(targets)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+    def collate(self, items: list[tuple[list[int], int]]) -> dict:
+        input_ids, attention_mask = right_pad([ids for ids, _ in items], self.pad_id)  # (B, T) each
+        pos = torch.arange(input_ids.size(1))[None, :]  # (1, T)
+        prompt_len = torch.tensor([p for _, p in items])[:, None]  # (B, 1)
+        # token t is predicted from tokens < t; BOS (t = 0) is never a target
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "loss_mask": attention_mask & (pos >= prompt_len),  # (B, T) the completion, EOS included
+            "prompt_loss_mask": attention_mask & (pos > 0) & (pos < prompt_len),  # (B, T) the prompt after BOS
+        }
 
 
 class SFTDataModule(TokenizedDataModule):
     """Demonstrations for `train`, the task's `val` prompts (or a JSONL file) for greedy evaluation.
 
-    The tokenizer belongs to the LightningModule (it travels inside the checkpoint); `setup` takes it
-    from there unless one was assigned to `self.tokenizer`.
+    Each example carries two masks of predicted tokens, the completion's (`loss_mask`) and the prompt's
+    (`prompt_loss_mask`): the module chooses which it trains on (`SFTModule(prompt_loss=...)`).
     """
 
     def __init__(
@@ -65,6 +68,8 @@ class SFTDataModule(TokenizedDataModule):
         max_val_prompts: int | None = None,
         stratum_weights: dict[str, float] | None = None,
         num_workers: int = 0,
+        tokenizer: Tokenizer | None = None,
+        max_length: int | None = None,
     ) -> None:
         """
         Args:
@@ -80,9 +85,12 @@ class SFTDataModule(TokenizedDataModule):
                 weights (1 where none is given); each epoch draws as many demonstrations as there are, with
                 replacement, in proportion. None: every demonstration once per epoch, shuffled.
             num_workers: DataLoader workers.
+            tokenizer: the LightningModule's tokenizer (`rlhf fit` links `model.tokenizer` here: it travels
+                inside the module's checkpoint, not among this DataModule's hyperparameters).
+            max_length: the longest sequence the module takes (`rlhf fit` links `model.data_max_length` here).
         """
-        super().__init__()
-        self.save_hyperparameters()
+        super().__init__(tokenizer, max_length)
+        self.save_hyperparameters(ignore=["tokenizer", "max_length"])
         check_stratum_weights(stratum_weights, "data.init_args.stratum_weights")
 
     def _pairs(self) -> tuple[list[tuple[str, str, str]], list[tuple[str, ...]]]:
@@ -96,11 +104,11 @@ class SFTDataModule(TokenizedDataModule):
         return [(p.prompt, p.answer, f"{hp.task}:train") for p in problems], [prompt_strata(p.prompt) for p in problems]
 
     def setup(self, stage: str) -> None:
-        tokenizer, context = self.module_tokenizer()
+        tokenizer, context = self.tokenizer_and_length()
         hp = self.hparams
         if stage == "fit":
             pairs, strata = self._pairs()
-            self.train_set = SFTDataset(tokenizer, pairs, context, self.trainer.lightning_module.hparams.get("prompt_loss", False))
+            self.train_set = SFTDataset(tokenizer, pairs, context)
             weights = check_stratum_weights(hp.stratum_weights, "data.init_args.stratum_weights")
             option, known = "data.init_args.stratum_weights", task_strata_names(hp.task)
             self.train_sampler = StratumWeightedSampler(example_weights(strata, weights, option, known)) if weights else None

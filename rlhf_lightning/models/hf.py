@@ -17,44 +17,19 @@ first use, so the rest of the package works without the extra.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from rlhf_lightning.hf_files import import_transformers, local_folder
 from rlhf_lightning.models.gpt import positions_from_mask
 
-__all__ = ["HFBackbone", "HFCache", "HFCausalLM", "HFConfig", "import_transformers", "local_folder"]
+__all__ = ["HFBackbone", "HFCache", "HFCausalLM", "HFConfig"]
 
-EXTRA_HINT = "pip install 'rlhf-lightning[hf]'"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def import_transformers():
-    """The `transformers` module, or an ImportError that names the extra to install."""
-    try:
-        return importlib.import_module("transformers")
-    except ImportError as err:
-        raise ImportError(
-            f"Hugging Face models need the optional dependencies transformers and tokenizers: {EXTRA_HINT} "
-            f"({err})"
-        ) from None
-
-
-def local_folder(path: str, what: str = "model") -> str:
-    """Absolute path of an existing local folder; a clear error otherwise (nothing is downloaded)."""
-    if not isinstance(path, str) or not path:
-        raise ValueError(f"hf {what}: 'path' must name a local folder, got {path!r}")
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"hf {what}: {path!r} is not a local folder (save one with `save_pretrained`; nothing is downloaded)"
-        )
-    return str(folder.resolve())
 
 
 def _torch_dtype(dtype: str | None) -> torch.dtype:
@@ -172,14 +147,22 @@ def _is_sequence_classifier(hf_config: Any) -> bool:
 class HFBackbone(nn.Module):
     """Final hidden states (B, T, C) of a local folder's base model, for a scalar reward head.
 
-    `score_head` is the folder's own score head (a one-label `...ForSequenceClassification` folder), else
-    None; it is not registered here: the reward model that owns the head registers it.
+    Built with `from_folder`, which also returns the folder's own score head (a one-label
+    `...ForSequenceClassification` folder), else None: the reward model that owns the head registers it.
     """
 
-    def __init__(self, path: str, gradient_checkpointing: bool = False, dtype: str | None = None) -> None:
+    def __init__(self, encoder: nn.Module, path: str, width: int, block_size: int) -> None:
         super().__init__()
+        self.encoder = encoder
+        self.path = path
+        self.width = width
+        self.block_size = block_size
+        self.vocab_size = encoder.get_input_embeddings().num_embeddings
+
+    @classmethod
+    def from_folder(cls, path: str, gradient_checkpointing: bool = False, dtype: str | None = None) -> tuple["HFBackbone", nn.Linear | None]:
         transformers = import_transformers()
-        self.path = path = local_folder(path, "reward model")
+        path = local_folder(path, "reward model")
         hf_config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
         score_head: nn.Linear | None = None
         if _is_sequence_classifier(hf_config):
@@ -191,16 +174,13 @@ class HFBackbone(nn.Module):
             head = getattr(full, "score", None) or getattr(full, "classifier", None)
             if not isinstance(head, nn.Linear):
                 raise ValueError(f"hf reward model {path!r}: no linear score head found on {type(full).__name__}")
-            self.encoder, score_head = full.base_model, head
+            encoder, score_head = full.base_model, head
         else:
-            self.encoder = transformers.AutoModel.from_pretrained(path, local_files_only=True, dtype=_torch_dtype(dtype))
-        object.__setattr__(self, "score_head", score_head)
+            encoder = transformers.AutoModel.from_pretrained(path, local_files_only=True, dtype=_torch_dtype(dtype))
         if gradient_checkpointing:
-            _enable_checkpointing(self.encoder)
+            _enable_checkpointing(encoder)
         text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
-        self.width = int(text.hidden_size)
-        self.block_size = _context_length(hf_config)
-        self.vocab_size = self.encoder.get_input_embeddings().num_embeddings
+        return cls(encoder, path, int(text.hidden_size), _context_length(hf_config)), score_head
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         position_ids = positions_from_mask(attention_mask)  # (B, T)

@@ -24,12 +24,11 @@ import lightning as L
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
 from rlhf_lightning.callbacks import log_samples, logging_step
 from rlhf_lightning.checkpoints import CheckpointError, sha256_file
 from rlhf_lightning.data.prompts import move_batch
-from rlhf_lightning.generation import Generation, completion_logits, generate
+from rlhf_lightning.generation import Generation
 from rlhf_lightning.kl_control import make_kl_controller
 from rlhf_lightning.tasks.strata import strata_metrics
 from rlhf_lightning.losses import (
@@ -44,15 +43,17 @@ from rlhf_lightning.losses import (
     entropy_from_logits,
     kl_in_reward,
     kl_penalty,
-    logprobs_from_logits,
     masked_mean,
     ppo_loss,
 )
 from rlhf_lightning.optim import adamw, warmup_cosine
 from rlhf_lightning.options import ConfigError, check_choice
 from rlhf_lightning.lora import BaseOfAdapters, add_adapters, drop_frozen_base, has_adapters, lora_settings, merged, require_peft
-from rlhf_lightning.policy import base_record, context_length, judge_scores, load_policy
+from rlhf_lightning.policy import base_record, context_length, load_policy
 from rlhf_lightning.rewards import RewardSettings, build_reward_source, checked_rewards
+from rlhf_lightning.sampling import complete
+from rlhf_lightning.scoring import completion_kl, token_logprobs
+from rlhf_lightning.tasks.arithmetic import judge_scores
 
 
 @dataclass
@@ -70,9 +71,10 @@ class Rollout:
     finished: torch.Tensor | None = None  # (B,) bool, True where the completion emitted EOS
     kl: torch.Tensor | None = None  # (B,) summed per-token KL estimate to the reference on the sampled tokens
 
-    def logits(self, model: nn.Module) -> torch.Tensor:
-        """`model`'s logits (B, N, V) predicting each completion token, from one forward."""
-        return completion_logits(model, self.input_ids, self.attention_mask, self.completion_ids.size(1))
+    def logprobs(self, model: nn.Module, temperature: float, return_logits: bool = False):
+        """`model`'s log-probs (B, N) of the completion tokens at `temperature` (and their logits (B, N, V) with
+        `return_logits`), from one forward (`scoring.token_logprobs`)."""
+        return token_logprobs(model, self.input_ids, self.attention_mask, temperature, self.completion_ids.size(1), return_logits)
 
     def select(self, idx: torch.Tensor) -> "Rollout":
         return Rollout(**{k: None if v is None else v[idx] for k, v in self.__dict__.items()})
@@ -97,9 +99,9 @@ class Samples:
         pick = lambda xs: [xs[i] for i in rows]  # noqa: E731
         return Samples(self.prompt_ids[idx], self.prompt_mask[idx], gen, self.rewards[idx], pick(self.prompts), pick(self.completions), pick(self.golds))
 
-    def select_groups(self, keep: torch.Tensor, group_size: int) -> "Samples":
+    def select_groups(self, keep: torch.Tensor, samples_per_prompt: int) -> "Samples":
         """The rows of the groups where `keep` (G,) is True."""
-        rows = keep.repeat_interleave(group_size).nonzero().squeeze(-1)
+        rows = keep.repeat_interleave(samples_per_prompt).nonzero().squeeze(-1)
         return self.select(rows)
 
     @staticmethod
@@ -132,10 +134,10 @@ class Samples:
         )
 
 
-def informative_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """(G,) bool: groups of `group_size` consecutive rewards that are not all equal (they carry a signal
+def informative_groups(rewards: torch.Tensor, samples_per_prompt: int) -> torch.Tensor:
+    """(G,) bool: groups of `samples_per_prompt` consecutive rewards that are not all equal (they carry a signal
     under group baselines). [1, 1, 0, 1] with group size 2 -> [False, True]."""
-    groups = rewards.view(-1, group_size)  # (G, K)
+    groups = rewards.view(-1, samples_per_prompt)  # (G, K)
     return (groups.max(1).values - groups.min(1).values) > 1e-6
 
 
@@ -347,11 +349,15 @@ class PPOModule(L.LightningModule):
         disable_dropout(reference)
         self.policy_meta = {"model": dict(meta["model"], **({"dropout": 0.0} if "dropout" in meta["model"] else {})), "tokenizer": dict(meta["tokenizer"])}
         self.reward_sha256 = sha256_file(reward_ckpt) if reward_ckpt and _uses_learned(reward, reward_weights) else None
-        # Frozen reference and reward model are kept out of the registered submodules: no optimizer state,
-        # no DDP wrapping, not saved (they are reloaded from checkpoints whose hashes are checked on resume).
-        object.__setattr__(self, "reference", reference.eval().requires_grad_(False))
+        # The frozen reference (a submodule, so it moves with the module) and the reward source (a plain object
+        # holding its own model): no gradients, no optimizer state (the optimizer holds `self.model`'s parameters
+        # only), and left out of `state_dict` by `_without_reference` (both are rebuilt from their checkpoints,
+        # whose hashes are checked on resume).
+        self.reference = reference.eval().requires_grad_(False)
+        self.register_state_dict_post_hook(_without_reference)
+        self.register_load_state_dict_post_hook(_reference_not_expected)
         settings = RewardSettings(reward_ckpt, reward_weights, normalize_reward, self.tokenizer, policy_ckpt)
-        object.__setattr__(self, "reward_source", build_reward_source(reward, settings))
+        self.reward_source = build_reward_source(reward, settings)
         if reward_dtype != "float32" and hasattr(self.reward_source, "to"):
             self.reward_source.to(FROZEN_DTYPES[reward_dtype])
         self.kl_ctl = make_kl_controller(beta, target_kl, kl_horizon)
@@ -365,20 +371,19 @@ class PPOModule(L.LightningModule):
         self.chosen: dict[str, float] | None = None  # what `finalize_policy` kept
 
     def frozen_models(self) -> list[nn.Module]:
-        """The frozen models held outside the module tree: the reference (none of its own with adapters off) and
-        the learned reward model(s)."""
+        """The frozen models: the reference (no weights of its own with adapters off) and the learned reward
+        model(s)."""
         sources = [source for _, source in self.reward_source.parts.values()] if hasattr(self.reward_source, "parts") else [self.reward_source]
         return [self.reference, *(s.model for s in sources if isinstance(getattr(s, "model", None), nn.Module))]
 
     @property
-    def prompt_context_length(self) -> int:
+    def data_max_length(self) -> int:
         """Longest prompt (BOS included) that leaves room for `max_new_tokens`: bounds the prompt datasets."""
         return context_length(self.model) - self.hparams.max_new_tokens + 1
 
     # ------------------------------------------------------------------ setup
 
     def on_fit_start(self) -> None:
-        self.reference.to(self.device)
         if hasattr(self.reward_source, "to"):
             self.reward_source.to(self.device)
 
@@ -415,11 +420,10 @@ class PPOModule(L.LightningModule):
         prompt_mask = batch["prompt_mask"].bool().repeat_interleave(K, 0)  # (B, P)
         prompts = [p for p in batch["prompts"] for _ in range(K)]
         golds = [g for g in batch["golds"] for _ in range(K)]
-        gen = generate(
-            self.model, prompt_ids, prompt_mask, max_new_tokens=hp.max_new_tokens, eos_id=self.tokenizer.eos_id,
-            pad_id=self.tokenizer.pad_id, temperature=hp.temperature, generator=self.sampling_generator(),
+        completions, gen = complete(
+            self.model, self.tokenizer, prompt_ids, prompt_mask, hp.max_new_tokens,
+            temperature=hp.temperature, generator=self.sampling_generator(),
         )
-        completions = [self.tokenizer.decode(row) for row in gen.completion_ids.tolist()]
         rewards = self.score(prompts, completions, gen.finished, golds)  # (B,) text in, penalty included
         return Samples(prompt_ids, prompt_mask, gen, rewards, prompts, completions, golds)
 
@@ -457,8 +461,7 @@ class PPOModule(L.LightningModule):
             gen = samples.gen
             input_ids, attention_mask = gen.joined(samples.prompt_ids, samples.prompt_mask)  # (B, P + N) each
             # 3. reference log-probs: one batched forward of the frozen SFT model
-            ref_logits = completion_logits(self.reference, input_ids, attention_mask, gen.completion_ids.size(1))
-            ref_logprobs = logprobs_from_logits(ref_logits, gen.completion_ids, hp.temperature)
+            ref_logprobs = token_logprobs(self.reference, input_ids, attention_mask, hp.temperature, gen.completion_ids.size(1))
             ref_logprobs = ref_logprobs.masked_fill(~gen.completion_mask, 0.0)  # (B, N)
             kl_tokens = kl_penalty(hp.kl_estimator, gen.logprobs, ref_logprobs)  # (B, N) on the sampled tokens
             rewards = samples.rewards
@@ -509,7 +512,7 @@ class PPOModule(L.LightningModule):
         golds = [g for d in drawn for g in d.golds]
         if any(g is None for g in golds):
             return None
-        return torch.cat([judge_scores(d.completions, d.golds, d.gen.finished).to(self.device) for d in drawn])
+        return torch.cat([judge_scores(d.completions, d.golds, d.gen.finished) for d in drawn]).to(self.device)
 
     def global_advantages(self, rewards: torch.Tensor) -> torch.Tensor:
         """Advantages (B,) of this rank's rows, computed with the statistics of every rank's rewards."""
@@ -530,8 +533,7 @@ class PPOModule(L.LightningModule):
         hp = self.hparams
         mask = drop_truncated(mb.completion_mask, mb.finished) if hp.mask_truncated else mb.completion_mask  # (B, N)
         tokens, rows = sum_over_ranks(torch.stack([mask.sum(), mask.any(-1).sum()]).float()).clamp(min=1)
-        logits = mb.logits(self.model)  # (B, N, V)
-        logprobs = logprobs_from_logits(logits, mb.completion_ids, hp.temperature)  # (B, N)
+        logprobs, logits = mb.logprobs(self.model, hp.temperature, return_logits=True)  # (B, N), (B, N, V)
         beta = 0.0 if hp.kl_in_reward else self.kl_ctl.beta
         out = ppo_loss(
             logprobs, mb.old_logprobs, mb.ref_logprobs, mb.advantages, mask, self.clip_range[0], beta,
@@ -665,16 +667,11 @@ class PPOModule(L.LightningModule):
             loader = datamodule.eval_dataloader()
         was_training = self.model.training
         self.model.eval()
-        self.reference.to(self.device)
         correct = known = reward_sum = kl_sum = tokens = rows = 0.0
         all_scores, all_strata = [], []  # per prompt, for `eval/accuracy/<stratum>`
         for i, batch in enumerate(loader):
             batch = move_batch(batch, self.device)
-            gen = generate(
-                self.model, batch["prompt_ids"], batch["prompt_mask"], max_new_tokens=hp.max_new_tokens,
-                eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id, greedy=True,
-            )
-            completions = [self.tokenizer.decode(row) for row in gen.completion_ids.tolist()]
+            completions, gen = complete(self.model, self.tokenizer, batch["prompt_ids"], batch["prompt_mask"], hp.max_new_tokens, greedy=True)
             scores = judge_scores(completions, batch["golds"], gen.finished)
             has_gold = ~scores.isnan()
             correct += float(scores[has_gold].sum())
@@ -683,10 +680,7 @@ class PPOModule(L.LightningModule):
             all_strata += batch.get("strata", [()] * len(completions))
             reward_sum += float(self.score(batch["prompts"], completions, gen.finished, batch["golds"]).sum())
             ids, mask = gen.joined(batch["prompt_ids"], batch["prompt_mask"])  # (B, P + N) each
-            N = gen.completion_ids.size(1)
-            logp = F.log_softmax(completion_logits(self.model, ids, mask, N).float() / hp.temperature, -1)  # (B, N, V)
-            ref_logp = F.log_softmax(completion_logits(self.reference, ids, mask, N).float() / hp.temperature, -1)
-            kl = (logp.exp() * (logp - ref_logp)).sum(-1)  # (B, N) exact per-token KL
+            kl = completion_kl(self.model, self.reference, ids, mask, gen.completion_ids.size(1), hp.temperature)  # (B, N)
             kl_sum += float(kl[gen.completion_mask].sum())
             tokens += float(gen.completion_mask.sum())
             rows += len(completions)
@@ -750,6 +744,18 @@ class PPOModule(L.LightningModule):
         self.eval_history = [dict(h) for h in meta.get("eval_history", [])]
         self._skipped_updates = int(meta.get("skipped_updates", 0))
         self._best = meta.get("best")
+
+
+def _without_reference(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """`state_dict` hook: drop the frozen reference's tensors (rebuilt from `policy_ckpt`, never trained)."""
+    for key in [k for k in state_dict if k.startswith(prefix + "reference.")]:
+        del state_dict[key]
+
+
+def _reference_not_expected(module: nn.Module, incompatible_keys: Any) -> None:
+    """`load_state_dict` hook: a state dict without the reference's tensors is complete (see `_without_reference`)."""
+    missing = incompatible_keys.missing_keys
+    missing[:] = [k for k in missing if not k.startswith("reference.")]
 
 
 def _uses_learned(reward: str, weights: dict[str, float] | None) -> bool:

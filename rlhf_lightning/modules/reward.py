@@ -16,7 +16,7 @@ from rlhf_lightning.models.reward import RewardModel
 from rlhf_lightning.optim import adamw_warmup_cosine
 from rlhf_lightning.policy import POLICY_STAGES
 from rlhf_lightning.tasks.arithmetic import ALPHABET
-from rlhf_lightning.tokenizer import CharTokenizer, load_tokenizer
+from rlhf_lightning.tokenizer import CharTokenizer, Tokenizer, load_tokenizer
 
 __all__ = ["RewardModule", "binary_auroc"]
 
@@ -63,8 +63,8 @@ class RewardModule(L.LightningModule):
                 {"type": "mean_embedding", "n_embd": 64} (the seed's model); `vocab_size` comes from the
                 tokenizer. With `init_from_sft`, the transformer's sizes come from the SFT checkpoint.
             tokenizer: `CharTokenizer.to_dict()` output; default: the SFT checkpoint's, else the toy alphabet.
-            sft_ckpt: SFT checkpoint: its tokenizer, its weights (with `init_from_sft`), and the policy that
-                samples generated pairs (unless the DataModule names another).
+            sft_ckpt: SFT checkpoint: its tokenizer and its weights (with `init_from_sft`). Sampled preference
+                pairs name their own policy (`data.init_args.pairs.init_args.policy_ckpt`).
             init_from_sft: initialize the transformer from the SFT policy (its LM head is dropped).
             use_margin: use the pairs' optional `margin` in the loss (TRL's convention).
             chosen_nll: weight of the chosen completions' mean token NLL under the LM head, added to the
@@ -95,7 +95,7 @@ class RewardModule(L.LightningModule):
         self.reward_mean, self.reward_std = 0.0, 1.0  # of held-out completions' scores, measured on val
 
     @staticmethod
-    def _resolve_tokenizer(tokenizer: dict[str, Any] | None, sft: dict | None) -> CharTokenizer:
+    def _resolve_tokenizer(tokenizer: dict[str, Any] | None, sft: dict | None) -> Tokenizer:
         if sft is None:
             return load_tokenizer(tokenizer) if tokenizer else CharTokenizer(ALPHABET)
         sft_tokenizer = load_tokenizer(sft["rlhf"]["tokenizer"])
@@ -119,7 +119,8 @@ class RewardModule(L.LightningModule):
         return {**policy, "type": "gpt", **{k: config[k] for k in ("lm_feature",) if k in config}}
 
     @property
-    def context_length(self) -> int:
+    def data_max_length(self) -> int:
+        """The longest scored sequence its DataModule may produce: the reward model's context."""
         return int(self.model.block_size)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor | None = None) -> torch.Tensor:

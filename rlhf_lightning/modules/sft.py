@@ -9,11 +9,14 @@ import torch
 from torchmetrics import MeanMetric
 
 from rlhf_lightning.callbacks import log_samples
-from rlhf_lightning.losses import logprobs_from_logits, masked_mean
+from rlhf_lightning.losses import masked_mean
 from rlhf_lightning.optim import adamw_warmup_cosine
 from rlhf_lightning.lora import add_adapters, drop_frozen_base, lora_settings, require_peft
 from rlhf_lightning.options import ConfigError
-from rlhf_lightning.policy import base_record, build_policy, complete, context_length, judge_scores, load_plain_policy, load_policy
+from rlhf_lightning.policy import base_record, build_policy, context_length, load_plain_policy, load_policy
+from rlhf_lightning.sampling import complete
+from rlhf_lightning.scoring import token_logprobs
+from rlhf_lightning.tasks.arithmetic import judge_scores
 from rlhf_lightning.tasks.strata import strata_metrics
 
 
@@ -87,7 +90,8 @@ class SFTModule(L.LightningModule):
         self.val_rows: list[tuple[float, tuple[str, ...]]] = []  # (score, strata) per `val` prompt, for per-stratum accuracy
 
     @property
-    def context_length(self) -> int:
+    def data_max_length(self) -> int:
+        """The longest demonstration or prompt its DataModule may produce: the model's context."""
         return context_length(self.model)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -97,16 +101,17 @@ class SFTModule(L.LightningModule):
         ids = batch["input_ids"]
         # Right-padded rows: causal attention alone keeps real tokens from seeing the padding after them,
         # so no explicit mask is needed (and the fused causal kernel is used).
-        logits = self.model(ids, None)[:, :-1]  # (B, T-1, V): position t predicts token t+1
-        targets, loss_mask = ids[:, 1:], batch["loss_mask"][:, 1:]  # (B, T-1)
-        loss = -masked_mean(logprobs_from_logits(logits, targets), loss_mask)
+        logprobs, logits = token_logprobs(self.model, ids, None, return_logits=True)  # (B, T), (B, T-1, V)
+        loss_mask = batch["loss_mask"] | batch["prompt_loss_mask"] if self.hparams.prompt_loss else batch["loss_mask"]  # (B, T)
+        targets, loss_mask = ids[:, 1:], loss_mask[:, 1:]  # (B, T-1): position t predicts token t+1
+        loss = -masked_mean(logprobs[:, 1:], loss_mask)
         token_accuracy = masked_mean((logits.argmax(-1) == targets).float(), loss_mask)
         self.log("sft/loss", loss, prog_bar=True)
         self.log("sft/token_accuracy", token_accuracy, prog_bar=True)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        completions, gen = complete(self.model, self.tokenizer, batch, self.hparams.max_new_tokens)
+        completions, gen = complete(self.model, self.tokenizer, batch["prompt_ids"], batch["prompt_mask"], self.hparams.max_new_tokens, greedy=True)
         scores = judge_scores(completions, batch["golds"], gen.finished)
         known = ~scores.isnan()
         if known.any():

@@ -14,9 +14,13 @@ The ``seed`` preset is the seed notebook's eight prompts and answers; it has no 
 from __future__ import annotations
 
 import hashlib
+import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+
+import torch
 
 __all__ = [
     "ALPHABET",
@@ -165,6 +169,17 @@ def judge(completion: str, gold: str, ended_with_eos: bool) -> float:
     if not ended_with_eos:
         return 0.0
     return 1.0 if completion.replace(" ", "") == gold else 0.0
+
+
+def judge_scores(completions: Sequence[str], golds: Sequence[str | None], ended: Sequence[bool] | torch.Tensor) -> torch.Tensor:
+    """`judge` on every row: float32 (B,), NaN where no gold answer is known. Every judged batch goes here.
+
+    >>> judge_scores(["5", "6", "5"], ["5", "5", None], [True, True, True])
+    tensor([1., 0., nan])
+    """
+    ended = ended.tolist() if isinstance(ended, torch.Tensor) else list(ended)
+    scores = [math.nan if g is None else judge(c, g, bool(e)) for c, g, e in zip(completions, golds, ended)]
+    return torch.tensor(scores, dtype=torch.float32)
 
 
 def task_problems(task: str, split: str | None = None) -> list[Problem]:

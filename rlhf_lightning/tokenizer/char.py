@@ -3,51 +3,23 @@
 Ids 0, 1, 2 are ``<pad>``, ``<bos>``, ``<eos>``; the characters of the alphabet (sorted, unique) follow.
 A prompt is encoded as BOS + text, a completion as text + EOS. The tokenizer is described by plain
 JSON-able values (:meth:`CharTokenizer.to_dict`), so it can travel inside a checkpoint's hyperparameters.
+
+>>> tok = CharTokenizer("0123456789")
+>>> tok.encode_prompt("12"), tok.decode(tok.encode_completion("12"))
+([1, 4, 5], '12')
 """
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
-__all__ = ["CharTokenizer", "UnknownCharacterError", "SPECIAL_TOKENS", "load_tokenizer"]
+from rlhf_lightning.tokenizer.base import UnknownCharacterError, require_mapping, require_text
+
+__all__ = ["CharTokenizer", "SPECIAL_TOKENS"]
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<bos>", "<eos>")
 _PAD_ID, _BOS_ID, _EOS_ID = 0, 1, 2
-
-
-def require_text(text: object, where: str = "") -> None:
-    """Raise TypeError (prefixed by `where`) unless `text` is a string: what every tokenizer's `encode` checks."""
-    if not isinstance(text, str):
-        prefix = f"{where}: " if where else ""
-        raise TypeError(f"{prefix}expected a string to encode, got {type(text).__name__}")
-
-
-class UnknownCharacterError(ValueError):
-    """A character that is not in the tokenizer's alphabet.
-
-    Attributes: ``char`` (the character), ``index`` (its position in the text) and ``where``
-    (the caller-supplied location, or ``""``).
-    """
-
-    def __init__(self, char: str, index: int, where: str = "", alphabet: str = "") -> None:
-        self.char = char
-        self.index = index
-        self.where = where
-        self.alphabet = alphabet
-        prefix = f"{where}: " if where else ""
-        shown = alphabet if len(alphabet) <= 120 else alphabet[:120] + "..."
-        message = (
-            f"{prefix}unknown character {char!r} at index {index} of the text "
-            f"(not in the tokenizer's alphabet {shown!r})"
-        )
-        super().__init__(message)
-
-    def __reduce__(self):  # keep the exception picklable (e.g. across worker processes)
-        return (type(self), (self.char, self.index, self.where, self.alphabet))
 
 
 class CharTokenizer:
@@ -114,10 +86,6 @@ class CharTokenizer:
         """``encode(text) + [eos]``."""
         return self.encode(text, where) + [_EOS_ID]
 
-    def check(self, text: str, where: str = "") -> None:
-        """Raise :class:`UnknownCharacterError` if ``text`` has a character outside the alphabet."""
-        self.encode(text, where)
-
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ``ids``: stops at the first EOS, drops PAD and BOS."""
         if hasattr(ids, "tolist"):  # tensors and arrays
@@ -142,8 +110,7 @@ class CharTokenizer:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "CharTokenizer":
-        if not isinstance(d, Mapping):
-            raise ValueError(f"tokenizer description must be a mapping, got {type(d).__name__}")
+        d = require_mapping(d)
         kind = d.get("type")
         if kind != "char":
             raise ValueError(f"tokenizer description has type {kind!r}; expected 'char'")
@@ -153,27 +120,6 @@ class CharTokenizer:
         if not isinstance(alphabet, (str, list, tuple)):
             raise ValueError(f"tokenizer 'alphabet' must be a string or a list, got {type(alphabet).__name__}")
         return cls(alphabet)
-
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write :meth:`to_dict` as JSON (via a temporary file renamed into place)."""
-        from rlhf_lightning.data.jsonl import atomic_write_text
-
-        atomic_write_text(path, [json.dumps(self.to_dict(), ensure_ascii=False, indent=2), "\n"])
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> "CharTokenizer":
-        path = Path(path)
-        try:
-            with open(path, encoding="utf-8") as f:
-                d = json.load(f)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: tokenizer file not found") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid tokenizer JSON: {e}") from None
-        try:
-            return cls.from_dict(d)
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
 
     # ------------------------------------------------------------------ comparison
     def __eq__(self, other: object) -> bool:
@@ -186,13 +132,3 @@ class CharTokenizer:
 
     def __repr__(self) -> str:
         return f"CharTokenizer(alphabet={self._alphabet!r})"
-
-
-def load_tokenizer(d: Mapping[str, Any]):
-    """A tokenizer from its `to_dict()` description, by `type`: "char" (`CharTokenizer`) or "hf" (`HFTokenizer`)."""
-    kind = d.get("type") if isinstance(d, Mapping) else None
-    if kind == "hf":
-        from rlhf_lightning.hf_tokenizer import HFTokenizer  # imported on use: needs the [hf] extra
-
-        return HFTokenizer.from_dict(d)
-    return CharTokenizer.from_dict(d)  # "char", or a clear error naming the unknown type

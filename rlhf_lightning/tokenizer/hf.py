@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from rlhf_lightning.models.hf import import_transformers, local_folder
-from rlhf_lightning.tokenizer import require_text
+from rlhf_lightning.hf_files import import_transformers, local_folder
+from rlhf_lightning.tokenizer.base import require_mapping, require_text
 
 __all__ = ["HFTokenizer"]
 
@@ -74,10 +74,6 @@ class HFTokenizer:
         """`encode(text) + [eos]`."""
         return self.encode(text, where) + [self._eos]
 
-    def check(self, text: str, where: str = "") -> None:
-        """Every string encodes (unknown pieces map to the tokenizer's own unknown token): only a type check."""
-        self.encode(text, where)
-
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`: skips a leading BOS, stops at the first EOS, drops PAD and BOS."""
         if hasattr(ids, "tolist"):
@@ -101,8 +97,7 @@ class HFTokenizer:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "HFTokenizer":
-        if not isinstance(d, Mapping):
-            raise ValueError(f"tokenizer description must be a mapping, got {type(d).__name__}")
+        d = require_mapping(d)
         if d.get("type") != "hf":
             raise ValueError(f"tokenizer description has type {d.get('type')!r}; expected 'hf'")
         unknown = sorted(set(d) - {"type", "path", "chat_template"})

@@ -1,0 +1,139 @@
+"""Scoring engines on models and text: token log-probs of a causal LM, the KL between two of them, and the
+reward model's score of (prompt, completion) strings.
+
+Every log-prob of a token under a policy or reference goes through `token_logprobs`: one teacher-forced forward
+for the whole batch, float32, at the sampling temperature (what generation returns, so PPO's first ratio is 1).
+`completion_kl` is the one definition of every reported KL figure (`eval/kl`, the pipeline's `test_kl`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from rlhf_lightning.checkpoints import read_checkpoint, submodule_state
+from rlhf_lightning.losses import logprobs_from_logits
+from rlhf_lightning.models.reward import RewardModel
+from rlhf_lightning.padding import right_pad
+from rlhf_lightning.tokenizer import Tokenizer, load_tokenizer
+
+__all__ = ["completion_kl", "completion_mask", "encode_scored", "load_reward_model", "score_texts", "token_logprobs"]
+
+
+def _next_token_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_len: int | None) -> torch.Tensor:
+    """Logits (B, T-1, V) predicting tokens 1..T-1, or (B, N, V) predicting the last N = `completion_len`."""
+    logits = model(input_ids, attention_mask)  # (B, T, V); positions come from the mask
+    start = 0 if completion_len is None else input_ids.size(1) - completion_len - 1
+    return logits[:, start:-1]  # position t predicts token t + 1
+
+
+def token_logprobs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    temperature: float = 1.0,
+    completion_len: int | None = None,
+    return_logits: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced log-probs of each token given its prefix, under ``softmax(logits / temperature)``.
+
+    Without `completion_len`: (B, T), entry ``[:, t]`` = ``log p(input_ids[:, t] | input_ids[:, :t])`` for t >= 1
+    and 0.0 at t = 0 (no prefix). With `completion_len` = N: (B, N), the log-probs of the last N tokens only
+    (a prompt ++ completion batch). `return_logits` also returns the logits (B, T-1 or N, V) they came from,
+    e.g. for an entropy or an accuracy, from the same forward.
+
+    >>> class Table(nn.Module):  # logits after token 0 are [0, log 3]: p(1 | 0) = 0.75
+    ...     def forward(self, ids, mask):
+    ...         return torch.tensor([0.0, 1.0986123]).expand(*ids.shape, 2)
+    >>> ids = torch.tensor([[0, 1]])
+    >>> token_logprobs(Table(), ids, torch.ones_like(ids))
+    tensor([[ 0.0000, -0.2877]])
+    >>> token_logprobs(Table(), ids, torch.ones_like(ids), completion_len=1)
+    tensor([[-0.2877]])
+    """
+    logits = _next_token_logits(model, input_ids, attention_mask, completion_len)
+    targets = input_ids[:, 1:] if completion_len is None else input_ids[:, input_ids.size(1) - completion_len :]
+    logprobs = logprobs_from_logits(logits, targets, temperature)  # (B, T-1) or (B, N)
+    if completion_len is None:
+        logprobs = F.pad(logprobs, (1, 0), value=0.0)  # (B, T)
+    return (logprobs, logits) if return_logits else logprobs
+
+
+def completion_kl(
+    policy: nn.Module,
+    reference: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    completion_len: int,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Exact per-token KL(policy || reference) (B, N) of the next-token distributions at the last N positions
+    of prompt ++ completion, at `temperature`: ``sum_v p(v) (log p(v) - log p_ref(v))``.
+
+    The one KL behind every reported KL figure: averaged over a completion's tokens (mask them with the
+    completion mask), it is `eval/kl` and the pipeline's `test_kl`.
+    """
+    logp = F.log_softmax(_next_token_logits(policy, input_ids, attention_mask, completion_len).float() / temperature, -1)
+    ref = F.log_softmax(_next_token_logits(reference, input_ids, attention_mask, completion_len).float() / temperature, -1)
+    return (logp.exp() * (logp - ref)).sum(-1)  # (B, N)
+
+
+def encode_scored(
+    tokenizer: Tokenizer, prompt: str, completion: str, ended: bool, where: str = "", completion_field: str = "completion"
+) -> list[int]:
+    """BOS + prompt + completion (+ EOS if it ended): the ids a reward model scores.
+
+    `where` (e.g. "prefs.jsonl:3") locates errors: "prefs.jsonl:3: field 'prompt': unknown character ...".
+    """
+    at = f"{where}: " if where else ""
+    prompt_ids = tokenizer.encode_prompt(prompt, f"{at}field 'prompt'")
+    completion_ids = tokenizer.encode(completion, f"{at}field {completion_field!r}")
+    return prompt_ids + completion_ids + ([tokenizer.eos_id] if ended else [])
+
+
+def completion_mask(prompt_lengths: Sequence[int], lengths: Sequence[int], width: int) -> torch.Tensor:
+    """(B, width) bool, True on positions [prompt length, length) of right-padded rows: the completion."""
+    pos = torch.arange(width)[None, :]  # (1, T)
+    return (pos >= torch.tensor(prompt_lengths)[:, None]) & (pos < torch.tensor(lengths)[:, None])  # (B, T)
+
+
+def score_texts(
+    model: RewardModel,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    ended: Sequence[bool] | torch.Tensor,
+    where: str = "",
+) -> torch.Tensor:
+    """Scores (B,) of (prompt, completion) strings in one batched forward on the model's device.
+
+    Gradients follow the caller's context (wrap in `torch.no_grad()` for a frozen model).
+    """
+    if not len(prompts) == len(completions) == len(ended):
+        raise ValueError(f"got {len(prompts)} prompts, {len(completions)} completions, {len(ended)} ended flags")
+    if isinstance(ended, torch.Tensor):
+        ended = ended.tolist()
+    seqs = [encode_scored(tokenizer, p, c, bool(e), where) for p, c, e in zip(prompts, completions, ended)]
+    longest = max(len(s) for s in seqs)
+    if longest > model.block_size:
+        raise ValueError(f"{where + ': ' if where else ''}a scored sequence is {longest} tokens, the reward model's context is {model.block_size}")
+    ids, mask = right_pad(seqs, tokenizer.pad_id)  # (B, T), (B, T)
+    completion = completion_mask([len(tokenizer.encode_prompt(p)) for p in prompts], [len(x) for x in seqs], ids.size(1))
+    device = next(model.parameters()).device
+    return model(ids.to(device), mask.to(device), completion.to(device))  # (B,)
+
+
+def load_reward_model(path: str, role: str = "reward_ckpt") -> tuple[RewardModel, Tokenizer, dict[str, Any]]:
+    """(model in eval mode, its tokenizer, the checkpoint's "rlhf" metadata) of a reward checkpoint.
+
+    The metadata holds "stage" ("reward"), "model", "tokenizer", "reward_mean" and "reward_std".
+    """
+    checkpoint = read_checkpoint(path, ("reward",), role)
+    meta = checkpoint["rlhf"]
+    model = RewardModel(meta["model"])
+    model.load_state_dict(submodule_state(checkpoint, "model"))
+    return model.eval(), load_tokenizer(meta["tokenizer"]), meta
