@@ -142,7 +142,7 @@ def test_dynamic_sampling_bad_options(sft_ckpt, options, message):
 def test_gold_reward_is_logged_beside_a_learned_reward(sft_ckpt, reward_ckpt, tmp_path):
     module = PPOModule(policy_ckpt=str(sft_ckpt), reward="learned", reward_ckpt=str(reward_ckpt), samples_per_prompt=4)
     from rlhf_lightning.data.prompts import PromptDataset, load_prompts
-    from rlhf_lightning.policy import judge_scores
+    from rlhf_lightning.tasks.arithmetic import judge_scores
 
     ds = PromptDataset(module.tokenizer, load_prompts("toy", "train", limit=16), module.data_max_length)
     batch = ds.collate([ds[i] for i in range(len(ds))])

@@ -111,7 +111,7 @@ def test_backbone_and_tokenizer_come_from_the_sft_checkpoint(sft_ckpt):
 def reward_run(tmp_path_factory, sft_ckpt):
     """One quick reward fit from generated pairs: (working dir, the CLI object)."""
     cwd = tmp_path_factory.mktemp("reward_run")
-    cli = run_cli([*RM_QUICK, f"--model.init_args.sft_ckpt={sft_ckpt}"], cwd)
+    cli = run_cli([*RM_QUICK, f"--model.init_args.sft_ckpt={sft_ckpt}", f"--data.init_args.pairs.init_args.policy_ckpt={sft_ckpt}"], cwd)
     return cwd, cli
 
 
@@ -173,7 +173,8 @@ def test_resume_from_last(reward_run, sft_ckpt):
     cwd, cli = reward_run
     steps = cli.trainer.global_step
     resumed = run_cli([
-        *RM_QUICK, f"--model.init_args.sft_ckpt={sft_ckpt}", "--trainer.max_epochs=2", "--trainer.logger=false",
+        *RM_QUICK, f"--model.init_args.sft_ckpt={sft_ckpt}", f"--data.init_args.pairs.init_args.policy_ckpt={sft_ckpt}",
+        "--trainer.max_epochs=2", "--trainer.logger=false",
         "--ckpt_path", "last",
     ], cwd)
     assert steps == 3 and resumed.trainer.global_step == 2 * steps  # the first epoch was not repeated
