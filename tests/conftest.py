@@ -1,7 +1,10 @@
-"""Shared fixtures: configs, an in-process CLI runner, and one small trained SFT checkpoint for all tests."""
+"""Shared fixtures: configs, an in-process CLI runner, one small trained SFT checkpoint for all tests, and one
+quick pipeline run."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import warnings
 from pathlib import Path
@@ -65,3 +68,36 @@ def reward_ckpt(sft_run) -> Path:
     cwd = sft_run[0]
     run_cli(RM_QUICK, cwd)
     return cwd / "checkpoints" / "toy" / "reward.ckpt"
+
+
+# The whole pipeline, each stage cut short: about 100 SFT steps, 3 reward steps, 3 PPO rollouts.
+QUIET_STAGES = [f"--{s}.{q[2:]}" for s in ("sft", "reward", "ppo") for q in QUIET]
+PIPELINE_QUICK = [
+    *QUIET_STAGES,
+    "--sft.trainer.max_epochs=1", "--sft.data.init_args.demo_fraction=0.1", "--sft.data.init_args.max_val_prompts=64",
+    "--reward.trainer.max_epochs=1", "--reward.trainer.limit_train_batches=3",
+    "--reward.data.init_args.pairs.max_train_prompts=200", "--reward.data.init_args.pairs.max_val_prompts=50",
+    "--ppo.trainer.limit_train_batches=3", "--ppo.data.init_args.batch_size=16", "--ppo.data.init_args.max_val_prompts=64",
+]
+
+
+def run_pipeline(cwd: Path) -> str:
+    """Run `rlhf pipeline` with PIPELINE_QUICK in `cwd`; returns what it printed."""
+    from rlhf_lightning.pipeline import main as pipeline_main
+
+    out = io.StringIO()
+    old = Path.cwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out):
+            assert pipeline_main(PIPELINE_QUICK) == 0
+    finally:
+        os.chdir(old)
+    return out.getvalue()
+
+
+@pytest.fixture(scope="session")
+def quick_pipeline(tmp_path_factory) -> tuple[Path, str]:
+    """(working dir, printed output) of one quick pipeline run, shared by the tests that read its results."""
+    cwd = tmp_path_factory.mktemp("pipeline")
+    return cwd, run_pipeline(cwd)

@@ -144,7 +144,7 @@ def test_write_jsonl_failure_keeps_old_file(tmp_path):
         yield GOOD
         yield {"prompt": float("nan")}
 
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
         write_jsonl(path, gen())
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]

@@ -134,14 +134,14 @@ def test_merged_and_peft_exports_give_the_adapter_models_logits(lora_sft, base, 
     torch.testing.assert_close(merged(model)(x, None), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_ppo_with_adapters_trains_them_on_the_base_and_ppo_continues_sft_adapters(sft_ckpt, lora_sft, tmp_path):
+def test_ppo_with_adapters_trains_them_on_the_base_and_ppo_continues_sft_adapters(base, lora_sft, tmp_path):
     # the judge, plus a penalty for a missing EOS: rewards that differ within a batch (a gradient) for any base
     args = ["fit", "--config", "toy/ppo", *QUIET, "--trainer.logger=false", "--trainer.max_steps=4",
             "--model.init_args.reward=judge", "--model.init_args.missing_eos_penalty=1.0", "--model.init_args.eval_every=0",
             "--data.init_args.max_val_prompts=8", "--model.init_args.reference_dtype=bfloat16", "--model.init_args.keep_best=false"]
-    run_cli([*args, f"--model.init_args.policy_ckpt={sft_ckpt}", "--model.init_args.lora={r: 4}"], tmp_path)
+    run_cli([*args, f"--model.init_args.policy_ckpt={base}", "--model.init_args.lora={r: 4}"], tmp_path)
     ppo = torch.load(tmp_path / "checkpoints" / "toy" / "ppo.ckpt", weights_only=True)
-    assert ppo["rlhf"]["base"]["path"] == str(sft_ckpt.resolve()) and all("lora_" in k for k in ppo["state_dict"])
+    assert ppo["rlhf"]["base"]["path"] == str(base.resolve()) and all("lora_" in k for k in ppo["state_dict"])
     trained, _, _ = load_policy(str(tmp_path / "checkpoints" / "toy" / "ppo.ckpt"))
     assert any(v.abs().sum() > 0 for k, v in trained.state_dict().items() if "lora_B" in k)
 

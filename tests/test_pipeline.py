@@ -13,22 +13,11 @@ import pytest
 import torch
 import yaml
 
-from conftest import CONFIGS, QUIET, run_cli
+from conftest import CONFIGS, QUIET, run_cli, run_pipeline
 from rlhf_lightning.checkpoints import CheckpointError
 from rlhf_lightning.data.jsonl import DataError
-from rlhf_lightning.pipeline import main as pipeline_main
 from rlhf_lightning.pipeline import split_stage_overrides
 from rlhf_lightning.tokenizer import UnknownCharacterError
-
-QUIET_STAGES = [f"--{s}.{q[2:]}" for s in ("sft", "reward", "ppo") for q in QUIET]
-PIPELINE_QUICK = [
-    *QUIET_STAGES,
-    "--sft.trainer.max_epochs=1", "--sft.data.init_args.demo_fraction=0.1", "--sft.data.init_args.max_val_prompts=64",
-    "--reward.trainer.max_epochs=1", "--reward.trainer.limit_train_batches=3",
-    "--reward.data.init_args.pairs.max_train_prompts=200", "--reward.data.init_args.pairs.max_val_prompts=50",
-    "--ppo.trainer.limit_train_batches=3", "--ppo.data.init_args.batch_size=16", "--ppo.data.init_args.max_val_prompts=64",
-]
-
 
 def test_stage_overrides_are_routed_to_their_stage():
     rest, overrides = split_stage_overrides(["--seed=1", "--sft.trainer.max_epochs", "2", "--ppo.model.init_args.lr=1e-5"])
@@ -44,23 +33,21 @@ def test_seed_seeds_every_stage():
     assert seed_args("ppo", 3) == ["--seed_everything=3", "--data.init_args.seed=3", "--model.init_args.seed=3"]
 
 
-def run_pipeline(cwd: Path, monkeypatch) -> list[dict]:
-    monkeypatch.chdir(cwd)
-    assert pipeline_main(PIPELINE_QUICK) == 0
+def summary_rows(cwd: Path) -> list[dict]:
     return json.loads((cwd / "lightning_logs" / "toy" / "summary.json").read_text())
 
 
-def test_same_seed_same_config_gives_identical_metrics(tmp_path, monkeypatch, capsys):
-    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
-    first = run_pipeline(tmp_path / "a", monkeypatch)
-    second = run_pipeline(tmp_path / "b", monkeypatch)
+def test_same_seed_same_config_gives_identical_metrics(quick_pipeline, tmp_path):
+    cwd, out = quick_pipeline
+    first = summary_rows(cwd)
+    run_pipeline(tmp_path)  # again, in another folder
+    second = summary_rows(tmp_path)
     assert [r["stage"] for r in first] == ["sft", "reward", "ppo"]
     assert set(first[0]) == {"stage", "test_accuracy", "test_reward", "test_kl", "test_gold_reward", "wall_s"}
     assert first[1]["test_gold_reward"] is None and all(0 <= first[i]["test_gold_reward"] <= 1 for i in (0, 2))
     strip = lambda rows: [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]  # noqa: E731
     assert strip(first) == strip(second)
     assert first[0]["test_kl"] == pytest.approx(0.0, abs=1e-6)  # the SFT row is its own reference
-    out = capsys.readouterr().out
     assert "[pipeline] sft: start" in out and "[pipeline] ppo: done" in out and "test_accuracy" in out
 
 

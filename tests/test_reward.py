@@ -6,6 +6,7 @@ The Bradley-Terry loss and pairwise accuracy are checked against hand computatio
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -80,7 +81,7 @@ def test_binary_auroc_by_hand():
     assert binary_auroc(torch.tensor([0.1, 0.4, 0.4, 0.9]), labels) == 0.875  # (1 + 0.5 + 1 + 1) / 4
     assert binary_auroc(torch.tensor([0.0, 1.0, 2.0, 3.0]), labels) == 1.0
     assert binary_auroc(torch.tensor([3.0, 2.0, 1.0, 0.0]), labels) == 0.0
-    assert binary_auroc(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 1.0])) != binary_auroc(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 1.0]))  # NaN
+    assert math.isnan(binary_auroc(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 1.0])))  # one class only: undefined
 
 
 def test_missing_or_wrong_stage_sft_checkpoint_fails_at_construction(tmp_path, sft_ckpt):
@@ -194,9 +195,18 @@ def test_fit_from_jsonl_files(reward_run, tmp_path):
     assert cli.trainer.global_step == 2
     held_out = len(read_jsonl(run_dir / "preferences_val.jsonl", ["prompt"]))
     assert len(cli.datamodule.val_set) == held_out  # one group per pair
-    assert 0.0 <= float(cli.trainer.callback_metrics["eval/rm_accuracy"]) <= 1.0
-    _, _, meta = load_reward_model(str(tmp_path / "checkpoints" / "toy" / "reward.ckpt"))
+    model, tokenizer, meta = load_reward_model(str(tmp_path / "checkpoints" / "toy" / "reward.ckpt"))
     assert meta["model"] == {"type": "mean_embedding", "n_embd": 16, "vocab_size": TOK.vocab_size}
+    # the logged held-out accuracy is the saved model's: the fraction of val pairs it ranks chosen above rejected
+    rows = [r for _, r in read_jsonl(run_dir / "preferences_val.jsonl", ["prompt", "chosen", "rejected"],
+                                     {"chosen_ended": bool, "rejected_ended": bool}, non_empty=False)]
+    with torch.no_grad():
+        chosen = score_texts(model, tokenizer, [r["prompt"] for r in rows], [r["chosen"] for r in rows],
+                             [r.get("chosen_ended", True) for r in rows])
+        rejected = score_texts(model, tokenizer, [r["prompt"] for r in rows], [r["rejected"] for r in rows],
+                               [r.get("rejected_ended", True) for r in rows])
+    accuracy = float((chosen > rejected).float().mean())
+    assert float(cli.trainer.callback_metrics["eval/rm_accuracy"]) == pytest.approx(accuracy, abs=1e-6)
 
 
 def test_bad_input_fails_before_training(tmp_path):

@@ -73,7 +73,7 @@ def test_per_stratum_accuracy_and_reward_of_a_fake_policy_by_hand():
     assert out["op/-"] == {"n": 3, "accuracy": 0.5, "reward": 0.0}  # (0 + 1) / 2 known; (-1 + 1 + 0) / 3
     assert strata_metrics([], [], names=["a"]) == {"a": {"n": 0, "accuracy": None}}
     assert worst_stratum(out, min_n=3) == "op/-" and worst_stratum(out, min_n=4) is None
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="1 scores, 0 strata and no rewards"):
         strata_metrics([1.0], [])
 
 
@@ -224,18 +224,12 @@ def test_sft_stratum_weights_reach_the_loader_and_bad_names_exit_2(tmp_path, mon
         "rlhf: error: data.init_args.stratum_weights: stratum 'digits/1+1': expected a finite weight > 0, got -1.0")
 
 
-def test_pipeline_writes_strata_json_and_prints_the_worst_stratum(tmp_path, monkeypatch, capsys):
-    from test_pipeline import PIPELINE_QUICK
-
-    from rlhf_lightning.pipeline import main as pipeline_main
-
-    monkeypatch.chdir(tmp_path)
-    assert pipeline_main(PIPELINE_QUICK) == 0
-    rows = {r["stage"]: r for r in json.loads((tmp_path / "lightning_logs" / "toy" / "summary.json").read_text())}
-    strata = json.loads((tmp_path / "lightning_logs" / "toy" / "strata.json").read_text())
+def test_pipeline_writes_strata_json_and_prints_the_worst_stratum(quick_pipeline):
+    cwd, out = quick_pipeline
+    rows = {r["stage"]: r for r in json.loads((cwd / "lightning_logs" / "toy" / "summary.json").read_text())}
+    strata = json.loads((cwd / "lightning_logs" / "toy" / "strata.json").read_text())
     assert list(strata) == ["sft", "ppo"]
     test_prompts = load_prompts("toy", "test")
-    out = capsys.readouterr().out
     for stage, metrics in strata.items():
         assert list(metrics) == list(TOY_STRATA)
         assert [metrics[n]["n"] for n in TOY_STRATA] == [sum(n in r.strata for r in test_prompts) for n in TOY_STRATA]

@@ -1,3 +1,4 @@
+import dataclasses
 import hashlib
 import os
 import subprocess
@@ -47,7 +48,7 @@ def test_max_operand():
     ps = problems(max_operand=9)
     assert len(ps) == 100 + 55
     assert max(int(p.answer) for p in ps) == 18
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="max_operand must be a non-negative integer, got -1"):
         problems(max_operand=-1)
 
 
@@ -97,7 +98,7 @@ def test_splits_disjoint_cover_and_proportions():
     # the split depends on the prompt text only, not on max_operand
     small = problems("val", max_operand=20)
     assert {p.prompt for p in small} <= sets["val"]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown split 'dev'"):
         problems("dev")
 
 
@@ -135,7 +136,7 @@ def test_demonstration_problems():
     # no val/test prompt ever gets a demonstration
     assert all(split_of(p.prompt) == "train" for p in subsets[2])
     for bad in (0, -0.1, 1.5):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=rf"fraction must be in \(0, 1\], got {bad}"):
             demonstration_problems(bad)
 
 
@@ -155,7 +156,7 @@ def test_seed_preset():
 
 def test_problem_is_frozen():
     p = Problem("Q: 1+1=\nA:", "2")
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError, match="cannot assign to field 'answer'"):
         p.answer = "3"
     assert Counter([p, Problem("Q: 1+1=\nA:", "2")])[p] == 2
     assert A.TASKS == ("toy", "seed")

@@ -26,9 +26,9 @@ def test_alphabet_is_sorted_unique():
     assert t.vocab_size == 6
     assert t.encode("abc") == [3, 4, 5]
     assert CharTokenizer(["c", "a", "b"]) == t
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="alphabet entries must be single characters, got 'ab'"):
         CharTokenizer(["ab"])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="alphabet must contain at least one character"):
         CharTokenizer("")
 
 
@@ -57,7 +57,7 @@ def test_decode_stops_at_eos_and_drops_pad_bos(tok):
     assert tok.decode(ids) == "Q: 1+1=\nA:2"
     assert tok.decode([2] + tok.encode("5")) == ""
     assert tok.decode([]) == ""
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="token id 21 is out of range for a vocabulary of 21"):
         tok.decode([tok.vocab_size])
 
 
