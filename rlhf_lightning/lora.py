@@ -187,6 +187,14 @@ def save_peft_folder(model: nn.Module, settings: dict[str, Any], out: Path, base
     save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
+def keep_trainable(state_dict: dict[str, Any], module: nn.Module, prefix: str) -> None:
+    """Remove the keys under `prefix` that are not trainable parameters of `module`, in place: a checkpoint of
+    adapters (and of what trains beside them, e.g. a reward head) leaves the frozen base out."""
+    trainable = {prefix + name for name, p in module.named_parameters() if p.requires_grad}
+    for key in [k for k in state_dict if k.startswith(prefix) and k not in trainable]:
+        del state_dict[key]
+
+
 def drop_frozen_base(state_dict: dict[str, Any], prefix: str) -> None:
     """Remove the keys under `prefix` that are not adapter tensors, in place: what a checkpoint of adapters
     leaves out (its base rebuilds them)."""

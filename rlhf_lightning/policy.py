@@ -97,6 +97,15 @@ def base_with_adapters(meta: dict[str, Any], role: str) -> tuple[nn.Module, Toke
 def load_base(base: dict[str, str], meta: dict[str, Any], role: str) -> tuple[nn.Module, Tokenizer]:
     """The base model of an adapter checkpoint, checked against its recorded SHA-256; its own adapters, if it
     has any, merged in (a base is always a plain model)."""
+    check_base(base, role)
+    if base["kind"] == "hf":
+        return build_model(meta["model"]), load_tokenizer(meta["tokenizer"])
+    model, tokenizer, _ = load_plain_policy(base["path"], role=f"{role} base")
+    return model, tokenizer
+
+
+def check_base(base: dict[str, str], role: str) -> None:
+    """Refuse the base of an adapter checkpoint that is missing or whose SHA-256 differs from the recorded one."""
     if not Path(base["path"]).exists():
         raise CheckpointError(f"{role}: its base {base['path']!r} (sha256 {base['sha256']}) does not exist; nothing was loaded")
     actual = sha256_path(base["path"])
@@ -104,10 +113,6 @@ def load_base(base: dict[str, str], meta: dict[str, Any], role: str) -> tuple[nn
         raise CheckpointError(
             f"{role}: its base {base['path']!r} has sha256 {actual}, the adapters were trained on sha256 {base['sha256']}; nothing was loaded"
         )
-    if base["kind"] == "hf":
-        return build_model(meta["model"]), load_tokenizer(meta["tokenizer"])
-    model, tokenizer, _ = load_plain_policy(base["path"], role=f"{role} base")
-    return model, tokenizer
 
 
 def context_length(model: nn.Module) -> int:

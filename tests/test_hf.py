@@ -161,6 +161,34 @@ def test_ppo_two_rollouts_with_the_judge(hf_sft):
     assert not torch.equal(ppo.eval()(ids), sft.eval()(ids))  # 2 rollouts x 2 epochs x 2 minibatches of updates
 
 
+def test_lora_configs_train_adapters_on_the_hf_folder_and_on_the_sft_policy(gpt2_dir, hf_sft):
+    from rlhf_lightning.policy import load_policy
+
+    pytest.importorskip("peft")
+    hf = f"--model.init_args.model={{type: hf, path: {gpt2_dir}}}"
+    sft = run_cli(
+        ["fit", "--config", str(CONFIGS / "hf" / "sft_lora.yaml"), *QUIET, "--trainer.logger=false", hf,
+         "--trainer.limit_train_batches=2", "--data.init_args.batch_size=8", "--data.init_args.max_val_prompts=8"],
+        hf_sft,
+    )
+    path = hf_sft / "checkpoints" / "hf" / "sft_lora.ckpt"
+    saved = torch.load(path, weights_only=True)
+    assert saved["rlhf"]["base"]["kind"] == "hf" and saved["rlhf"]["base"]["path"] == str(gpt2_dir.resolve())
+    assert saved["state_dict"] and all("lora_" in k for k in saved["state_dict"])  # adapters only
+    model, tok, _ = load_policy(str(path))
+    ids = torch.tensor([tok.encode_prompt(PROMPTS[0])])
+    torch.testing.assert_close(model.eval()(ids), sft.model.model.eval()(ids))
+    ppo = run_cli(
+        ["fit", "--config", str(CONFIGS / "hf" / "ppo_lora.yaml"), *QUIET, "--trainer.logger=false",
+         "--model.init_args.reward=judge", "--model.init_args.reward_ckpt=null", "--trainer.limit_train_batches=1",
+         "--data.init_args.batch_size=4", "--data.init_args.max_val_prompts=8"],
+        hf_sft,
+    )  # the config as shipped: new adapters on checkpoints/hf/sft.ckpt
+    trained = {n for n, p in ppo.model.model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n for n in trained)
+    assert not list(ppo.model.reference.parameters())  # the reference is the policy with adapters off: no copy
+
+
 def test_missing_transformers_names_the_extra(monkeypatch, gpt2_dir):
     import sys
 

@@ -191,3 +191,44 @@ def test_adapter_checkpoint_with_a_changed_base_is_refused_by_eval(lora_sft, bas
         base.write_bytes(original)
     line = one_error_line(capsys)
     assert str(base.resolve()) in line and "nothing was loaded" in line
+
+
+def test_reward_model_lora_trains_adapters_and_the_head_and_reloads_on_its_checked_base(base, tmp_path):
+    from rlhf_lightning.scoring import load_reward_model
+
+    cli = run_cli(
+        ["fit", "--config", "toy/reward", *QUIET, "--trainer.logger=false", "--trainer.max_steps=3",
+         f"--model.init_args.sft_ckpt={base}", "--model.init_args.lora={r: 4}", f"--data.init_args.pairs.init_args.policy_ckpt={base}",
+         "--data.init_args.pairs.init_args.samples_per_prompt=4", "--data.init_args.pairs.init_args.judge=random",
+         "--data.init_args.pairs.init_args.max_train_prompts=64", "--data.init_args.pairs.init_args.max_val_prompts=16",
+         "--data.init_args.batch_size=8"],
+        tmp_path,
+    )
+    trained = {n for n, p in cli.model.model.named_parameters() if p.requires_grad}
+    assert {n for n in trained if "lora_" not in n} == {"head.weight", "head.bias", "lm_scale"}  # the LM head is the base's
+    assert any("lora_" in n for n in trained)
+    path = tmp_path / "checkpoints" / "toy" / "reward.ckpt"
+    saved = torch.load(path, weights_only=True)
+    assert {k[len("model."):] for k in saved["state_dict"]} == trained  # nothing of the frozen base
+    assert saved["rlhf"]["base"] == {"kind": "checkpoint", "path": str(base.resolve()), "sha256": cli.model.sft_sha256}
+    model, tokenizer, _ = load_reward_model(str(path))
+    x = torch.tensor([tokenizer.encode_prompt("Q: 2+3=\nA:") + tokenizer.encode_completion("5")])
+    mask, completion = torch.ones_like(x, dtype=torch.bool), torch.zeros_like(x, dtype=torch.bool)
+    completion[:, -2:] = True
+    torch.testing.assert_close(model(x, mask, completion), cli.model.model.eval()(x, mask, completion))
+    original = base.read_bytes()
+    try:
+        full = torch.load(base, weights_only=True)
+        full["state_dict"]["model.wte.weight"] += 1.0
+        torch.save(full, base)
+        with pytest.raises(CheckpointError, match="nothing was loaded"):
+            load_reward_model(str(path))
+    finally:
+        base.write_bytes(original)
+
+
+def test_reward_lora_without_a_trained_base_exits_2(tmp_path, capsys):
+    code = main(["fit", "--config", "toy/reward", *QUIET, "--trainer.logger=false", "--model.init_args.sft_ckpt=null",
+                 "--model.init_args.lora={r: 4}", "--data.init_args.pairs=JsonlPairs", "--data.init_args.pairs.train_file=x.jsonl"])
+    assert code == 2
+    assert "adapters need a trained base" in capsys.readouterr().err

@@ -46,6 +46,20 @@ def test_ratio_is_one_at_the_first_minibatch_at_temperature_not_one(sft_ckpt):
     assert (at_one - rollout.old_logprobs)[rollout.completion_mask].abs().max().item() > 1e-2
 
 
+@pytest.mark.parametrize("beta, target_kl, forwards", [(0.0, None, 0), (0.1, None, 1), (0.0, 0.5, 1)])
+def test_reference_forward_runs_only_when_the_kl_is_used(sft_ckpt, beta, target_kl, forwards):
+    module = ppo(sft_ckpt, beta=beta, target_kl=target_kl, samples_per_prompt=2, max_new_tokens=4, ppo_epochs=1)
+    calls = []
+    module.reference.register_forward_hook(lambda *args: calls.append(1))
+    rollout, _ = module.make_rollout(prompt_batch(module, 4))
+    assert len(calls) == forwards
+    assert (rollout.kl is None) == (forwards == 0)
+    if forwards == 0:  # the loss has no KL term to feed: the old log-probs stand in for the reference's
+        assert torch.equal(rollout.ref_logprobs, rollout.old_logprobs)
+        out, _, _ = module.minibatch_loss(rollout)
+        assert torch.allclose(out.loss, out.policy_loss)
+
+
 def test_rollout_layout_and_masks_after_eos(sft_ckpt):
     module = ppo(sft_ckpt, temperature=1.5, samples_per_prompt=3, max_new_tokens=6)
     batch = prompt_batch(module, 8)

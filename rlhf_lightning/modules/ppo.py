@@ -4,7 +4,7 @@ One training step is one rollout (manual optimization):
 
 1. sample K completions per prompt with the KV cache, keeping generation's log-probs as the old log-probs;
 2. score them with the reward source (learned model, judge, or a weighted sum), minus a missing-EOS penalty;
-3. reference log-probs from the frozen SFT model in one batched forward;
+3. reference log-probs from the frozen SFT model in one batched forward (skipped when beta is 0 and fixed);
 4. advantages by the configured estimator over the global batch (all ranks);
 5. `ppo_epochs` x shuffled minibatches: new log-probs in one forward, clipped surrogate + beta * KL,
    `manual_backward`, `clip_gradients`, optimizer step.
@@ -65,11 +65,11 @@ class Rollout:
     completion_ids: torch.Tensor  # (B, N)
     completion_mask: torch.Tensor  # (B, N) bool, True up to and including EOS
     old_logprobs: torch.Tensor  # (B, N) generation's log-probs (temperature-scaled softmax)
-    ref_logprobs: torch.Tensor  # (B, N) frozen reference, same temperature
+    ref_logprobs: torch.Tensor  # (B, N) frozen reference, same temperature (the old log-probs when beta = 0: unused)
     rewards: torch.Tensor  # (B,) from the reward source (penalty included, before any KL shaping)
     advantages: torch.Tensor  # (B,) per sequence, broadcast to tokens
     finished: torch.Tensor | None = None  # (B,) bool, True where the completion emitted EOS
-    kl: torch.Tensor | None = None  # (B,) summed per-token KL estimate to the reference on the sampled tokens
+    kl: torch.Tensor | None = None  # (B,) summed per-token KL estimate to the reference (None: not computed, beta = 0)
 
     def logprobs(self, model: nn.Module, temperature: float, return_logits: bool = False):
         """`model`'s log-probs (B, N) of the completion tokens at `temperature` (and their logits (B, N, V) with
@@ -377,6 +377,13 @@ class PPOModule(L.LightningModule):
         return [self.reference, *(s.model for s in sources if isinstance(getattr(s, "model", None), nn.Module))]
 
     @property
+    def needs_reference(self) -> bool:
+        """Whether a rollout needs the reference's log-probs: the KL is in the loss or the reward (beta > 0), or an
+        adaptive controller steers beta by it. Otherwise (beta = 0, fixed) the reference forward is skipped; the
+        KL to the reference is still measured at every evaluation (`eval/kl`)."""
+        return self.hparams.target_kl is not None or self.kl_ctl.beta > 0
+
+    @property
     def data_max_length(self) -> int:
         """Longest prompt (BOS included) that leaves room for `max_new_tokens`: bounds the prompt datasets."""
         return context_length(self.model) - self.hparams.max_new_tokens + 1
@@ -460,17 +467,20 @@ class PPOModule(L.LightningModule):
         if samples is not None:
             gen = samples.gen
             input_ids, attention_mask = gen.joined(samples.prompt_ids, samples.prompt_mask)  # (B, P + N) each
-            # 3. reference log-probs: one batched forward of the frozen SFT model
-            ref_logprobs = token_logprobs(self.reference, input_ids, attention_mask, hp.temperature, gen.completion_ids.size(1))
-            ref_logprobs = ref_logprobs.masked_fill(~gen.completion_mask, 0.0)  # (B, N)
-            kl_tokens = kl_penalty(hp.kl_estimator, gen.logprobs, ref_logprobs)  # (B, N) on the sampled tokens
-            rewards = samples.rewards
-            shaped = kl_in_reward(rewards, kl_tokens, gen.completion_mask, self.kl_ctl.beta) if hp.kl_in_reward else rewards
+            rewards, shaped, kl = samples.rewards, samples.rewards, None
+            if self.needs_reference:  # 3. reference log-probs: one batched forward of the frozen SFT model
+                ref_logprobs = token_logprobs(self.reference, input_ids, attention_mask, hp.temperature, gen.completion_ids.size(1))
+                ref_logprobs = ref_logprobs.masked_fill(~gen.completion_mask, 0.0)  # (B, N)
+                kl_tokens = kl_penalty(hp.kl_estimator, gen.logprobs, ref_logprobs)  # (B, N) on the sampled tokens
+                kl = masked_sum_rows(kl_tokens, gen.completion_mask)  # (B,)
+                if hp.kl_in_reward:
+                    shaped = kl_in_reward(rewards, kl_tokens, gen.completion_mask, self.kl_ctl.beta)
+            else:  # beta = 0: the KL term is zero whatever the reference says
+                ref_logprobs = gen.logprobs
             # 4. advantages over the global batch, then this rank's rows
             rollout = Rollout(
                 input_ids, attention_mask, gen.completion_ids, gen.completion_mask, gen.logprobs, ref_logprobs,
-                rewards, self.global_advantages(shaped), gen.finished,
-                kl=masked_sum_rows(kl_tokens, gen.completion_mask),
+                rewards, self.global_advantages(shaped), gen.finished, kl=kl,
             )
         metrics = self.rollout_metrics(drawn, rounds, kept_groups)
         if self._rollouts == 0 or (hp.num_logged_samples and hp.eval_every and self._rollouts % hp.eval_every == 0):
@@ -577,6 +587,8 @@ class PPOModule(L.LightningModule):
                 sums["ppo/entropy"] = sums.get("ppo/entropy", 0.0) + entropy
         steps = hp.ppo_epochs * chunks
         metrics = {k: v / steps for k, v in sums.items()}
+        if rollout.kl is None:  # no reference forward (beta = 0): the loss's KL term measured nothing
+            metrics.pop("ppo/kl")
         self.last_update = {"first_ratio_error": float(first_ratio_error), **{k: float(v) for k, v in metrics.items()}}
         return metrics
 
@@ -602,9 +614,10 @@ class PPOModule(L.LightningModule):
         beta = self.kl_ctl.beta
         if rollout is not None:
             update_metrics = self.ppo_update(rollout)
-            kl_and_tokens = gather_rows(torch.stack([rollout.kl, rollout.completion_mask.sum(1).float()], 1))  # (B_global, 2)
-            rollout_kl = kl_and_tokens[:, 0].sum() / kl_and_tokens[:, 1].sum()  # per-token KL of the sampling policy
-            self.kl_ctl.update(float(rollout_kl), n_steps=rollout.completion_ids.size(0) * _world_size())
+            if rollout.kl is not None:
+                kl_and_tokens = gather_rows(torch.stack([rollout.kl, rollout.completion_mask.sum(1).float()], 1))  # (B_global, 2)
+                rollout_kl = kl_and_tokens[:, 0].sum() / kl_and_tokens[:, 1].sum()  # per-token KL of the sampling policy
+                self.kl_ctl.update(float(rollout_kl), n_steps=rollout.completion_ids.size(0) * _world_size())
         else:  # dynamic sampling found no informative group on any rank: nothing to learn from this rollout
             update_metrics = {}
             self._skipped_updates += 1

@@ -11,10 +11,12 @@ import torch.nn.functional as F
 from torchmetrics import CatMetric, MeanMetric
 
 from rlhf_lightning.checkpoints import read_checkpoint, sha256_file, submodule_state
+from rlhf_lightning.lora import add_adapters, keep_trainable, lora_settings, require_peft
 from rlhf_lightning.losses import bradley_terry_loss, masked_mean, pairwise_accuracy
 from rlhf_lightning.models.reward import RewardModel
 from rlhf_lightning.optim import adamw_warmup_cosine
-from rlhf_lightning.policy import POLICY_STAGES
+from rlhf_lightning.options import ConfigError
+from rlhf_lightning.policy import POLICY_STAGES, base_record, load_plain_policy
 from rlhf_lightning.tasks.arithmetic import ALPHABET
 from rlhf_lightning.tokenizer import CharTokenizer, Tokenizer, load_tokenizer
 
@@ -56,6 +58,7 @@ class RewardModule(L.LightningModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 10,
         min_lr_ratio: float = 0.1,
+        lora: dict[str, Any] | None = None,
     ) -> None:
         """
         Args:
@@ -74,6 +77,10 @@ class RewardModule(L.LightningModule):
             weight_decay: AdamW weight decay on matrices (none on biases and norms).
             warmup_steps: linear warm-up steps, then cosine decay to `min_lr_ratio * lr`.
             min_lr_ratio: final learning rate as a fraction of `lr`.
+            lora: train LoRA adapters on the reward model's backbone instead of all of it: {r, alpha (default
+                2 r), dropout, target_modules}; the score head (and the likelihood feature's scale) train fully,
+                the LM head stays the SFT policy's. Needs a trained base: `sft_ckpt` with `init_from_sft`, or an
+                HF folder (`model.type: hf`). The checkpoint holds the trained tensors and the base's path and SHA-256.
         """
         super().__init__()
         sft = read_checkpoint(sft_ckpt, POLICY_STAGES, "model.init_args.sft_ckpt") if sft_ckpt else None
@@ -82,7 +89,26 @@ class RewardModule(L.LightningModule):
         config = self._resolve_model(model, sft if init_from_sft else None)
         self.model = RewardModel(config)
         if sft is not None and init_from_sft:
-            self.model.load_backbone(submodule_state(sft, "model"))
+            if sft["rlhf"].get("lora"):  # a LoRA SFT policy: its adapters merged into its base
+                self.model.load_backbone(load_plain_policy(sft_ckpt, role="model.init_args.sft_ckpt")[0].state_dict())
+            else:
+                self.model.load_backbone(submodule_state(sft, "model"))
+        self.lora: dict[str, Any] | None = None  # resolved LoRA settings and the base's record, if adapters train
+        if lora is not None:
+            require_peft("model.init_args.lora")
+            if sft is not None and init_from_sft:
+                base = base_record(sft_ckpt, "checkpoint", self.sft_sha256)
+            elif config["type"] == "hf":
+                base = base_record(config["path"], "hf")
+            else:
+                raise ConfigError(
+                    "model.init_args.lora: adapters need a trained base: model.init_args.sft_ckpt with init_from_sft "
+                    "(the SFT policy's transformer), or an HF folder (model.type: hf)"
+                )
+            self.lora = {"lora": add_adapters(self.model.backbone, lora_settings(lora)), "base": base}
+            if self.model.lm_feature:
+                self.model.lm_head.requires_grad_(False)  # the SFT policy's LM head: part of the base
+        self.strict_loading = self.lora is None  # a checkpoint of adapters leaves the frozen base out
         if chosen_nll and not self.model.lm_feature:
             raise ValueError("model.init_args.chosen_nll needs a reward model with the likelihood feature (model: {lm_feature: true})")
         self.save_hyperparameters()
@@ -180,7 +206,11 @@ class RewardModule(L.LightningModule):
             "reward_std": float(self.reward_std),
             "sft_ckpt": self.hparams.sft_ckpt,
             "sft_sha256": self.sft_sha256,
+            **(self.lora or {}),
         }
+        if self.lora is not None:
+            keep_trainable(checkpoint["state_dict"], self.model, "model.")
+            return
         # Self-describing: `load_from_checkpoint` rebuilds from the resolved model and tokenizer above and
         # never needs the SFT file again (its weights are in the state dict).
         checkpoint["hyper_parameters"] = {**checkpoint.get("hyper_parameters", {}), "sft_ckpt": None, "init_from_sft": False}
