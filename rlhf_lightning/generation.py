@@ -31,13 +31,6 @@ class Generation:
         return torch.cat([prompt_ids, self.completion_ids], 1), torch.cat([prompt_mask.bool(), self.completion_mask], 1)
 
 
-def completion_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_len: int) -> torch.Tensor:
-    """Logits (B, N, V) predicting each of the last N = `completion_len` tokens, from one forward over the
-    whole prompt ++ completion (positions come from the mask)."""
-    P = input_ids.size(1) - completion_len
-    return model(input_ids, attention_mask)[:, P - 1 : -1]  # (B, N, V): position t predicts token t + 1
-
-
 def mask_from_lengths(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
     """Right-aligned-free mask: lengths [2, 0] with max_len 3 -> [[1,1,0],[0,0,0]] (bool)."""
     return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]  # (B, N)
@@ -50,6 +43,15 @@ def _sample(scaled: torch.Tensor, top_k: int | None, generator: torch.Generator 
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
     probs = F.softmax(scaled, dim=-1)  # (B, V)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+
+
+def _ended_rows(completion_ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alive (B, N) bool, finished (B,) bool) from the raw sampled ids (B, N): a token is kept while no
+    EOS came before it. Raw [[5, EOS, 7], [4, 6, 8]] -> alive [[1, 1, 0], [1, 1, 1]], finished [1, 0]."""
+    eos = completion_ids == eos_id  # (B, N)
+    eos_before = eos.cumsum(1) - eos.long()  # (B, N) EOS strictly before each position
+    alive = eos_before == 0  # (B, N)
+    return alive, (eos & alive).any(1)
 
 
 @torch.no_grad()
@@ -66,53 +68,65 @@ def generate(
     greedy: bool = False,
     generator: torch.Generator | None = None,
 ) -> Generation:
-    """Complete a left-padded batch of prompts (B, P); see the module docstring for the contract."""
+    """Complete a left-padded batch of prompts (B, P); see the module docstring for the contract.
+
+    Every buffer is allocated once: the attention mask (B, P + N), the sampled ids (B, N) and the
+    temperature-scaled logits (N, B, V), whose log-softmax is taken once after the loop. Rows keep
+    sampling after their EOS (those tokens are replaced by pad at the end); whether every row has ended
+    is read back from the device only every `_CHECK_EVERY` steps.
+    """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature} (use greedy=True for argmax)")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     B, P = prompt_ids.shape
+    N = max_new_tokens
     device = prompt_ids.device
-    mask = prompt_mask.bool()
-    prompt_lengths = mask.sum(-1)  # (B,)
+    prompt_mask = prompt_mask.bool()
+    prompt_lengths = prompt_mask.sum(-1)  # (B,)
     block_size = getattr(getattr(model, "config", None), "block_size", None)
-    if block_size is not None and int(prompt_lengths.max()) + max_new_tokens > block_size:
+    if block_size is not None and int(prompt_lengths.max()) + N > block_size:
         raise ValueError(
-            f"prompt of {int(prompt_lengths.max())} tokens + max_new_tokens={max_new_tokens} exceeds the "
+            f"prompt of {int(prompt_lengths.max())} tokens + max_new_tokens={N} exceeds the "
             f"model's context (block_size={block_size})"
         )
 
     was_training = model.training
     model.eval()
-    cache = model.new_cache(B, P + max_new_tokens)
-    logits = model(prompt_ids, mask, position_ids=positions_from_mask(mask), cache=cache)[:, -1]  # (B, V)
-    next_pos = prompt_lengths.clone()  # (B,) position of the token about to be generated
+    mask = torch.ones(B, P + N, dtype=torch.bool, device=device)  # (B, P + N): generated tokens are real
+    mask[:, :P] = prompt_mask
+    positions = prompt_lengths[:, None] + torch.arange(N, device=device)  # (B, N) position of each new token
+    raw_ids = torch.full((B, N), pad_id, dtype=torch.long, device=device)  # (B, N) as sampled, EOS ignored
 
-    out_ids = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    out_lp = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=device)
-    lengths = torch.zeros(B, dtype=torch.long, device=device)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    ones = torch.ones(B, 1, dtype=torch.bool, device=device)
-    for t in range(max_new_tokens):
-        scaled = logits.float() / temperature  # (B, V)
-        token = scaled.argmax(-1) if greedy else _sample(scaled, top_k, generator)  # (B,)
-        logprob = F.log_softmax(scaled, dim=-1).gather(-1, token[:, None]).squeeze(-1)  # (B,)
-        alive = ~finished
-        out_ids[:, t] = torch.where(alive, token, pad_id)
-        out_lp[:, t] = torch.where(alive, logprob, 0.0)
-        lengths += alive.long()
-        finished |= alive & (token == eos_id)
-        if t == max_new_tokens - 1 or bool(finished.all()):
+    cache = model.new_cache(B, P + N)
+    logits = model(prompt_ids, prompt_mask, position_ids=positions_from_mask(prompt_mask), cache=cache)[:, -1]  # (B, V)
+    scaled = torch.zeros(N, *logits.shape, dtype=torch.float32, device=device)  # (N, B, V)
+    steps = N
+    for t in range(N):
+        step = scaled[t]  # (B, V)
+        step.copy_(logits)
+        if temperature != 1.0:
+            step.div_(temperature)
+        token = step.argmax(-1) if greedy else _sample(step, top_k, generator)  # (B,)
+        raw_ids[:, t] = token
+        if t == N - 1 or (t % _CHECK_EVERY == _CHECK_EVERY - 1 and bool((raw_ids[:, : t + 1] == eos_id).any(1).all())):
+            steps = t + 1
             break
-        mask = torch.cat([mask, ones], dim=1)  # (B, P + t + 1)
-        step_ids = out_ids[:, t : t + 1]  # (B, 1): exactly one new token per row
-        logits = model(step_ids, mask, position_ids=next_pos[:, None], cache=cache)[:, -1]  # (B, V)
-        next_pos += 1
+        # one new token per row; a finished row's token is never used
+        logits = model(token[:, None], mask[:, : P + t + 1], position_ids=positions[:, t : t + 1], cache=cache)[:, -1]
     model.train(was_training)
+
+    alive, finished = _ended_rows(raw_ids, eos_id)  # (B, N), (B,)
+    logprobs = torch.zeros(B, N, dtype=torch.float32, device=device)  # (B, N)
+    logprobs[:, :steps] = F.log_softmax(scaled[:steps], -1).gather(-1, raw_ids[:, :steps].t()[..., None])[..., 0].t()
     return Generation(
-        completion_ids=out_ids,
-        completion_mask=mask_from_lengths(lengths, max_new_tokens),
-        logprobs=out_lp,
-        lengths=lengths,
+        completion_ids=torch.where(alive, raw_ids, pad_id),
+        completion_mask=alive,
+        logprobs=torch.where(alive, logprobs, 0.0),
+        lengths=alive.sum(-1),
         finished=finished,
     )
+
+
+_CHECK_EVERY = 4
+"""Steps between two reads of "has every row ended?" from the device (each read waits for the device)."""

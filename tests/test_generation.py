@@ -1,11 +1,14 @@
-"""Batched KV-cache generation against full recomputation, one token per row per step, EOS, padding."""
+"""Batched KV-cache generation against full recomputation, one token per row per step, EOS, padding;
+and against a frozen copy of the first (unoptimized) sampler: same tokens and log-probs for the same seed."""
 
+import pytest
 import torch
+import torch.nn.functional as F
 
+from rlhf_lightning.generation import Generation, generate, mask_from_lengths
 from rlhf_lightning.padding import left_pad
-from rlhf_lightning.generation import generate
 from rlhf_lightning.losses import logprobs_from_logits
-from rlhf_lightning.models import GPT, GPTConfig
+from rlhf_lightning.models import GPT, BigramConfig, BigramLM, GPTConfig, positions_from_mask
 
 EOS, PAD = 2, 0
 
@@ -93,3 +96,112 @@ def test_top_k_samples_only_the_k_likeliest_but_reports_full_softmax_logprobs():
     greedy = generate(model, ids, mask, max_new_tokens=1, eos_id=EOS, pad_id=PAD, greedy=True)
     assert out.completion_ids.tolist() == greedy.completion_ids.tolist()
     assert (out.logprobs < 0).all()  # not log(1): the full softmax, not the truncated one
+
+
+# ---- a frozen copy of the first sampler: a `torch.cat`-grown mask, a host sync per token ----
+
+
+def _reference_sample(scaled, top_k, generator):
+    if top_k is not None and top_k < scaled.size(-1):
+        kth = torch.topk(scaled, top_k, dim=-1).values[:, -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = F.softmax(scaled, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def reference_generate(model, prompt_ids, prompt_mask, *, max_new_tokens, eos_id, pad_id, temperature=1.0,
+                       top_k=None, greedy=False, generator=None) -> Generation:
+    B, P = prompt_ids.shape
+    mask = prompt_mask.bool()
+    prompt_lengths = mask.sum(-1)
+    model.eval()
+    cache = model.new_cache(B, P + max_new_tokens)
+    logits = model(prompt_ids, mask, position_ids=positions_from_mask(mask), cache=cache)[:, -1]
+    next_pos = prompt_lengths.clone()
+    out_ids = torch.full((B, max_new_tokens), pad_id, dtype=torch.long)
+    out_lp = torch.zeros(B, max_new_tokens, dtype=torch.float32)
+    lengths = torch.zeros(B, dtype=torch.long)
+    finished = torch.zeros(B, dtype=torch.bool)
+    ones = torch.ones(B, 1, dtype=torch.bool)
+    for t in range(max_new_tokens):
+        scaled = logits.float() / temperature
+        token = scaled.argmax(-1) if greedy else _reference_sample(scaled, top_k, generator)
+        logprob = F.log_softmax(scaled, dim=-1).gather(-1, token[:, None]).squeeze(-1)
+        alive = ~finished
+        out_ids[:, t] = torch.where(alive, token, pad_id)
+        out_lp[:, t] = torch.where(alive, logprob, 0.0)
+        lengths += alive.long()
+        finished |= alive & (token == eos_id)
+        if t == max_new_tokens - 1 or bool(finished.all()):
+            break
+        mask = torch.cat([mask, ones], dim=1)
+        logits = model(out_ids[:, t : t + 1], mask, position_ids=next_pos[:, None], cache=cache)[:, -1]
+        next_pos += 1
+    return Generation(out_ids, mask_from_lengths(lengths, max_new_tokens), out_lp, lengths, finished)
+
+
+def eos_prone_gpt(seed: int) -> GPT:
+    """EOS gets a logit ~2 above the others: rows end at different, mostly early, steps."""
+    model = tiny_gpt(seed)
+    with torch.no_grad():
+        model.ln_f.bias.fill_(1.0)
+        model.lm_head.weight[EOS].fill_(0.15)
+    return model
+
+
+LONG_PROMPTS = [[1, 5, 6, 7, 3, 4, 8, 9, 5, 6, 7, 3, 4, 9], [1, 8], [1, 9, 3], [1], [1, 4, 4, 4, 4, 4, 4]]
+CASES = [
+    # (model seed, prompts, sampling options): temperatures != 1, top-k, greedy, EOS-prone weights
+    (0, PROMPTS, dict(temperature=0.7)),
+    *[(seed, LONG_PROMPTS, dict(temperature=1.3)) for seed in range(2)],
+    (0, LONG_PROMPTS, dict(temperature=1.0)),
+    (1, LONG_PROMPTS, dict(temperature=0.8, top_k=3)),
+    (2, PROMPTS, dict(top_k=1)),
+    (0, LONG_PROMPTS, dict(greedy=True, temperature=0.5)),
+    *[("eos", LONG_PROMPTS, dict(temperature=t)) for t in (0.6, 1.7)],
+    ("eos", PROMPTS, dict(temperature=0.9, top_k=4)),
+    ("eos", LONG_PROMPTS, dict(greedy=True)),
+]
+
+
+@pytest.mark.parametrize("model_seed,prompts,options", CASES)
+@pytest.mark.parametrize("sample_seed", [0, 7])
+def test_same_tokens_and_logprobs_as_the_reference_sampler(model_seed, prompts, options, sample_seed):
+    model = eos_prone_gpt(sample_seed) if model_seed == "eos" else tiny_gpt(model_seed)
+    ids, mask = left_pad(prompts, PAD)
+    N = 24 - max(len(p) for p in prompts)  # up to the context: the decode crosses 16-key blocks
+    kw = dict(max_new_tokens=N, eos_id=EOS, pad_id=PAD, **options)
+    ref = reference_generate(model, ids, mask, generator=torch.Generator().manual_seed(sample_seed), **kw)
+    out = generate(model, ids, mask, generator=torch.Generator().manual_seed(sample_seed), **kw)
+    assert out.completion_ids.tolist() == ref.completion_ids.tolist()
+    torch.testing.assert_close(out.logprobs, ref.logprobs, atol=1e-6, rtol=0)
+    assert out.lengths.tolist() == ref.lengths.tolist() and out.finished.tolist() == ref.finished.tolist()
+    assert out.completion_mask.tolist() == ref.completion_mask.tolist()
+    assert out.completion_ids.dtype == torch.long and out.logprobs.dtype == torch.float32
+
+
+def test_early_stop_when_every_row_ended_and_reference_agreement_there():
+    model = eos_prone_gpt(0)
+    ids, mask = left_pad(LONG_PROMPTS, PAD)
+    kw = dict(max_new_tokens=10, eos_id=EOS, pad_id=PAD, temperature=0.5)
+    ref = reference_generate(model, ids, mask, generator=torch.Generator().manual_seed(0), **kw)
+    calls = []
+    original = model.forward
+    model.forward = lambda *a, **k: calls.append(1) or original(*a, **k)
+    out = generate(model, ids, mask, generator=torch.Generator().manual_seed(0), **kw)
+    assert bool(ref.finished.all()) and int(ref.lengths.max()) < 10  # every row ended early...
+    assert len(calls) < 10  # ...so the loop stopped before the last step
+    assert out.completion_ids.tolist() == ref.completion_ids.tolist()
+    torch.testing.assert_close(out.logprobs, ref.logprobs, atol=1e-6, rtol=0)
+
+
+def test_a_model_without_keys_matches_the_reference_too():
+    torch.manual_seed(0)
+    model = BigramLM(BigramConfig(vocab_size=11, n_embd=8)).eval()
+    ids, mask = left_pad(LONG_PROMPTS, PAD)
+    kw = dict(max_new_tokens=9, eos_id=EOS, pad_id=PAD, temperature=0.8)
+    ref = reference_generate(model, ids, mask, generator=torch.Generator().manual_seed(5), **kw)
+    out = generate(model, ids, mask, generator=torch.Generator().manual_seed(5), **kw)
+    assert out.completion_ids.tolist() == ref.completion_ids.tolist()
+    torch.testing.assert_close(out.logprobs, ref.logprobs, atol=1e-6, rtol=0)

@@ -206,7 +206,7 @@ def test_rloo():
 
 @pytest.mark.parametrize("name", sorted(ADVANTAGE_ESTIMATORS))
 def test_advantages_reject_bad_layout(name):
-    with pytest.raises(ValueError, match=r"number of rewards \(3\) must be a positive multiple of group_size \(2\)"):
+    with pytest.raises(ValueError, match=r"number of rewards \(3\) must be a positive multiple of samples_per_prompt \(2\)"):
         compute_advantages(name, t([1.0, 2.0, 3.0]), 2)
 
 

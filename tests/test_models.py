@@ -52,3 +52,11 @@ def test_build_model_from_plain_dict_and_unknown_type():
     with pytest.raises(ValueError, match="lstm") as err:
         build_model({"type": "lstm"})
     assert "gpt" in str(err.value)
+
+
+def test_one_step_mask_equals_the_general_mask():
+    mask = torch.tensor([[0, 0, 1, 1, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)  # a padded last key still sees itself
+    fast = GPT._attention_mask(mask, 2, 1, 4, mask.device)  # (B, 1, 1, S)
+    q_pos, k_pos = torch.tensor([[4]]), torch.arange(5)[None, :]
+    general = ((k_pos <= q_pos) & mask[:, None, None, :]) | (k_pos == q_pos)
+    assert fast.tolist() == general.tolist()

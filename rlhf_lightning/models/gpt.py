@@ -176,6 +176,10 @@ class GPT(nn.Module):
         The diagonal keeps fully padded query rows finite (their outputs are never used).
         """
         S = past + T
+        if T == 1 and attention_mask is not None:  # one decode step: every real key, and the query itself
+            keys = attention_mask.bool().clone()  # (B, S)
+            keys[:, -1] = True
+            return keys[:, None, None, :]  # (B, 1, 1, S)
         q_pos = torch.arange(past, S, device=device)[:, None]  # (T, 1)
         k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
         causal = k_pos <= q_pos  # (T, S)
