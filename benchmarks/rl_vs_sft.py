@@ -125,18 +125,19 @@ def sft_arm(cwd: Path, fraction: float, lr: float, seconds: float, seed: int, ou
     return max(curve.values), wall, test_accuracy(Path(best.best_model_path))
 
 
-def rl_arm(cwd: Path, lr: float, seconds: float, seed: int, out: str) -> tuple[float, float, float]:
-    """(best val accuracy, wall seconds, test accuracy of the best-on-val policy) of PPO with the judge."""
+def rl_arm(cwd: Path, lr: float, seconds: float, seed: int, out: str, extra: tuple[str, ...] = ()) -> tuple[float, float, float]:
+    """(best val accuracy, wall seconds, test accuracy of the best-on-val policy) of PPO with the judge;
+    `extra` options (e.g. LoRA) come last."""
     with working_dir(cwd):
         cli, wall = fit([
             "--config", PPO_YAML, *QUIET, f"--seed_everything={seed}", f"--model.init_args.seed={seed}",
             f"--data.init_args.seed={seed}", "--trainer.max_epochs=100000",
             f"--trainer.max_time={duration(seconds)}", "--model.init_args.policy_ckpt=start.ckpt",
             "--model.init_args.reward=judge", f"--model.init_args.lr={lr}", *RL_OPTIONS,
-            "--data.init_args.max_val_prompts=256",
+            "--data.init_args.max_val_prompts=256", *extra,
         ], [FinalCheckpoint(f"{out}.ckpt")])
     best = max(e["eval/accuracy"] for e in cli.model.eval_history)
-    print(f"[rl_vs_sft] rl lr {lr}: {cli.model._rollouts} rollouts, val {[round(e['eval/accuracy'], 4) for e in cli.model.eval_history]}", file=sys.stderr, flush=True)
+    print(f"[rl_vs_sft] rl lr {lr} {' '.join(extra)}: {cli.model._rollouts} rollouts, val {[round(e['eval/accuracy'], 4) for e in cli.model.eval_history]}", file=sys.stderr, flush=True)
     return best, wall, test_accuracy(cwd / f"{out}.ckpt")
 
 

@@ -47,7 +47,8 @@ def read_checkpoint(path: str | os.PathLike[str], stages: tuple[str, ...], role:
     if not path.is_file():
         raise CheckpointError(f"{role}: checkpoint {str(path)!r} does not exist")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: tensors are read on use, so the optimizer state a stage checkpoint carries costs no memory here
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # unpickling refused, truncated or not a torch file
         raise CheckpointError(f"{role}: cannot load {str(path)!r} as a safe checkpoint: {err}") from None
     meta = checkpoint.get("rlhf") if isinstance(checkpoint, dict) else None

@@ -232,3 +232,22 @@ def test_reward_lora_without_a_trained_base_exits_2(tmp_path, capsys):
                  "--model.init_args.lora={r: 4}", "--data.init_args.pairs=JsonlPairs", "--data.init_args.pairs.train_file=x.jsonl"])
     assert code == 2
     assert "adapters need a trained base" in capsys.readouterr().err
+
+
+def test_ppo_gradient_checkpointing_gives_the_same_update_gradients(base):
+    from rlhf_lightning.data.prompts import PromptDataset, load_prompts
+    from rlhf_lightning.modules.ppo import PPOModule
+
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        module = PPOModule(policy_ckpt=str(base), reward="judge", samples_per_prompt=2, max_new_tokens=4, gradient_checkpointing=checkpointing)
+        assert module.model.config.gradient_checkpointing == checkpointing and not module.reference.config.gradient_checkpointing
+        data = PromptDataset(module.tokenizer, load_prompts("toy", "train", limit=4), module.data_max_length)
+        rollout, _ = module.make_rollout(data.collate([data[i] for i in range(len(data))]))
+        module.model.train()
+        out, _, _ = module.minibatch_loss(rollout)
+        out.loss.backward()
+        grads.append({n: p.grad.clone() for n, p in module.model.named_parameters()})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, msg=name)

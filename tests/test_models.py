@@ -60,3 +60,29 @@ def test_one_step_mask_equals_the_general_mask():
     q_pos, k_pos = torch.tensor([[4]]), torch.arange(5)[None, :]
     general = ((k_pos <= q_pos) & mask[:, None, None, :]) | (k_pos == q_pos)
     assert fast.tolist() == general.tolist()
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients_and_recomputes_blocks():
+    from rlhf_lightning.models import enable_gradient_checkpointing
+
+    torch.manual_seed(0)
+    plain = GPT(GPTConfig(vocab_size=11, block_size=12, n_layer=2, n_head=2, n_embd=16))
+    checkpointed = GPT(GPTConfig(vocab_size=11, block_size=12, n_layer=2, n_head=2, n_embd=16))
+    checkpointed.load_state_dict(plain.state_dict())
+    enable_gradient_checkpointing(checkpointed)
+    ids = torch.randint(0, 11, (3, 10), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[0, :4] = False  # a left-padded row
+    calls = []
+    checkpointed.blocks[0].register_forward_pre_hook(lambda *args: calls.append(1))
+    losses = [m.train()(ids, mask).logsumexp(-1)[mask].mean() for m in (plain, checkpointed)]
+    for loss in losses:
+        loss.backward()
+    assert len(calls) == 2  # the forward, then its recomputation in backward
+    torch.testing.assert_close(losses[0], losses[1])
+    for (name, p), q in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+    calls.clear()
+    with torch.no_grad():
+        checkpointed.eval()(ids, mask)
+    assert len(calls) == 1  # no checkpointing outside training

@@ -20,6 +20,16 @@ MODEL_TYPES: dict[str, tuple[type, type]] = {
 }
 
 
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Turn on activation recomputation in backward for a built policy: the project's GPT or an HF model."""
+    if isinstance(model, HFCausalLM):
+        model.enable_gradient_checkpointing()
+    elif isinstance(getattr(model, "config", None), GPTConfig):
+        model.config.gradient_checkpointing = True
+    else:
+        raise ValueError(f"gradient checkpointing is not available for {type(model).__name__}")
+
+
 def build_model(config: dict[str, Any]) -> nn.Module:
     """Build a causal LM from a plain dict: `type` names the model, the other keys its config."""
     config = dict(config)
@@ -33,4 +43,4 @@ def build_model(config: dict[str, Any]) -> nn.Module:
         raise ValueError(f"model config for {kind!r}: {err}") from None
 
 
-__all__ = ["GPT", "GPTConfig", "KVCache", "BigramLM", "BigramConfig", "build_model", "positions_from_mask", "MODEL_TYPES", "HFCausalLM", "HFConfig"]
+__all__ = ["GPT", "GPTConfig", "KVCache", "BigramLM", "BigramConfig", "build_model", "positions_from_mask", "MODEL_TYPES", "HFCausalLM", "HFConfig", "enable_gradient_checkpointing"]

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 @dataclass
@@ -31,6 +32,8 @@ class GPTConfig:
     dropout: float = 0.0
     """Off by default: PPO's importance ratio needs deterministic forwards."""
     bias: bool = True
+    gradient_checkpointing: bool = False
+    """Recompute each block's activations in backward instead of keeping them (training forwards only)."""
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
@@ -163,8 +166,12 @@ class GPT(nn.Module):
         if cache is not None or (attention_mask is not None and not bool(attention_mask.all())):
             attn_mask = self._attention_mask(attention_mask, B, T, past, input_ids.device)
         x = self.drop(self.wte(input_ids) + self.wpe(position_ids))  # (B, T, C)
+        checkpointed = self.config.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            x = block(x, attn_mask, cache, i)
+            if checkpointed:  # keep only the block's input; its activations are recomputed in backward
+                x = torch.utils.checkpoint.checkpoint(block, x, attn_mask, None, i, use_reentrant=False)
+            else:
+                x = block(x, attn_mask, cache, i)
         if cache is not None:
             cache.length += T
         return self.lm_head(self.ln_f(x))  # (B, T, V)

@@ -106,6 +106,10 @@ class HFCausalLM(nn.Module):
         self._cache_arg = _cache_argument(self.lm)
         self._cache_cls = transformers.DynamicCache
 
+    def enable_gradient_checkpointing(self) -> None:
+        self.config.gradient_checkpointing = True
+        _enable_checkpointing(self.lm)
+
     def new_cache(self, batch_size: int, max_len: int) -> HFCache:
         """An empty cache; it grows as generation appends one token per row per step."""
         return HFCache(self._cache_cls(config=self.lm.config))

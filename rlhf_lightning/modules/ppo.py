@@ -48,6 +48,7 @@ from rlhf_lightning.losses import (
 )
 from rlhf_lightning.optim import adamw, warmup_cosine
 from rlhf_lightning.options import ConfigError, check_choice
+from rlhf_lightning.models import enable_gradient_checkpointing
 from rlhf_lightning.lora import BaseOfAdapters, add_adapters, drop_frozen_base, has_adapters, lora_settings, merged, require_peft
 from rlhf_lightning.policy import base_record, context_length, load_policy
 from rlhf_lightning.rewards import RewardSettings, build_reward_source, checked_rewards
@@ -239,6 +240,7 @@ class PPOModule(L.LightningModule):
         lora: dict[str, Any] | None = None,
         reference_dtype: str = "float32",
         reward_dtype: str = "float32",
+        gradient_checkpointing: bool = False,
     ) -> None:
         """
         Args:
@@ -296,6 +298,8 @@ class PPOModule(L.LightningModule):
             reference_dtype: "float32" or "bfloat16" for a frozen reference copy (not used when the reference
                 is the policy with adapters off).
             reward_dtype: "float32" or "bfloat16" for the learned reward model.
+            gradient_checkpointing: recompute the policy's activations in backward instead of keeping them
+                (less memory for about one more forward per minibatch; generation is unaffected).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -345,6 +349,8 @@ class PPOModule(L.LightningModule):
         else:
             reference = copy.deepcopy(self.model).to(FROZEN_DTYPES[reference_dtype])
         self.strict_loading = self.lora is None  # a checkpoint of adapters leaves the frozen base out
+        if gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
         disable_dropout(self.model)
         disable_dropout(reference)
         self.policy_meta = {"model": dict(meta["model"], **({"dropout": 0.0} if "dropout" in meta["model"] else {})), "tokenizer": dict(meta["tokenizer"])}
