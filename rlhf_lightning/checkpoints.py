@@ -92,7 +92,10 @@ RUN_NAMES = {"sft": "SFT", "reward": "reward-model", "ppo": "PPO"}
 
 # Options that change no trained number, and input checkpoints' paths (their SHA-256 is compared instead):
 # a run may resume with other values.
-RESUME_FREE_OPTIONS = frozenset({"num_workers", "eval_batch_size", "num_logged_samples", "policy_ckpt", "reward_ckpt", "sft_ckpt"})
+RESUME_FREE_OPTIONS = frozenset({
+    "num_workers", "eval_batch_size", "num_logged_samples", "policy_ckpt", "reward_ckpt", "sft_ckpt",
+    "gradient_checkpointing",  # recomputing activations changes memory, not the numbers
+})
 
 
 def first_difference(saved: Any, current: Any, name: str) -> str | None:

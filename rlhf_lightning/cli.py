@@ -119,7 +119,7 @@ def prepare_resume(trainer, model, datamodule, ckpt_path: str) -> str:
         if found is None:
             raise CheckpointError(f"ckpt_path: no last.ckpt in {str(folders[0])!r} to resume from (leave out --ckpt_path to start a new run)")
         ckpt_path = str(found)
-    expected = {"hyper_parameters": dict(model.hparams)}
+    expected = {"hyper_parameters": dict(model.hparams), "state_dict": {}}
     model.on_save_checkpoint(expected)  # what this run would write: stage, model, tokenizer, input hashes
     checkpoint = check_resume(ckpt_path, expected, dict(datamodule.hparams) if datamodule is not None else {})
     version = checkpoint.get("resume", {}).get("logger_version")

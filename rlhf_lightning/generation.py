@@ -70,8 +70,8 @@ def generate(
 ) -> Generation:
     """Complete a left-padded batch of prompts (B, P); see the module docstring for the contract.
 
-    Every buffer is allocated once: the attention mask (B, P + N), the sampled ids (B, N) and the
-    temperature-scaled logits (N, B, V), whose log-softmax is taken once after the loop. Rows keep
+    Every buffer is allocated once: the attention mask (B, P + N), the sampled ids and their log-probs (B, N),
+    and one step's temperature-scaled logits (B, V) (memory does not grow with the vocabulary x length). Rows keep
     sampling after their EOS (those tokens are replaced by pad at the end); whether every row has ended
     is read back from the device only every `_CHECK_EVERY` steps.
     """
@@ -100,25 +100,23 @@ def generate(
 
     cache = model.new_cache(B, P + N)
     logits = model(prompt_ids, prompt_mask, position_ids=positions_from_mask(prompt_mask), cache=cache)[:, -1]  # (B, V)
-    scaled = torch.zeros(N, *logits.shape, dtype=torch.float32, device=device)  # (N, B, V)
-    steps = N
+    step = torch.empty(logits.shape, dtype=torch.float32, device=device)  # (B, V) this step's scaled logits
+    logprobs = torch.zeros(B, N, dtype=torch.float32, device=device)  # (B, N)
     for t in range(N):
-        step = scaled[t]  # (B, V)
         step.copy_(logits)
         if temperature != 1.0:
             step.div_(temperature)
         token = step.argmax(-1) if greedy else _sample(step, top_k, generator)  # (B,)
         raw_ids[:, t] = token
+        # under the full (untruncated) scaled softmax: only (B, N) is kept, never (N, B, V)
+        logprobs[:, t] = step.gather(-1, token[:, None])[:, 0] - torch.logsumexp(step, -1)
         if t == N - 1 or (t % _CHECK_EVERY == _CHECK_EVERY - 1 and bool((raw_ids[:, : t + 1] == eos_id).any(1).all())):
-            steps = t + 1
             break
         # one new token per row; a finished row's token is never used
         logits = model(token[:, None], mask[:, : P + t + 1], position_ids=positions[:, t : t + 1], cache=cache)[:, -1]
     model.train(was_training)
 
     alive, finished = _ended_rows(raw_ids, eos_id)  # (B, N), (B,)
-    logprobs = torch.zeros(B, N, dtype=torch.float32, device=device)  # (B, N)
-    logprobs[:, :steps] = F.log_softmax(scaled[:steps], -1).gather(-1, raw_ids[:, :steps].t()[..., None])[..., 0].t()
     return Generation(
         completion_ids=torch.where(alive, raw_ids, pad_id),
         completion_mask=alive,

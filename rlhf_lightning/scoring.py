@@ -1,8 +1,9 @@
 """Scoring engines on models and text: token log-probs of a causal LM, the KL between two of them, and the
 reward model's score of (prompt, completion) strings.
 
-Every log-prob of a token under a policy or reference goes through `token_logprobs`: one teacher-forced forward
-for the whole batch, float32, at the sampling temperature (what generation returns, so PPO's first ratio is 1).
+Every teacher-forced log-prob of a token under a policy or reference (SFT's loss, PPO's new and reference
+log-probs) goes through `token_logprobs`: one forward for the whole batch, float32, at the sampling temperature,
+the convention generation's log-probs follow too (so PPO's first ratio is 1).
 `completion_kl` is the one definition of every reported KL figure (`eval/kl`, the pipeline's `test_kl`).
 """
 
@@ -154,7 +155,8 @@ def reward_model_with_adapters(meta: dict[str, Any], state: dict[str, torch.Tens
         model.load_backbone(load_plain_policy(base["path"], role=f"{role} base")[0].state_dict())
     add_adapters(model.backbone, meta["lora"])
     missing, unexpected = model.load_state_dict(state, strict=False)
-    lost = [k for k in missing if k in {f"backbone.{n}" for n, _ in model.backbone.named_parameters() if "lora_" in n} or k.startswith("head.")]
+    adapters = {f"backbone.{n}" for n, _ in model.backbone.named_parameters() if "lora_" in n}
+    lost = [k for k in missing if k in adapters or k.startswith("head.") or k == "lm_scale"]
     if unexpected or lost:
         raise CheckpointError(f"{role} does not fit its base: {(unexpected or lost)[0]!r}")
     return model.eval()

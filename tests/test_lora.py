@@ -251,3 +251,14 @@ def test_ppo_gradient_checkpointing_gives_the_same_update_gradients(base):
         grads.append({n: p.grad.clone() for n, p in module.model.named_parameters()})
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, msg=name)
+
+
+def test_a_lora_run_resumes_from_last(base, tmp_path):
+    args = ["fit", "--config", "toy/sft", *QUIET, "--trainer.logger=false", "--data.init_args.max_val_prompts=8",
+            "--model.init_args.lora={r: 4}", f"--model.init_args.base_ckpt={base}"]
+    run_cli([*args, "--trainer.max_steps=3"], tmp_path)
+    assert (tmp_path / "checkpoints" / "toy" / "sft" / "last.ckpt").is_file()
+    cli = run_cli([*args, "--trainer.max_steps=5", "--ckpt_path=last"], tmp_path)
+    assert cli.trainer.global_step == 5  # continued from step 3, not started over
+    saved = torch.load(tmp_path / "checkpoints" / "toy" / "sft.ckpt", weights_only=True)
+    assert saved["global_step"] == 5 and all("lora_" in k for k in saved["state_dict"])

@@ -5,9 +5,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from pathlib import Path
+
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import CatMetric, MeanMetric
 
 from rlhf_lightning.checkpoints import read_checkpoint, sha256_file, submodule_state
@@ -143,6 +146,16 @@ class RewardModule(L.LightningModule):
         if conflicts:
             raise ValueError(f"model.init_args.model: {conflicts} differ from the SFT policy's; with init_from_sft the sizes come from sft_ckpt")
         return {**policy, "type": "gpt", **{k: config[k] for k in ("lm_feature",) if k in config}}
+
+    def setup(self, stage: str) -> None:
+        """Warn when sampled preference pairs came from another policy than the one this reward model starts from."""
+        pairs = getattr(getattr(self._trainer, "datamodule", None), "pairs", None) if self._trainer is not None else None
+        policy = getattr(pairs, "policy_ckpt", None)
+        if policy and self.sft_sha256 and Path(policy).is_file() and sha256_file(policy) != self.sft_sha256:
+            rank_zero_warn(
+                f"data.init_args.pairs.init_args.policy_ckpt {policy!r} is not model.init_args.sft_ckpt "
+                f"{self.hparams.sft_ckpt!r}: the pairs are sampled from another policy than the reward model starts from"
+            )
 
     @property
     def data_max_length(self) -> int:
