@@ -95,6 +95,8 @@ def main() -> None:
         "ms_per_step_hook_window": round(statistics.median(windows) * 1e3, 2),
         "ms_per_step_p90": round(sorted(intervals)[int(0.9 * (len(intervals) - 1))] * 1e3, 2),
         "completions_per_s": round(64 / step, 1),
+        # EOS counted as a token, as TRL's completion_tokens_per_step counts it
+        "completion_tokens_per_step": round(64 * statistics.mean(timing["completion_len"][args.warmup : args.warmup + args.steps]), 2),
         "goal_ms_per_step": 18, "trl_grpo_ms_per_step": 37,
         "spawn_to_first_step_s": round(to_first, 2),
         "spawn_to_import_lightning_done_s": round(spawn_to_import, 2),

@@ -1,7 +1,8 @@
 """A Callback for benchmarks/peer.py: wall times of the training steps inside `Trainer.fit`, written as JSON at the end.
 
 `step_s`: on_train_batch_start -> on_train_batch_end of each step; `interval_s`: one step's start to the
-next one's (the whole loop: data, hooks, logging); `first_step_epoch_s`: `time.time()` at the first step.
+next one's (the whole loop: data, hooks, logging); `first_step_epoch_s`: `time.time()` at the first step;
+`completion_len`: each step's logged mean completion length (`rollout/completion_len`, EOS included).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ class StepTimer(Callback):
         self.starts: list[float] = []
         self.steps: list[float] = []
         self.first_step_epoch_s: float | None = None
+        self.completion_len: list[float] = []
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         torch.set_num_threads(self.threads)
@@ -30,9 +32,12 @@ class StepTimer(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.steps.append(time.perf_counter() - self.starts[-1])
+        length = trainer.callback_metrics.get("rollout/completion_len")
+        if length is not None:
+            self.completion_len.append(float(length))
 
     def on_train_end(self, trainer, pl_module) -> None:
         intervals = [b - a for a, b in zip(self.starts, self.starts[1:])]
         with open(self.out, "w") as f:
             json.dump({"step_s": self.steps, "interval_s": intervals, "first_step_epoch_s": self.first_step_epoch_s,
-                       "threads": torch.get_num_threads()}, f)
+                       "threads": torch.get_num_threads(), "completion_len": self.completion_len}, f)
