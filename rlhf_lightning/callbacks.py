@@ -17,6 +17,16 @@ from lightning.pytorch.utilities import rank_zero_info
 from rlhf_lightning.files import commit, temporary_path
 
 
+def save_checkpoint_atomically(trainer: L.Trainer, path: str, weights_only: bool = False) -> None:
+    """`trainer.save_checkpoint` to a temporary name beside `path` (the same on every rank), renamed over `path` by
+    rank 0 (`files.commit`); every rank waits for the rename."""
+    tmp = trainer.strategy.broadcast(str(temporary_path(path)))
+    trainer.save_checkpoint(tmp, weights_only)
+    if trainer.is_global_zero:
+        commit(tmp, path)
+    trainer.strategy.barrier("checkpoint_written")
+
+
 class FinalCheckpoint(Callback):
     """Write the stage's checkpoint to a fixed path at the end of training (e.g. `checkpoints/toy/sft.ckpt`).
 
@@ -44,11 +54,7 @@ class FinalCheckpoint(Callback):
         finalize = getattr(pl_module, "finalize_policy", None)
         if callable(finalize):  # e.g. PPO: the final evaluation, then the best policy on `val`
             finalize()
-        tmp = trainer.strategy.broadcast(str(temporary_path(self.path)))
-        trainer.save_checkpoint(tmp, weights_only=False)
-        if trainer.is_global_zero:
-            commit(tmp, self.path)
-        trainer.strategy.barrier("final_checkpoint")
+        save_checkpoint_atomically(trainer, self.path)
 
 
 class ResumeCheckpoint(ModelCheckpoint):
@@ -85,11 +91,7 @@ class ResumeCheckpoint(ModelCheckpoint):
             self._write(trainer, filepath)
 
     def _write(self, trainer: L.Trainer, filepath: str) -> None:
-        tmp = trainer.strategy.broadcast(str(temporary_path(filepath)))
-        trainer.save_checkpoint(tmp, self.save_weights_only)
-        if trainer.is_global_zero:
-            commit(tmp, filepath)
-        trainer.strategy.barrier("resume_checkpoint")
+        save_checkpoint_atomically(trainer, filepath, self.save_weights_only)
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(proxy(self))

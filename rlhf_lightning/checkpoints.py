@@ -87,7 +87,6 @@ def read_export(path: Path) -> tuple[dict, dict, dict]:
     return load_file(str(path / WEIGHTS)), json.loads((path / CONFIG).read_text()), json.loads((path / TOKENIZER).read_text())
 
 
-
 RUN_NAMES = {"sft": "SFT", "reward": "reward-model", "ppo": "PPO"}
 
 # Options that change no trained number, and input checkpoints' paths (their SHA-256 is compared instead):

@@ -31,11 +31,6 @@ class Generation:
         return torch.cat([prompt_ids, self.completion_ids], 1), torch.cat([prompt_mask.bool(), self.completion_mask], 1)
 
 
-def mask_from_lengths(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
-    """Right-aligned-free mask: lengths [2, 0] with max_len 3 -> [[1,1,0],[0,0,0]] (bool)."""
-    return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]  # (B, N)
-
-
 def _sample(scaled: torch.Tensor, top_k: int | None, generator: torch.Generator | None) -> torch.Tensor:
     """Sample one id per row from temperature-scaled logits (B, V), optionally keeping the top k only."""
     if top_k is not None and top_k < scaled.size(-1):

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from rlhf_lightning.checkpoints import CheckpointError
 from rlhf_lightning.options import ConfigError
 
 PEFT_HINT = "pip install 'rlhf-lightning[peft]'"
@@ -187,6 +188,15 @@ def save_peft_folder(model: nn.Module, settings: dict[str, Any], out: Path, base
     save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
+def add_reward_adapters(model: nn.Module, settings: dict[str, Any], option: str = "model.init_args.lora") -> dict[str, Any]:
+    """`add_adapters` on a reward model's backbone. Its score head (and the likelihood feature's scale) stay
+    trainable; its LM head, the SFT policy's, is part of the frozen base."""
+    resolved = add_adapters(model.backbone, settings, option)
+    if getattr(model, "lm_feature", False):
+        model.lm_head.requires_grad_(False)
+    return resolved
+
+
 def keep_trainable(state_dict: dict[str, Any], module: nn.Module, prefix: str) -> None:
     """Remove the keys under `prefix` that are not trainable parameters of `module`, in place: a checkpoint of
     adapters (and of what trains beside them, e.g. a reward head) leaves the frozen base out."""
@@ -195,11 +205,14 @@ def keep_trainable(state_dict: dict[str, Any], module: nn.Module, prefix: str) -
         del state_dict[key]
 
 
-def drop_frozen_base(state_dict: dict[str, Any], prefix: str) -> None:
-    """Remove the keys under `prefix` that are not adapter tensors, in place: what a checkpoint of adapters
-    leaves out (its base rebuilds them)."""
-    for key in [k for k in state_dict if k.startswith(prefix) and "lora_" not in k]:
-        del state_dict[key]
+def load_trainable(module: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Load what `keep_trainable` kept into a rebuilt base with adapters; a tensor that fits nowhere, or a trainable
+    parameter the state lacks, is a `CheckpointError` naming `where` (the checkpoint does not fit its base)."""
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+    lost = [k for k in missing if k in trainable]
+    if unexpected or lost:
+        raise CheckpointError(f"{where} does not fit its base: {(unexpected or lost)[0]!r}")
 
 
 def count_parameters(model: nn.Module, trainable: bool | None = None) -> int:

@@ -59,11 +59,10 @@ def load_policy(path: str, role: str = "ckpt", stages: tuple[str, ...] = POLICY_
     meta = checkpoint["rlhf"]
     state = submodule_state(checkpoint, "model")
     if meta.get("lora"):
+        from rlhf_lightning.lora import load_trainable
+
         model, tokenizer = base_with_adapters(meta, f"{role}: {str(path)!r}")
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        lost = [k for k in missing if "lora_" in k]
-        if unexpected or lost:
-            raise CheckpointError(f"{role}: {str(path)!r} does not fit its base: {(unexpected or lost)[0]!r}")
+        load_trainable(model, state, f"{role}: {str(path)!r}")
         return model, tokenizer, meta
     model = build_model(meta["model"])
     model.load_state_dict(state)

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rlhf_lightning.checkpoints import CheckpointError, read_checkpoint, submodule_state
+from rlhf_lightning.checkpoints import read_checkpoint, submodule_state
 from rlhf_lightning.losses import logprobs_from_logits
 from rlhf_lightning.models.reward import RewardModel
 from rlhf_lightning.padding import right_pad
@@ -145,7 +145,7 @@ def load_reward_model(path: str, role: str = "reward_ckpt") -> tuple[RewardModel
 def reward_model_with_adapters(meta: dict[str, Any], state: dict[str, torch.Tensor], role: str) -> RewardModel:
     """A reward model of LoRA adapters: its base (an SFT checkpoint's transformer, or an HF folder) checked against
     its SHA-256 and rebuilt, the adapters added, then the trained tensors (adapters, head) loaded."""
-    from rlhf_lightning.lora import add_adapters
+    from rlhf_lightning.lora import add_reward_adapters, load_trainable
     from rlhf_lightning.policy import check_base, load_plain_policy
 
     base = meta["base"]
@@ -153,10 +153,6 @@ def reward_model_with_adapters(meta: dict[str, Any], state: dict[str, torch.Tens
     model = RewardModel(meta["model"])  # an HF backbone loads its folder's weights here
     if base["kind"] == "checkpoint":
         model.load_backbone(load_plain_policy(base["path"], role=f"{role} base")[0].state_dict())
-    add_adapters(model.backbone, meta["lora"])
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    adapters = {f"backbone.{n}" for n, _ in model.backbone.named_parameters() if "lora_" in n}
-    lost = [k for k in missing if k in adapters or k.startswith("head.") or k == "lm_scale"]
-    if unexpected or lost:
-        raise CheckpointError(f"{role} does not fit its base: {(unexpected or lost)[0]!r}")
+    add_reward_adapters(model, meta["lora"])
+    load_trainable(model, state, role)
     return model.eval()

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rlhf_lightning.generation import Generation, generate, mask_from_lengths
+from rlhf_lightning.generation import Generation, generate
 from rlhf_lightning.padding import left_pad
 from rlhf_lightning.losses import logprobs_from_logits
 from rlhf_lightning.models import GPT, BigramConfig, BigramLM, GPTConfig, positions_from_mask
@@ -107,6 +107,11 @@ def _reference_sample(scaled, top_k, generator):
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
     probs = F.softmax(scaled, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def mask_from_lengths(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+    """Right-aligned-free mask: lengths [2, 0] with max_len 3 -> [[1,1,0],[0,0,0]] (bool)."""
+    return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]  # (B, N)
 
 
 @torch.no_grad()

@@ -91,9 +91,8 @@ class PromptDataModule(TokenizedDataModule):
             max_val_prompts: evaluate on the first N `val` prompts only (None: all).
             num_workers: DataLoader workers.
             seed: seed of the stream that `draw_prompts` takes extra `train` prompts from.
-            tokenizer: the LightningModule's tokenizer (`rlhf fit` links `model.tokenizer` here: it travels
-                inside the module's checkpoint, not among this DataModule's hyperparameters).
-            max_length: the longest prompt, leaving room for the completion (`rlhf fit` links `model.data_max_length` here).
+            tokenizer, max_length: the module's, linked by `rlhf fit` (see `TokenizedDataModule`); here the
+                longest prompt that leaves room for the completion.
         """
         super().__init__(tokenizer, max_length)
         self.save_hyperparameters(ignore=["tokenizer", "max_length"])

@@ -369,16 +369,17 @@ class SampledPairs(PairSource):
         policy = policy.to(device).eval()
         rank_zero_info(f"[reward] sampling preferences: {self.samples_per_prompt} completions per prompt, judged by {self.judge!r}")
         train = group_pairs(self._groups(policy, tokenizer, task, "train", self.max_train_prompts, seed))
-        return train, self._groups(policy, tokenizer, task, "val", self.max_val_prompts, seed + 1)
+        return train, self._groups(policy, tokenizer, task, "val", self.max_val_prompts, seed)
 
     def _groups(self, policy, tokenizer: Tokenizer, task: str, split: str, limit: int | None, seed: int) -> list[SampleGroup]:
+        """The judged groups of `split`'s prompts (a `seed`-drawn subset of `limit`); `val` samples with seed + 1."""
         records = load_prompts(task, split)
         if limit is not None and limit < len(records):
-            order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed - (split == "val")))
+            order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed))
             records = [records[i] for i in sorted(order[:limit].tolist())]
         return sample_groups(
             policy, tokenizer, records, self.samples_per_prompt, self.judge, self.tie_break, self.max_new_tokens,
-            self.temperature, self.top_k, self.generation_batch_size, seed,
+            self.temperature, self.top_k, self.generation_batch_size, seed + (split == "val"),
         )
 
 
@@ -412,9 +413,7 @@ class PreferenceDataModule(TokenizedDataModule):
             batch_size: pairs per optimizer step.
             eval_batch_size: held-out prompts (groups of completions) per batch.
             num_workers: DataLoader workers.
-            tokenizer: the LightningModule's tokenizer (`rlhf fit` links `model.tokenizer` here: it travels
-                inside the module's checkpoint, not among this DataModule's hyperparameters).
-            max_length: the longest sequence the reward model takes (`rlhf fit` links `model.data_max_length`).
+            tokenizer, max_length: the module's, linked by `rlhf fit` (see `TokenizedDataModule`).
         """
         super().__init__(tokenizer, max_length)
         self.save_hyperparameters(ignore=["tokenizer", "max_length", "pairs"])

@@ -85,9 +85,7 @@ class SFTDataModule(TokenizedDataModule):
                 weights (1 where none is given); each epoch draws as many demonstrations as there are, with
                 replacement, in proportion. None: every demonstration once per epoch, shuffled.
             num_workers: DataLoader workers.
-            tokenizer: the LightningModule's tokenizer (`rlhf fit` links `model.tokenizer` here: it travels
-                inside the module's checkpoint, not among this DataModule's hyperparameters).
-            max_length: the longest sequence the module takes (`rlhf fit` links `model.data_max_length` here).
+            tokenizer, max_length: the module's, linked by `rlhf fit` (see `TokenizedDataModule`).
         """
         super().__init__(tokenizer, max_length)
         self.save_hyperparameters(ignore=["tokenizer", "max_length"])

@@ -102,7 +102,7 @@ class HFCausalLM(nn.Module):
         config.block_size = _context_length(self.lm.config)
         config.vocab_size = self.lm.get_input_embeddings().num_embeddings
         if config.gradient_checkpointing:
-            _enable_checkpointing(self.lm)
+            self.enable_gradient_checkpointing()
         self._cache_arg = _cache_argument(self.lm)
         self._cache_cls = transformers.DynamicCache
 

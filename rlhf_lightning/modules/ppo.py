@@ -49,7 +49,7 @@ from rlhf_lightning.losses import (
 from rlhf_lightning.optim import adamw, warmup_cosine
 from rlhf_lightning.options import ConfigError, check_choice
 from rlhf_lightning.models import enable_gradient_checkpointing
-from rlhf_lightning.lora import BaseOfAdapters, add_adapters, drop_frozen_base, has_adapters, lora_settings, merged, require_peft
+from rlhf_lightning.lora import BaseOfAdapters, add_adapters, has_adapters, keep_trainable, lora_settings, merged, require_peft
 from rlhf_lightning.policy import base_record, context_length, load_policy
 from rlhf_lightning.rewards import RewardSettings, build_reward_source, checked_rewards
 from rlhf_lightning.sampling import complete
@@ -742,7 +742,7 @@ class PPOModule(L.LightningModule):
             **(self.lora or {}),
         }
         if self.lora is not None:
-            drop_frozen_base(checkpoint["state_dict"], "model.")
+            keep_trainable(checkpoint["state_dict"], self.model, "model.")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get("rlhf", {})

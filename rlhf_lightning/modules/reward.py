@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import CatMetric, MeanMetric
 
 from rlhf_lightning.checkpoints import read_checkpoint, sha256_file, submodule_state
-from rlhf_lightning.lora import add_adapters, keep_trainable, lora_settings, require_peft
+from rlhf_lightning.lora import add_reward_adapters, keep_trainable, lora_settings, require_peft
 from rlhf_lightning.losses import bradley_terry_loss, masked_mean, pairwise_accuracy
 from rlhf_lightning.models.reward import RewardModel
 from rlhf_lightning.optim import adamw_warmup_cosine
@@ -108,9 +108,7 @@ class RewardModule(L.LightningModule):
                     "model.init_args.lora: adapters need a trained base: model.init_args.sft_ckpt with init_from_sft "
                     "(the SFT policy's transformer), or an HF folder (model.type: hf)"
                 )
-            self.lora = {"lora": add_adapters(self.model.backbone, lora_settings(lora)), "base": base}
-            if self.model.lm_feature:
-                self.model.lm_head.requires_grad_(False)  # the SFT policy's LM head: part of the base
+            self.lora = {"lora": add_reward_adapters(self.model, lora_settings(lora)), "base": base}
         self.strict_loading = self.lora is None  # a checkpoint of adapters leaves the frozen base out
         if chosen_nll and not self.model.lm_feature:
             raise ValueError("model.init_args.chosen_nll needs a reward model with the likelihood feature (model: {lm_feature: true})")
@@ -151,7 +149,8 @@ class RewardModule(L.LightningModule):
         """Warn when sampled preference pairs came from another policy than the one this reward model starts from."""
         pairs = getattr(getattr(self._trainer, "datamodule", None), "pairs", None) if self._trainer is not None else None
         policy = getattr(pairs, "policy_ckpt", None)
-        if policy and self.sft_sha256 and Path(policy).is_file() and sha256_file(policy) != self.sft_sha256:
+        same_file = policy and self.hparams.sft_ckpt and Path(policy).resolve() == Path(self.hparams.sft_ckpt).resolve()
+        if policy and self.sft_sha256 and not same_file and Path(policy).is_file() and sha256_file(policy) != self.sft_sha256:
             rank_zero_warn(
                 f"data.init_args.pairs.init_args.policy_ckpt {policy!r} is not model.init_args.sft_ckpt "
                 f"{self.hparams.sft_ckpt!r}: the pairs are sampled from another policy than the reward model starts from"

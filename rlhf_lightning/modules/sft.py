@@ -11,7 +11,7 @@ from torchmetrics import MeanMetric
 from rlhf_lightning.callbacks import log_samples
 from rlhf_lightning.losses import masked_mean
 from rlhf_lightning.optim import adamw_warmup_cosine
-from rlhf_lightning.lora import add_adapters, drop_frozen_base, lora_settings, require_peft
+from rlhf_lightning.lora import add_adapters, keep_trainable, lora_settings, require_peft
 from rlhf_lightning.options import ConfigError
 from rlhf_lightning.policy import base_record, build_policy, context_length, load_plain_policy, load_policy
 from rlhf_lightning.sampling import complete
@@ -140,4 +140,4 @@ class SFTModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["rlhf"] = {"stage": "sft", "model": dict(self.hparams.model), "tokenizer": dict(self.hparams.tokenizer), **(self.lora or {})}
         if self.lora is not None:
-            drop_frozen_base(checkpoint["state_dict"], "model.")
+            keep_trainable(checkpoint["state_dict"], self.model, "model.")
