@@ -19,7 +19,7 @@ import torch
 
 from rlhf_lightning.data.prompts import PromptDataset, load_prompts
 from rlhf_lightning.generation import generate
-from rlhf_lightning.modules.ppo import PPOModule, Rollout
+from rlhf_lightning.modules.ppo import PPOModule, Rollout, row_slices
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.logger=false"]
@@ -72,7 +72,7 @@ def ppo_iteration(module: PPOModule, batch: dict, eos: bool = True) -> tuple[dic
         gen = generate(
             module.model, prompt_ids, prompt_mask, max_new_tokens=hp.max_new_tokens,
             eos_id=module.tokenizer.eos_id if eos else -1, pad_id=module.tokenizer.pad_id,
-            temperature=hp.temperature, generator=module.sampling_generator(),
+            temperature=hp.temperature, generator=module.sampling_generator(), batch_size=hp.generation_batch_size,
         )
         completions = [module.tokenizer.decode(row) for row in gen.completion_ids.tolist()]
         times["rollout"] = time.perf_counter() - t
@@ -81,7 +81,8 @@ def ppo_iteration(module: PPOModule, batch: dict, eos: bool = True) -> tuple[dic
         times["reward"] = time.perf_counter() - t
         t = time.perf_counter()
         rollout = Rollout(*gen.joined(prompt_ids, prompt_mask), gen.completion_ids, gen.completion_mask, gen.logprobs, gen.logprobs, rewards, rewards)
-        ref = rollout.logprobs(module.reference, hp.temperature)
+        ref = torch.cat([rollout.select(rows).logprobs(module.reference, hp.temperature)
+                         for rows in row_slices(rollout.input_ids.size(0), hp.micro_batch_size)])
         ref = ref.masked_fill(~gen.completion_mask, 0.0)
         times["reference"] = time.perf_counter() - t
         t = time.perf_counter()

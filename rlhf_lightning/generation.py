@@ -62,8 +62,13 @@ def generate(
     top_k: int | None = None,
     greedy: bool = False,
     generator: torch.Generator | None = None,
+    batch_size: int | None = None,
 ) -> Generation:
     """Complete a left-padded batch of prompts (B, P); see the module docstring for the contract.
+
+    `batch_size` (None: all B rows in one pass) generates the rows in consecutive passes of at most that many
+    rows, so the KV cache and each step's activations are held for one pass's rows only; a sampled pass
+    draws from `generator` where the previous one left it.
 
     Every buffer is allocated once: the attention mask (B, P + N), the sampled ids and their log-probs (B, N),
     and one step's temperature-scaled logits (B, V) (memory does not grow with the vocabulary x length). Rows keep
@@ -76,6 +81,13 @@ def generate(
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     B, P = prompt_ids.shape
     N = max_new_tokens
+    if batch_size is not None and B > batch_size:
+        passes = [
+            generate(model, prompt_ids[s : s + batch_size], prompt_mask[s : s + batch_size], max_new_tokens=N, eos_id=eos_id,
+                     pad_id=pad_id, temperature=temperature, top_k=top_k, greedy=greedy, generator=generator)
+            for s in range(0, B, batch_size)
+        ]
+        return Generation(*(torch.cat([getattr(g, f) for g in passes]) for f in Generation.__dataclass_fields__))
     device = prompt_ids.device
     prompt_mask = prompt_mask.bool()
     prompt_lengths = prompt_mask.sum(-1)  # (B,)

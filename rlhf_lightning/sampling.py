@@ -23,13 +23,16 @@ def complete(
     temperature: float = 1.0,
     top_k: int | None = None,
     generator: torch.Generator | None = None,
+    batch_size: int | None = None,
 ) -> tuple[list[str], Generation]:
     """(completion texts, the generation) for left-padded prompts (B, P): sampled, or argmax with `greedy`.
 
-    A text stops before EOS; `Generation.finished` says which rows emitted it.
+    A text stops before EOS; `Generation.finished` says which rows emitted it. `batch_size`: rows per
+    generation pass (`generate`).
     """
     gen = generate(
         model, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
         pad_id=tokenizer.pad_id, temperature=temperature, top_k=top_k, greedy=greedy, generator=generator,
+        batch_size=batch_size,
     )
     return [tokenizer.decode(row) for row in gen.completion_ids.tolist()], gen

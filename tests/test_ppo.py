@@ -15,6 +15,7 @@ from rlhf_lightning.data.jsonl import DataError
 from rlhf_lightning.data.prompts import PromptDataset, load_prompts
 from rlhf_lightning.losses import ADVANTAGE_ESTIMATORS
 from rlhf_lightning.modules.ppo import PPOModule, Rollout
+from rlhf_lightning.options import ConfigError
 from rlhf_lightning.policy import load_policy
 from rlhf_lightning.rewards import RewardError
 
@@ -184,6 +185,54 @@ def test_kl_estimators_in_both_placements(sft_ckpt, estimator, in_reward):
     assert out.loss.item() == pytest.approx(expected.item(), abs=1e-5)
 
 
+def sgd_update(module: PPOModule, rollout: Rollout) -> torch.Tensor:
+    """`ppo_update` outside a Trainer with plain SGD (Adam's first step, lr * sign(grad), would turn rounding
+    noise where a gradient is ~0 into full steps); returns the weights after it, flattened."""
+    opt = torch.optim.SGD(module.model.parameters(), lr=0.5)
+    object.__setattr__(module, "optimizers", lambda: opt)
+    object.__setattr__(module, "manual_backward", lambda loss: loss.backward())
+    object.__setattr__(module, "lr_schedulers", lambda: None)
+    object.__setattr__(module, "clip_gradients", lambda o, gradient_clip_val, gradient_clip_algorithm: torch.nn.utils.clip_grad_norm_(module.model.parameters(), gradient_clip_val))
+    module._generator = None  # the minibatch shuffle starts from the seed in every module
+    module.ppo_update(rollout)
+    return torch.cat([p.detach().flatten() for p in module.model.parameters()])
+
+
+@pytest.mark.parametrize("options", [
+    {},
+    {"loss_agg": "seq_mean_token_mean", "mask_truncated": True, "kl_estimator": "k3"},
+    {"ratio_level": "sequence", "loss_agg": "seq_mean_token_sum_norm", "kl_in_reward": True},
+])
+def test_micro_batches_give_the_same_update_as_whole_minibatches(sft_ckpt, options):
+    common = dict(beta=0.2, temperature=1.3, samples_per_prompt=4, max_new_tokens=6, ppo_epochs=2, num_minibatches=2, **options)
+    whole, micro = ppo(sft_ckpt, **common), ppo(sft_ckpt, micro_batch_size=3, **common)  # minibatches of 16 rows: 3+3+3+3+3+1
+    references = []
+    for module in (whole, micro):
+        module.reference.register_forward_hook(lambda mod, args, out: references.append(args[0].size(0)))
+        with torch.no_grad():  # a reference that differs from the policy: a non-zero KL term
+            for p in module.reference.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    batch = prompt_batch(module, 8)
+    rollout, _ = whole.make_rollout(batch)
+    again, _ = micro.make_rollout(batch)  # the same samples (same seed), the reference in passes of 3 rows
+    assert references == [32] + [3] * 10 + [2]
+    assert torch.equal(again.completion_ids, rollout.completion_ids)
+    torch.testing.assert_close(again.ref_logprobs, rollout.ref_logprobs, atol=1e-6, rtol=0)
+    start = torch.cat([p.detach().flatten() for p in whole.model.parameters()])
+    after_whole, after_micro = sgd_update(whole, rollout), sgd_update(micro, rollout)
+    assert (after_whole - start).abs().max() > 1e-3  # the update moved the weights
+    torch.testing.assert_close(after_micro, after_whole, atol=2e-6, rtol=0)
+    assert whole.last_update.keys() == micro.last_update.keys()
+    for name, value in whole.last_update.items():
+        assert micro.last_update[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+
+
+def test_micro_batch_sizes_below_one_are_refused(sft_ckpt):
+    for name in ("micro_batch_size", "generation_batch_size"):
+        with pytest.raises(ConfigError, match=f"model.init_args.{name}: 0 is not allowed"):
+            ppo(sft_ckpt, **{name: 0})
+
+
 @pytest.mark.parametrize("name", sorted(ADVANTAGE_ESTIMATORS))
 def test_advantage_estimators_through_the_module(sft_ckpt, name):
     module = ppo(sft_ckpt, advantage=name, samples_per_prompt=3, temperature=2.0)
@@ -265,7 +314,9 @@ def test_cli_fit_writes_the_checkpoint_and_resumes(sft_ckpt, tmp_path):
     from rlhf_lightning.evaluate import evaluate_policy
 
     summary, _ = evaluate_policy(str(final), split="val", limit=256, max_new_tokens=module.hparams.max_new_tokens)
-    assert summary["accuracy"] == pytest.approx(module.eval_history[-1]["eval/accuracy"], abs=1e-6)
+    # the checkpoint holds the policy `keep_best` chose, whose evaluation is one of the run's
+    assert module.chosen["eval/accuracy"] in [e["eval/accuracy"] for e in module.eval_history]
+    assert summary["accuracy"] == pytest.approx(module.chosen["eval/accuracy"], abs=1e-6)
 
     # --ckpt_path last resumes: two more rollouts after the first three
     resumed = run_cli(ppo_args(sft_ckpt, "--trainer.max_epochs=2", "--trainer.limit_train_batches=3", "--model.init_args.eval_every=2",

@@ -241,6 +241,8 @@ class PPOModule(L.LightningModule):
         reference_dtype: str = "float32",
         reward_dtype: str = "float32",
         gradient_checkpointing: bool = False,
+        micro_batch_size: int | None = None,
+        generation_batch_size: int | None = None,
     ) -> None:
         """
         Args:
@@ -300,6 +302,13 @@ class PPOModule(L.LightningModule):
             reward_dtype: "float32" or "bfloat16" for the learned reward model.
             gradient_checkpointing: recompute the policy's activations in backward instead of keeping them
                 (less memory for about one more forward per minibatch; generation is unaffected).
+            micro_batch_size: rows per forward of the update and of the reference pass (None: a whole minibatch
+                at once). A minibatch's micro-batches accumulate their gradients before its one optimizer step,
+                each scaled by the minibatch's token and sequence counts, so the step is the same as without
+                micro-batches (to float rounding) with activations for this many rows only (OpenRLHF
+                `micro_train_batch_size`, TRL `per_device_train_batch_size` x `gradient_accumulation_steps`).
+            generation_batch_size: rows generated at once (None: the whole rollout): the KV cache and each
+                step's activations are held for this many rows only. Sampled draws differ from one pass's.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -320,6 +329,9 @@ class PPOModule(L.LightningModule):
             raise ConfigError(f"model.init_args.clip_c: {clip_c} is not allowed; allowed: a number > 1, or null (no dual clip)")
         if samples_per_prompt < 1 or ppo_epochs < 1 or num_minibatches < 1:
             raise ValueError("samples_per_prompt, ppo_epochs and num_minibatches must be >= 1")
+        for name, value in (("micro_batch_size", micro_batch_size), ("generation_batch_size", generation_batch_size)):
+            if value is not None and value < 1:
+                raise ConfigError(f"model.init_args.{name}: {value} is not allowed; allowed: an integer >= 1, or null (all rows at once)")
         if max_sampling_rounds < 1:
             raise ConfigError(f"model.init_args.max_sampling_rounds: {max_sampling_rounds} is not allowed; allowed: an integer >= 1")
         if filter_groups and advantage not in GROUP_ESTIMATORS:
@@ -435,7 +447,7 @@ class PPOModule(L.LightningModule):
         golds = [g for g in batch["golds"] for _ in range(K)]
         completions, gen = complete(
             self.model, self.tokenizer, prompt_ids, prompt_mask, hp.max_new_tokens,
-            temperature=hp.temperature, generator=self.sampling_generator(),
+            temperature=hp.temperature, generator=self.sampling_generator(), batch_size=hp.generation_batch_size,
         )
         rewards = self.score(prompts, completions, gen.finished, golds)  # (B,) text in, penalty included
         return Samples(prompt_ids, prompt_mask, gen, rewards, prompts, completions, golds)
@@ -475,7 +487,11 @@ class PPOModule(L.LightningModule):
             input_ids, attention_mask = gen.joined(samples.prompt_ids, samples.prompt_mask)  # (B, P + N) each
             rewards, shaped, kl = samples.rewards, samples.rewards, None
             if self.needs_reference:  # 3. reference log-probs: one batched forward of the frozen SFT model
-                ref_logprobs = token_logprobs(self.reference, input_ids, attention_mask, hp.temperature, gen.completion_ids.size(1))
+                N = gen.completion_ids.size(1)
+                ref_logprobs = torch.cat([
+                    token_logprobs(self.reference, input_ids[rows], attention_mask[rows], hp.temperature, N)
+                    for rows in row_slices(input_ids.size(0), hp.micro_batch_size)
+                ])  # (B, N)
                 ref_logprobs = ref_logprobs.masked_fill(~gen.completion_mask, 0.0)  # (B, N)
                 kl_tokens = kl_penalty(hp.kl_estimator, gen.logprobs, ref_logprobs)  # (B, N) on the sampled tokens
                 kl = masked_sum_rows(kl_tokens, gen.completion_mask)  # (B,)
@@ -539,16 +555,27 @@ class PPOModule(L.LightningModule):
 
     # ------------------------------------------------------------------ update
 
-    def minibatch_loss(self, mb: Rollout) -> tuple[PPOLossOutput, torch.Tensor, torch.Tensor]:
+    def loss_mask(self, mb: Rollout) -> torch.Tensor:
+        """(B, N) bool: the tokens that get a loss (with `mask_truncated`, none of a completion without EOS)."""
+        return drop_truncated(mb.completion_mask, mb.finished) if self.hparams.mask_truncated else mb.completion_mask
+
+    def loss_counts(self, mb: Rollout) -> torch.Tensor:
+        """(valid tokens, sequences with a valid token) of a minibatch over all ranks, each at least 1: what its
+        loss divides by."""
+        mask = self.loss_mask(mb)
+        return sum_over_ranks(torch.stack([mask.sum(), mask.any(-1).sum()]).float()).clamp(min=1)
+
+    def minibatch_loss(self, mb: Rollout, counts: torch.Tensor | None = None) -> tuple[PPOLossOutput, torch.Tensor, torch.Tensor]:
         """(loss output, new log-probs (B, N), entropy) of a minibatch, from one policy forward.
 
-        The loss divides by the minibatch's counts over all ranks (valid tokens, sequences with a valid token)
-        and is scaled by the world size because DDP averages gradients, so the averaged gradient is that of
-        the loss on the global minibatch. With `mask_truncated`, completions without EOS have no valid token.
+        The loss divides by `counts` (`loss_counts` of the minibatch this is part of; None: of `mb` itself) and
+        is scaled by the world size because DDP averages gradients, so summing the parts' gradients (over
+        micro-batches and ranks) gives the gradient of the loss on the global minibatch. With
+        `mask_truncated`, completions without EOS have no valid token.
         """
         hp = self.hparams
-        mask = drop_truncated(mb.completion_mask, mb.finished) if hp.mask_truncated else mb.completion_mask  # (B, N)
-        tokens, rows = sum_over_ranks(torch.stack([mask.sum(), mask.any(-1).sum()]).float()).clamp(min=1)
+        mask = self.loss_mask(mb)  # (B, N)
+        tokens, rows = self.loss_counts(mb) if counts is None else counts
         logprobs, logits = mb.logprobs(self.model, hp.temperature, return_logits=True)  # (B, N), (B, N, V)
         beta = 0.0 if hp.kl_in_reward else self.kl_ctl.beta
         out = ppo_loss(
@@ -564,7 +591,9 @@ class PPOModule(L.LightningModule):
         return out, logprobs, entropy
 
     def ppo_update(self, rollout: Rollout) -> dict[str, torch.Tensor]:
-        """`ppo_epochs` x shuffled minibatches of backward / clip / step; returns mean metrics of the update."""
+        """`ppo_epochs` x shuffled minibatches of backward / clip / step; returns mean metrics of the update.
+
+        A minibatch runs as micro-batches of `micro_batch_size` rows whose gradients add up before the step."""
         hp = self.hparams
         opt = self.optimizers()
         scheduler = self.lr_schedulers()
@@ -577,20 +606,30 @@ class PPOModule(L.LightningModule):
             parts = list(perm.chunk(chunks))
             for idx in parts:
                 mb = rollout.select(idx)
-                out, logprobs, entropy = self.minibatch_loss(mb)
-                if first_ratio_error is None:  # before any step: must be 1 (same log-probs as generation)
-                    first_ratio_error = masked_max(torch.exp(logprobs.detach() - mb.old_logprobs) - 1, mb.completion_mask)
+                counts = self.loss_counts(mb)
                 opt.zero_grad()
-                self.manual_backward(out.loss)
-                self.check_finite(out.loss)
+                step: dict[str, torch.Tensor] = {}
+                ratio_error = None
+                for rows in row_slices(idx.numel(), hp.micro_batch_size):
+                    micro = mb.select(rows)
+                    out, logprobs, entropy = self.minibatch_loss(micro, counts)
+                    if first_ratio_error is None:  # before any step: must be 1 (same log-probs as generation)
+                        error = masked_max(torch.exp(logprobs.detach() - micro.old_logprobs) - 1, micro.completion_mask)
+                        ratio_error = error if ratio_error is None else torch.maximum(ratio_error, error)
+                    self.manual_backward(out.loss)
+                    for name, value in zip(("ppo/loss", "ppo/policy_loss", "ppo/kl", "ppo/clipfrac", "ppo/approx_kl"), out):
+                        step[name] = step.get(name, 0.0) + value.detach()
+                    step["ppo/entropy"] = step.get("ppo/entropy", 0.0) + entropy
+                if first_ratio_error is None:
+                    first_ratio_error = ratio_error
+                self.check_finite(step["ppo/loss"])
                 if hp.max_grad_norm is not None:
                     self.clip_gradients(opt, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
                 opt.step()
                 if scheduler is not None:  # manual optimization: the warm-up is stepped here
                     scheduler.step()
-                for name, value in zip(("ppo/loss", "ppo/policy_loss", "ppo/kl", "ppo/clipfrac", "ppo/approx_kl"), out):
-                    sums[name] = sums.get(name, 0.0) + value.detach()
-                sums["ppo/entropy"] = sums.get("ppo/entropy", 0.0) + entropy
+                for name, value in step.items():
+                    sums[name] = sums.get(name, 0.0) + value
         steps = hp.ppo_epochs * chunks
         metrics = {k: v / steps for k, v in sums.items()}
         if rollout.kl is None:  # no reference forward (beta = 0): the loss's KL term measured nothing
@@ -783,6 +822,16 @@ def _uses_learned(reward: str, weights: dict[str, float] | None) -> bool:
 
 def masked_sum_rows(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, values, torch.zeros_like(values)).sum(-1)  # (B,)
+
+
+def row_slices(rows: int, size: int | None) -> list[slice]:
+    """Consecutive slices of at most `size` rows covering `rows` (one slice when `size` is None).
+
+    >>> row_slices(5, 2)
+    [slice(0, 2, None), slice(2, 4, None), slice(4, 5, None)]
+    """
+    step = size or max(rows, 1)
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 
 def masked_max(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
