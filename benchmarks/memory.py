@@ -1,13 +1,15 @@
 """Peak memory of one PPO step, full fine-tuning vs LoRA, each arm in a fresh process with identical settings.
 
-    python benchmarks/memory.py --accelerator cpu --size 85m [--lora-r 8] [--no-checkpointing]
+    python benchmarks/memory.py --accelerator cpu --size 85m [--lora-r 8] [--no-checkpointing] [--micro-batch 64]
 
 The workload: 32 prompts x 8 samples x 8 new tokens, judge reward, one PPO epoch of one minibatch, AdamW. The
 policy is a briefly trained SFT checkpoint of the project's GPT: "tiny" is the toy config (2 layers, 64 wide),
 "85m" has GPT-2's shape (12 layers, 768 wide, 12 heads; 85M parameters with the character tokenizer). The arms
 differ only in `lora: {r}`; the full arm's reference is a frozen copy, the LoRA arm's the policy with its
 adapters off. Both recompute the policy's activations in backward (`gradient_checkpointing: true`; turn it off
-in both with `--no-checkpointing`) and hold frozen models in float32.
+in both with `--no-checkpointing`), generate and run forwards in micro-batches of 64 of the 256 rows
+(`generation_batch_size` and `micro_batch_size`, gradients accumulated to one optimizer step; `--micro-batch 0`:
+all rows at once) and hold frozen models in float32.
 
 Per arm, `baseline_bytes` is the process's memory after imports, before any model is built (RSS on CPU; 0 on a
 GPU) and `peak_bytes` its peak (peak RSS; `torch.cuda.max_memory_allocated` on a GPU). On CPU each arm runs with
@@ -43,7 +45,7 @@ def rss_bytes() -> int:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
-def arm(ckpt: str, accelerator: str, lora_r: int | None, threads: int, checkpointing: bool) -> dict:
+def arm(ckpt: str, accelerator: str, lora_r: int | None, threads: int, checkpointing: bool, micro_batch: int | None) -> dict:
     """One PPO step in this process: {"peak_bytes", "baseline_bytes", "trainable_params", "params"}."""
     import torch
 
@@ -59,7 +61,7 @@ def arm(ckpt: str, accelerator: str, lora_r: int | None, threads: int, checkpoin
     baseline = 0 if gpu else rss_bytes()
     module = harness_module(
         Path(ckpt), samples_per_prompt=8, max_new_tokens=8, ppo_epochs=1, num_minibatches=1, keep_best=False,
-        gradient_checkpointing=checkpointing, **({"lora": {"r": lora_r}} if lora_r else {}),
+        gradient_checkpointing=checkpointing, micro_batch_size=micro_batch, generation_batch_size=micro_batch, **({"lora": {"r": lora_r}} if lora_r else {}),
     )
     if gpu:
         module.to("cuda")
@@ -83,12 +85,13 @@ def main() -> None:
     parser.add_argument("--lora-r", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-checkpointing", action="store_true", help="keep activations in both arms")
+    parser.add_argument("--micro-batch", type=int, default=64, help="rows per generation pass and per forward (0: all 256 at once)")
     parser.add_argument("--arm", choices=("full", "lora"), help=argparse.SUPPRESS)  # a child process
     parser.add_argument("--ckpt", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.arm:
         lora_r = args.lora_r if args.arm == "lora" else None
-        print(json.dumps(arm(args.ckpt, args.accelerator, lora_r, args.threads, not args.no_checkpointing)))
+        print(json.dumps(arm(args.ckpt, args.accelerator, lora_r, args.threads, not args.no_checkpointing, args.micro_batch or None)))
         return
     sys.path.insert(0, str(Path(__file__).parent))
     from common import machine
@@ -103,13 +106,13 @@ def main() -> None:
             child = subprocess.run(
                 [sys.executable, __file__, "--arm", name, "--ckpt", str(ckpt), "--accelerator", args.accelerator,
                  "--size", args.size, "--lora-r", str(args.lora_r), "--threads", str(args.threads),
-                 *(["--no-checkpointing"] if args.no_checkpointing else [])],
+                 "--micro-batch", str(args.micro_batch), *(["--no-checkpointing"] if args.no_checkpointing else [])],
                 check=True, capture_output=True, text=True, env=env,
             )
             out[name] = json.loads(child.stdout.strip().splitlines()[-1])
     used = {name: out[name]["peak_bytes"] - out[name]["baseline_bytes"] for name in ("full", "lora")}
     out["ratio"] = round(used["lora"] / used["full"], 3)
-    out["workload"] = {"prompts": 32, "samples": 8, "new_tokens": 8, "reward": "judge", "lora_r": args.lora_r, "gradient_checkpointing": not args.no_checkpointing}
+    out["workload"] = {"prompts": 32, "samples": 8, "new_tokens": 8, "reward": "judge", "lora_r": args.lora_r, "gradient_checkpointing": not args.no_checkpointing, "micro_batch": args.micro_batch or 256}
     print(json.dumps({"benchmark": "memory", **out, "machine": machine()}))
 
 

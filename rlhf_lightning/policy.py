@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from rlhf_lightning.checkpoints import CheckpointError, read_adapter_export, read_checkpoint, read_export, sha256_path, submodule_state
@@ -52,8 +53,7 @@ def load_policy(path: str, role: str = "ckpt", stages: tuple[str, ...] = POLICY_
             load_adapter_state(model, load_file(str(Path(path) / "adapter_model.safetensors")), str(path))
             return model, tokenizer, record
         state, meta, tokenizer = read_export(Path(path))
-        model = build_model(meta["model"])
-        model.load_state_dict(state)
+        model = model_with_state(meta["model"], state)
         return model, load_tokenizer(tokenizer), {**meta, "tokenizer": tokenizer}
     checkpoint = read_checkpoint(path, stages, role)
     meta = checkpoint["rlhf"]
@@ -64,9 +64,26 @@ def load_policy(path: str, role: str = "ckpt", stages: tuple[str, ...] = POLICY_
         model, tokenizer = base_with_adapters(meta, f"{role}: {str(path)!r}")
         load_trainable(model, state, f"{role}: {str(path)!r}")
         return model, tokenizer, meta
-    model = build_model(meta["model"])
-    model.load_state_dict(state)
+    model = model_with_state(meta["model"], state)
     return model, load_tokenizer(meta["tokenizer"]), meta
+
+
+def model_with_state(config: dict[str, Any], state: dict[str, torch.Tensor]) -> nn.Module:
+    """The model of `config` holding `state`'s tensors themselves.
+
+    A model built from its config alone (not "hf", which reads its own folder) is built on the meta device and
+    takes the state's tensors as its parameters: no randomly initialized weights are allocated and then
+    overwritten, and a checkpoint read memory-mapped costs its weights' memory once, not twice (pages are
+    copied only where training writes them).
+    """
+    if config.get("type", "gpt") == "hf":
+        model = build_model(config)
+        model.load_state_dict(state)
+        return model
+    with torch.device("meta"):
+        model = build_model(config)
+    model.load_state_dict(state, assign=True)
+    return model
 
 
 def base_record(path: str, kind: str, sha256: str | None = None) -> dict[str, str]:

@@ -86,3 +86,22 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients_and_recomputes
     with torch.no_grad():
         checkpointed.eval()(ids, mask)
     assert len(calls) == 1  # no checkpointing outside training
+
+
+
+def test_a_policy_read_from_a_checkpoint_holds_the_stored_tensors(sft_ckpt):
+    from rlhf_lightning.checkpoints import read_checkpoint, submodule_state
+    from rlhf_lightning.policy import load_policy
+
+    model, _, _ = load_policy(str(sft_ckpt))
+    stored = {k: v.clone() for k, v in submodule_state(read_checkpoint(str(sft_ckpt), ("sft",), "ckpt"), "model").items()}
+    params = dict(model.named_parameters())
+    assert params.keys() == stored.keys()
+    for name, tensor in stored.items():  # built on the meta device, then given the checkpoint's tensors: none left on meta
+        assert params[name].device.type == "cpu" and params[name].requires_grad and torch.equal(params[name], tensor), name
+    # training a weight in place (the tensor may map the checkpoint file) leaves the file as it was
+    with torch.no_grad():
+        params["lm_head.weight"].add_(1.0)
+    again = submodule_state(read_checkpoint(str(sft_ckpt), ("sft",), "ckpt"), "model")
+    assert torch.equal(again["lm_head.weight"], stored["lm_head.weight"])
+    assert not torch.equal(params["lm_head.weight"], stored["lm_head.weight"])
