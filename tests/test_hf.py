@@ -181,9 +181,10 @@ def test_lora_configs_train_adapters_on_the_hf_folder_and_on_the_sft_policy(gpt2
     ppo = run_cli(
         ["fit", "--config", str(CONFIGS / "hf" / "ppo_lora.yaml"), *QUIET, "--trainer.logger=false",
          "--model.init_args.reward=judge", "--model.init_args.reward_ckpt=null", "--trainer.limit_train_batches=1",
-         "--data.init_args.batch_size=4", "--data.init_args.max_val_prompts=8"],
+         "--data.init_args.batch_size=4", "--data.init_args.max_val_prompts=8", "--model.init_args.micro_batch_size=4",
+         "--model.init_args.generation_batch_size=8"],
         hf_sft,
-    )  # the config as shipped: new adapters on checkpoints/hf/sft.ckpt
+    )  # the config as shipped: new adapters on checkpoints/hf/sft.ckpt (16 rows: minibatches of 8 in 2 micro-batches)
     trained = {n for n, p in ppo.model.model.named_parameters() if p.requires_grad}
     assert trained and all("lora_" in n for n in trained)
     assert not list(ppo.model.reference.parameters())  # the reference is the policy with adapters off: no copy
