@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import emit, median_time  # noqa: E402
 from harness import harness_module, plain_step, ppo_iteration, prompt_batch, sft_checkpoint  # noqa: E402
+from rlhf_lightning.optim import adamw  # noqa: E402
 
 
 def main() -> None:
@@ -61,7 +62,7 @@ def main() -> None:
     # Plain baselines on the last rollout, split as the update splits it (one minibatch = rows / minibatches).
     mb = rollout.select(torch.arange(rollout.completion_ids.size(0) // args.minibatches))
     model = module.model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)  # lr 0: same arithmetic, weights unchanged
+    optimizer = adamw(model, 0.0, 0.0)  # the modules' AdamW; lr 0: same arithmetic, weights unchanged
     fwd_bwd = median_time(lambda: plain_step(model, mb), args.repeats * 2)
     fwd_bwd_step = median_time(lambda: plain_step(model, mb, optimizer), args.repeats * 2)
     mb_tokens = int(mb.completion_mask.sum())

@@ -105,3 +105,26 @@ def test_a_policy_read_from_a_checkpoint_holds_the_stored_tensors(sft_ckpt):
     again = submodule_state(read_checkpoint(str(sft_ckpt), ("sft",), "ckpt"), "model")
     assert torch.equal(again["lm_head.weight"], stored["lm_head.weight"])
     assert not torch.equal(params["lm_head.weight"], stored["lm_head.weight"])
+
+
+def test_adamw_is_fused_and_steps_like_the_reference_implementation():
+    from rlhf_lightning.optim import adamw
+
+    torch.manual_seed(0)
+    models = [GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    ours = adamw(models[0], 1e-2, 0.1)
+    assert all(group["fused"] for group in ours.param_groups)
+    reference = torch.optim.AdamW(  # the same groups and settings, the per-parameter loop
+        [{"params": [p for p in models[1].parameters() if p.dim() >= 2], "weight_decay": 0.1},
+         {"params": [p for p in models[1].parameters() if p.dim() < 2], "weight_decay": 0.0}],
+        lr=1e-2, betas=(0.9, 0.95), foreach=False,
+    )
+    ids = torch.randint(0, 11, (4, 8))
+    for _ in range(3):
+        for model, opt in zip(models, (ours, reference)):
+            opt.zero_grad()
+            model(ids).logsumexp(-1).mean().backward()
+            opt.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)  # each step moves a weight by about lr = 1e-2
