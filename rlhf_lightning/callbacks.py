@@ -256,6 +256,33 @@ def logging_step(module: L.LightningModule) -> int:
     return module.trainer.fit_loop.epoch_loop._batches_that_stepped
 
 
+
+def log_step_metrics(module: L.LightningModule, metrics: dict[str, torch.Tensor | float], mean_over_ranks: bool = False) -> None:
+    """One training step's scalars, written as `module.log(name, value, on_step=True)` writes them in a manual
+    optimization step (same TensorBoard tags, steps and values; every step in `trainer.callback_metrics`), for a
+    fraction of the cost.
+
+    `LightningModule.log` rebuilds its result entry at each call: about 0.4 ms a metric on CPU, 6 ms of a 24 ms
+    PPO step for its 16 metrics. Here the values are stacked on the device (averaged over ranks in one
+    all-reduce with `mean_over_ranks`), read back to the host once and only on a step the loggers write
+    (Lightning's rule for `log_every_n_steps`), and written to every logger at Lightning's step.
+    """
+    if module._trainer is None or not metrics:
+        return
+    trainer = module.trainer
+    names = list(metrics)
+    values = torch.stack([torch.as_tensor(v, dtype=torch.float32).to(module.device) for v in metrics.values()])  # (M,)
+    if mean_over_ranks and trainer.world_size > 1:
+        values = trainer.strategy.reduce(values, reduce_op="mean")
+    trainer.callback_metrics.update(zip(names, values.unbind()))
+    n = trainer.log_every_n_steps
+    step = logging_step(module)  # Lightning writes the step's metrics before it counts the step
+    if not trainer.loggers or n == 0 or ((step + 1) % n and not trainer.should_stop):
+        return
+    scalars = dict(zip(names, values.tolist()), epoch=trainer.current_epoch)
+    for logger in trainer.loggers:
+        logger.log_metrics(scalars, step=step)
+
 def log_samples(module: L.LightningModule, tag: str, prompts: list[str], completions: list[str], golds: list[str | None], limit: int = 8) -> None:
     """A few prompt/completion/gold rows as a Markdown table in TensorBoard's Text tab."""
     logger = module.logger

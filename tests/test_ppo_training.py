@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import lightning as L
 import pytest
 import torch
 
 from conftest import CONFIGS, QUIET, run_cli
+from rlhf_lightning.callbacks import log_step_metrics
 from rlhf_lightning.data.ppo import PromptStream
 from rlhf_lightning.generation import Generation
 from rlhf_lightning.modules.ppo import PPOModule, Samples, informative_groups
@@ -203,3 +205,41 @@ def test_warmup_raises_the_learning_rate_linearly_then_holds(sft_ckpt, tmp_path)
     lr = cli.model.optimizers().param_groups[0]["lr"]
     assert lr == pytest.approx(1e-4 * (steps + 1) / 10)  # the factor of the next step
     assert isinstance(PPOModule(policy_ckpt=str(sft_ckpt), reward="judge").configure_optimizers(), torch.optim.AdamW)  # off by default
+
+
+class _TwoWayLogging(L.LightningModule):
+    """A manual-optimization step that logs the same value through `self.log` and through `log_step_metrics`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def training_step(self, batch, batch_idx):
+        value = batch[0].sum() * 0.5 + batch_idx
+        self.log("via/self_log", value, on_step=True, on_epoch=False)
+        log_step_metrics(self, {"via/helper": value, "via/float": float(batch_idx)})
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([self.w], lr=0.1)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.arange(7.0)[:, None], batch_size=1)
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_step_metrics_are_written_where_and_as_self_log_writes_them(tmp_path, every):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(str(tmp_path), name="log")
+    trainer = L.Trainer(max_epochs=2, log_every_n_steps=every, logger=logger, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, accelerator="cpu")
+    trainer.fit(_TwoWayLogging())
+    events = EventAccumulator(logger.log_dir)
+    events.Reload()
+    lightning = [(e.step, e.value) for e in events.Scalars("via/self_log")]
+    assert len(lightning) == 14 // every  # Lightning's cadence: 14 steps over two epochs
+    assert [(e.step, e.value) for e in events.Scalars("via/helper")] == lightning
+    assert [e.value for e in events.Scalars("via/float")] == [float(s % 7) for s, _ in lightning]
+    assert float(trainer.callback_metrics["via/helper"]) == float(trainer.callback_metrics["via/self_log"]) == 6.0 * 0.5 + 6

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from rlhf_lightning.callbacks import log_samples, logging_step
+from rlhf_lightning.callbacks import log_samples, log_step_metrics, logging_step
 from rlhf_lightning.checkpoints import CheckpointError, sha256_file
 from rlhf_lightning.data.prompts import move_batch
 from rlhf_lightning.generation import Generation
@@ -634,7 +634,8 @@ class PPOModule(L.LightningModule):
         metrics = {k: v / steps for k, v in sums.items()}
         if rollout.kl is None:  # no reference forward (beta = 0): the loss's KL term measured nothing
             metrics.pop("ppo/kl")
-        self.last_update = {"first_ratio_error": float(first_ratio_error), **{k: float(v) for k, v in metrics.items()}}
+        names = ["first_ratio_error", *metrics]
+        self.last_update = dict(zip(names, torch.stack([first_ratio_error, *metrics.values()]).float().tolist()))  # one host sync
         return metrics
 
     def check_finite(self, loss: torch.Tensor) -> None:
@@ -672,9 +673,9 @@ class PPOModule(L.LightningModule):
         if hp.filter_groups:
             metrics["rollout/skipped_updates"] = torch.tensor(float(self._skipped_updates))
         # update metrics are per-rank shares of global token means: their mean over ranks is the global value
-        self.log_dict({k: v.float() for k, v in metrics.items()}, prog_bar=False, sync_dist=_world_size() > 1)
-        self.log_dict({"time/rollout": rollout_time, "time/update": update_time})
-        self.log("reward", rollout_metrics["rollout/reward_mean"], prog_bar=True, logger=False)
+        log_step_metrics(self, {**metrics, "time/rollout": rollout_time, "time/update": update_time}, mean_over_ranks=True)
+        if self.trainer.progress_bar_callback is not None:  # the bar's short name; the logger has rollout/reward_mean
+            self.log("reward", rollout_metrics["rollout/reward_mean"], prog_bar=True, logger=False)
         if hp.eval_every and self._rollouts % hp.eval_every == 0:
             self.evaluate()
 
