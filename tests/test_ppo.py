@@ -292,8 +292,9 @@ def ppo_args(sft_ckpt, *extra: str, reward: str = "judge") -> list[str]:
 
 
 def test_cli_fit_writes_the_checkpoint_and_resumes(sft_ckpt, tmp_path):
+    # keep_best off: the final checkpoint is the last policy (choosing the best is tested in test_ppo_training)
     cli = run_cli(ppo_args(sft_ckpt, "--trainer.limit_train_batches=3", "--model.init_args.eval_every=2",
-                           "--data.init_args.batch_size=16"), tmp_path)
+                           "--data.init_args.batch_size=16", "--model.init_args.keep_best=false"), tmp_path)
     module = cli.model
     final = tmp_path / "checkpoints" / "toy" / "ppo.ckpt"
     assert final.is_file() and (tmp_path / "checkpoints" / "toy" / "ppo" / "last.ckpt").is_file()
@@ -314,13 +315,12 @@ def test_cli_fit_writes_the_checkpoint_and_resumes(sft_ckpt, tmp_path):
     from rlhf_lightning.evaluate import evaluate_policy
 
     summary, _ = evaluate_policy(str(final), split="val", limit=256, max_new_tokens=module.hparams.max_new_tokens)
-    # the checkpoint holds the policy `keep_best` chose, whose evaluation is one of the run's
-    assert module.chosen["eval/accuracy"] in [e["eval/accuracy"] for e in module.eval_history]
-    assert summary["accuracy"] == pytest.approx(module.chosen["eval/accuracy"], abs=1e-6)
+    assert module.chosen == {"rollout": 3, "eval/accuracy": module.eval_history[-1]["eval/accuracy"]}
+    assert summary["accuracy"] == pytest.approx(module.eval_history[-1]["eval/accuracy"], abs=1e-6)
 
     # --ckpt_path last resumes: two more rollouts after the first three
     resumed = run_cli(ppo_args(sft_ckpt, "--trainer.max_epochs=2", "--trainer.limit_train_batches=3", "--model.init_args.eval_every=2",
-                               "--data.init_args.batch_size=16", "--ckpt_path=last"), tmp_path)
+                               "--data.init_args.batch_size=16", "--model.init_args.keep_best=false", "--ckpt_path=last"), tmp_path)
     assert resumed.model._rollouts == 6 and resumed.trainer.global_step == 6 * module.hparams.ppo_epochs
 
     # ... but not against a different policy checkpoint

@@ -122,6 +122,7 @@ def test_cli_fit_with_the_options(sft_ckpt, tmp_path):
         "fit", "--config", PPO_YAML, *QUIET, "--trainer.logger=false", f"--model.init_args.policy_ckpt={sft_ckpt}",
         "--model.init_args.reward=judge", "--model.init_args.eval_every=0", "--data.init_args.max_val_prompts=64",
         "--trainer.limit_train_batches=2", "--data.init_args.batch_size=8",
+        "--model.init_args.keep_best=false",  # the final policy is the trained one, not possibly the SFT start
         *(f"--model.init_args.{k}={v}" for k, v in options.items()),
     ], tmp_path)
     module = cli.model
