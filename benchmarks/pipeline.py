@@ -2,6 +2,7 @@
 
     python benchmarks/pipeline.py            # the real default pipeline (minutes on a loaded 2-core machine)
     python benchmarks/pipeline.py --quick    # small stage overrides, to check the script quickly
+    python benchmarks/pipeline.py --accelerator gpu   # every stage's Trainer on one GPU
 
 Runs `rlhf pipeline` (configs/toy/pipeline.yaml) in a fresh process and a fresh temp working dir, and
 reports its wall time (spawn to exit, start-up included), the child's peak RSS
@@ -57,8 +58,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small stage overrides (not the goal's workload)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no_baseline", action="store_true", help="skip SFT continued for the same seconds")
+    parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu")
     args = parser.parse_args()
-    overrides = QUICK if args.quick else []
+    overrides = (QUICK if args.quick else []) + [f"--{stage}.trainer.accelerator={args.accelerator}" for stage in ("sft", "reward", "ppo")]
     with tempfile.TemporaryDirectory() as tmp:
         cwd = Path(tmp)
         start = time.perf_counter()
@@ -68,7 +70,7 @@ def main() -> None:
         peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB on Linux
         rows = {r["stage"]: r for r in json.loads((cwd / "lightning_logs" / "toy" / "summary.json").read_text())}
         figures = {
-            "quick": args.quick, "wall_s": round(wall, 1), "peak_rss_mb": round(peak_mb),
+            "accelerator": args.accelerator, "quick": args.quick, "wall_s": round(wall, 1), "peak_rss_mb": round(peak_mb),
             "stage_wall_s": {k: r["wall_s"] for k, r in rows.items()},
             "sft_test_accuracy": rows["sft"]["test_accuracy"], "reward_test_pairwise_accuracy": rows["reward"]["test_accuracy"],
             "ppo_test_accuracy": rows["ppo"]["test_accuracy"], "ppo_test_kl": rows["ppo"]["test_kl"],
@@ -81,7 +83,8 @@ def main() -> None:
             extra_epochs = max(1, round(extra_s / per_epoch))
             start = time.perf_counter()
             cont = ["fit", "--config", str(ROOT / "configs" / "toy" / "sft.yaml"), "--ckpt_path", "checkpoints/toy/sft/last.ckpt",
-                    f"--trainer.max_epochs={sft_epochs + extra_epochs}", "--trainer.logger=false", "--trainer.enable_progress_bar=false"]
+                    f"--trainer.max_epochs={sft_epochs + extra_epochs}", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+                    f"--trainer.accelerator={args.accelerator}"]
             if args.quick:
                 cont.append("--data.init_args.max_val_prompts=128")
             rlhf(cont, cwd, args.threads)

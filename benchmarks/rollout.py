@@ -1,10 +1,11 @@
 """Rollout speed: batched KV-cache generation against the seed's per-sample, per-token loop.
 
-    python benchmarks/rollout.py [--batch 64] [--new_tokens 8]
+    python benchmarks/rollout.py [--accelerator cpu|gpu] [--batch 64] [--new_tokens 8]
 
 Both sample the same number of tokens from the same model and prompts (EOS disabled so every row runs
 the full length). The seed's loop is re-implemented faithfully: one prompt at a time, the whole sequence
 re-run through the model for every new token. Prints one JSON line: tokens/s of each and the ratio.
+`--accelerator gpu` runs both on one GPU (each timed call ends with a device synchronization).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def seed_sample_completion(model, prompt_ids: list[int], max_new: int, temperatu
     model.eval()
     ids = prompt_ids[:]
     for _ in range(max_new):
-        x = torch.tensor(ids, dtype=torch.long).unsqueeze(0)  # (1, t)
+        x = torch.tensor(ids, dtype=torch.long, device=model.lm_head.weight.device).unsqueeze(0)  # (1, t)
         logits = model(x, torch.ones_like(x, dtype=torch.bool))[:, -1, :] / max(1e-6, temperature)
         probs = F.softmax(logits, dim=-1)
         ids.append(torch.multinomial(probs, num_samples=1).item())
@@ -44,17 +45,21 @@ def main() -> None:
     parser.add_argument("--new_tokens", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu")
     args = parser.parse_args()
+    device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, tokenizer, _ = build_policy({"n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 32}, None)
-    model.eval()
+    model.eval().to(device)
     prompts = [tokenizer.encode_prompt(p.prompt) for p in problems("train")[: args.batch]]
-    ids, mask = left_pad(prompts, tokenizer.pad_id)
+    ids, mask = (t.to(device) for t in left_pad(prompts, tokenizer.pad_id))
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     tokens = args.batch * args.new_tokens
 
     def batched():
         generate(model, ids, mask, max_new_tokens=args.new_tokens, eos_id=-1, pad_id=tokenizer.pad_id)
+        synchronize()
 
     def seed_loop():
         for p in prompts:
@@ -63,7 +68,7 @@ def main() -> None:
     t_batched = median_time(batched, args.repeats)
     t_seed = median_time(seed_loop, max(1, args.repeats // 2), warmup=1)
     emit("rollout", {
-        "batch": args.batch, "new_tokens": args.new_tokens,
+        "accelerator": args.accelerator, "batch": args.batch, "new_tokens": args.new_tokens,
         "batched_tokens_per_s": round(tokens / t_batched, 1),
         "seed_loop_tokens_per_s": round(tokens / t_seed, 1),
         "speedup": round(t_seed / t_batched, 1),
