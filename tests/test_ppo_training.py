@@ -208,17 +208,20 @@ def test_warmup_raises_the_learning_rate_linearly_then_holds(sft_ckpt, tmp_path)
 
 
 class _TwoWayLogging(L.LightningModule):
-    """A manual-optimization step that logs the same value through `self.log` and through `log_step_metrics`."""
+    """A step that logs the same values through `self.log` and through `log_step_metrics`, in manual or automatic
+    optimization."""
 
-    def __init__(self) -> None:
+    def __init__(self, manual: bool) -> None:
         super().__init__()
-        self.automatic_optimization = False
+        self.automatic_optimization = not manual
         self.w = torch.nn.Parameter(torch.zeros(()))
 
     def training_step(self, batch, batch_idx):
         value = batch[0].sum() * 0.5 + batch_idx
-        self.log("via/self_log", value, on_step=True, on_epoch=False)
-        log_step_metrics(self, {"via/helper": value, "via/float": float(batch_idx)})
+        self.log("via/self_log", value, prog_bar=True)
+        log_step_metrics(self, {"via/helper": value, "via/float": float(batch_idx)}, prog_bar={"helper": "via/helper"})
+        if self.automatic_optimization:
+            return (self.w * batch[0]).sum()
 
     def configure_optimizers(self):
         return torch.optim.SGD([self.w], lr=0.1)
@@ -227,19 +230,30 @@ class _TwoWayLogging(L.LightningModule):
         return torch.utils.data.DataLoader(torch.arange(7.0)[:, None], batch_size=1)
 
 
-@pytest.mark.parametrize("every", [1, 3])
-def test_step_metrics_are_written_where_and_as_self_log_writes_them(tmp_path, every):
+class _BarValues(L.Callback):
+    def __init__(self) -> None:
+        self.seen: list[tuple[float, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        shown = trainer.progress_bar_callback.get_metrics(trainer, pl_module)
+        self.seen.append((float(shown["via/self_log"]), float(shown["helper"])))
+
+
+@pytest.mark.parametrize("manual, every, accumulate", [(True, 1, 1), (True, 3, 1), (False, 3, 1), (False, 1, 2)])
+def test_step_metrics_are_written_where_and_as_self_log_writes_them(tmp_path, manual, every, accumulate):
     from lightning.pytorch.loggers import TensorBoardLogger
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    logger = TensorBoardLogger(str(tmp_path), name="log")
-    trainer = L.Trainer(max_epochs=2, log_every_n_steps=every, logger=logger, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False, accelerator="cpu")
-    trainer.fit(_TwoWayLogging())
+    logger, bar = TensorBoardLogger(str(tmp_path), name="log"), _BarValues()
+    trainer = L.Trainer(max_epochs=2, log_every_n_steps=every, logger=logger, enable_model_summary=False,
+                        enable_checkpointing=False, accelerator="cpu", callbacks=[bar],
+                        accumulate_grad_batches=accumulate if not manual else 1)
+    trainer.fit(_TwoWayLogging(manual))
     events = EventAccumulator(logger.log_dir)
     events.Reload()
     lightning = [(e.step, e.value) for e in events.Scalars("via/self_log")]
-    assert len(lightning) == 14 // every  # Lightning's cadence: 14 steps over two epochs
+    assert lightning and len(lightning) <= 14 // every // accumulate + 1  # Lightning's cadence over 14 steps
     assert [(e.step, e.value) for e in events.Scalars("via/helper")] == lightning
-    assert [e.value for e in events.Scalars("via/float")] == [float(s % 7) for s, _ in lightning]
+    assert [e.value for e in events.Scalars("via/float")] == [pytest.approx(v / 1.5) for _, v in lightning]  # batch_idx
     assert float(trainer.callback_metrics["via/helper"]) == float(trainer.callback_metrics["via/self_log"]) == 6.0 * 0.5 + 6
+    assert bar.seen and all(a == b for a, b in bar.seen)  # the bar shows the same value at every step

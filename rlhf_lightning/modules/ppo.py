@@ -673,9 +673,8 @@ class PPOModule(L.LightningModule):
         if hp.filter_groups:
             metrics["rollout/skipped_updates"] = torch.tensor(float(self._skipped_updates))
         # update metrics are per-rank shares of global token means: their mean over ranks is the global value
-        log_step_metrics(self, {**metrics, "time/rollout": rollout_time, "time/update": update_time}, mean_over_ranks=True)
-        if self.trainer.progress_bar_callback is not None:  # the bar's short name; the logger has rollout/reward_mean
-            self.log("reward", rollout_metrics["rollout/reward_mean"], prog_bar=True, logger=False)
+        log_step_metrics(self, {**metrics, "time/rollout": rollout_time, "time/update": update_time}, mean_over_ranks=True,
+                         prog_bar={"reward": "rollout/reward_mean"})
         if hp.eval_every and self._rollouts % hp.eval_every == 0:
             self.evaluate()
 

@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
-from rlhf_lightning.callbacks import log_samples
+from rlhf_lightning.callbacks import log_samples, log_step_metrics
 from rlhf_lightning.losses import masked_mean
 from rlhf_lightning.optim import adamw_warmup_cosine
 from rlhf_lightning.lora import add_adapters, keep_trainable, lora_settings, require_peft
@@ -106,8 +106,8 @@ class SFTModule(L.LightningModule):
         targets, loss_mask = ids[:, 1:], loss_mask[:, 1:]  # (B, T-1): position t predicts token t+1
         loss = -masked_mean(logprobs[:, 1:], loss_mask)
         token_accuracy = masked_mean((logits.argmax(-1) == targets).float(), loss_mask)
-        self.log("sft/loss", loss, prog_bar=True)
-        self.log("sft/token_accuracy", token_accuracy, prog_bar=True)
+        metrics = {"sft/loss": loss.detach(), "sft/token_accuracy": token_accuracy}
+        log_step_metrics(self, metrics, prog_bar={name: name for name in metrics})  # rank 0's values, as self.log without sync_dist
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
