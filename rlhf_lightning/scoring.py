@@ -26,10 +26,14 @@ __all__ = ["completion_kl", "completion_mask", "encode_scored", "load_reward_mod
 
 
 def _next_token_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_len: int | None) -> torch.Tensor:
-    """Logits (B, T-1, V) predicting tokens 1..T-1, or (B, N, V) predicting the last N = `completion_len`."""
-    logits = model(input_ids, attention_mask)  # (B, T, V); positions come from the mask
-    start = 0 if completion_len is None else input_ids.size(1) - completion_len - 1
-    return logits[:, start:-1]  # position t predicts token t + 1
+    """Logits (B, T-1, V) predicting tokens 1..T-1, or (B, N, V) predicting the last N = `completion_len`.
+
+    With `completion_len`, the model computes the logits of the last N + 1 positions only (`logits_to_keep`): the
+    prompt's positions never reach the LM head, so no (B, T, V) tensor exists (for a 50k vocabulary and a long
+    prompt, the largest tensor of the update)."""
+    if completion_len is None:
+        return model(input_ids, attention_mask)[:, :-1]  # (B, T-1, V); position t predicts token t + 1
+    return model(input_ids, attention_mask, logits_to_keep=completion_len + 1)[:, :-1]  # (B, N, V)
 
 
 def token_logprobs(
@@ -48,8 +52,8 @@ def token_logprobs(
     e.g. for an entropy or an accuracy, from the same forward.
 
     >>> class Table(nn.Module):  # logits after token 0 are [0, log 3]: p(1 | 0) = 0.75
-    ...     def forward(self, ids, mask):
-    ...         return torch.tensor([0.0, 1.0986123]).expand(*ids.shape, 2)
+    ...     def forward(self, ids, mask, logits_to_keep=0):
+    ...         return torch.tensor([0.0, 1.0986123]).expand(*ids[:, -logits_to_keep:].shape, 2)
     >>> ids = torch.tensor([[0, 1]])
     >>> token_logprobs(Table(), ids, torch.ones_like(ids))
     tensor([[ 0.0000, -0.2877]])

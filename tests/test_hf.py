@@ -83,6 +83,12 @@ def test_generation_matches_a_full_recompute_for_left_padded_rows(gpt2_dir):
     logits = model(torch.cat([ids, gen.completion_ids], 1), torch.cat([mask, gen.completion_mask], 1))
     recomputed = logprobs_from_logits(logits[:, ids.size(1) - 1 : -1], gen.completion_ids, 0.7)
     torch.testing.assert_close(recomputed[gen.completion_mask], gen.logprobs[gen.completion_mask], atol=1e-5, rtol=0)
+    # the update's path: logits of the completion positions only (transformers' logits_to_keep), same log-probs
+    from rlhf_lightning.scoring import token_logprobs
+
+    kept = token_logprobs(model, torch.cat([ids, gen.completion_ids], 1), torch.cat([mask, gen.completion_mask], 1), 0.7, completion_len=8)
+    assert model(ids, mask, logits_to_keep=3).shape == (3, 3, logits.size(-1))
+    torch.testing.assert_close(kept[gen.completion_mask], recomputed[gen.completion_mask], atol=1e-6, rtol=0)
     # a row's greedy result does not depend on the other rows' padding
     batched = generate(model, ids, mask, max_new_tokens=8, eos_id=tok.eos_id, pad_id=tok.pad_id, greedy=True)
     for i, prompt in enumerate(PROMPTS):

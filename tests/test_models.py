@@ -128,3 +128,31 @@ def test_adamw_is_fused_and_steps_like_the_reference_implementation():
             opt.step()
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)  # each step moves a weight by about lr = 1e-2
+
+
+@pytest.mark.parametrize("kind", ["gpt", "bigram"])
+def test_completion_logprobs_reach_the_lm_head_for_the_completion_positions_only(kind):
+    from rlhf_lightning.scoring import token_logprobs
+
+    torch.manual_seed(0)
+    config = {"type": kind, "vocab_size": 11, **({"block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 16} if kind == "gpt" else {})}
+    model = build_model(config)
+    ids = torch.randint(0, 11, (3, 9))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[0, :2] = False  # a left-padded prompt
+    head = model.lm_head if kind == "gpt" else model.head
+    widths = []
+    head.register_forward_hook(lambda mod, args, out: widths.append(out.size(1)))
+    full = token_logprobs(model, ids, mask, temperature=0.7)  # (B, T): every position
+    part, logits = token_logprobs(model, ids, mask, temperature=0.7, completion_len=4, return_logits=True)
+    assert widths == [9, 5]  # the completion's 4 positions and the last
+    assert logits.shape == (3, 4, 11)
+    torch.testing.assert_close(part, full[:, -4:], atol=1e-6, rtol=0)
+    # the same gradients as through the full logits
+    grads = []
+    for keep in (False, True):
+        model.zero_grad()
+        lp = token_logprobs(model, ids, mask, 0.7, completion_len=4) if keep else token_logprobs(model, ids, mask, 0.7)[:, -4:]
+        lp.sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)

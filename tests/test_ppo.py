@@ -107,8 +107,8 @@ class FixedLogits(torch.nn.Module):
         super().__init__()
         self.logits = torch.nn.Parameter(logits.clone())
 
-    def forward(self, input_ids, attention_mask=None):
-        return self.logits
+    def forward(self, input_ids, attention_mask=None, logits_to_keep=0):
+        return self.logits[:, -logits_to_keep:]
 
 
 def hand_rollout(V: int = 4) -> Rollout:

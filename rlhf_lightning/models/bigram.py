@@ -47,7 +47,10 @@ class BigramLM(nn.Module):
         *,
         position_ids: torch.Tensor | None = None,
         cache: _StepCounter | None = None,
+        logits_to_keep: int = 0,
     ) -> torch.Tensor:
         if cache is not None:
             cache.length += input_ids.size(1)
-        return self.head(self.tok(input_ids))  # (B, T, V)
+        if logits_to_keep:
+            input_ids = input_ids[:, -logits_to_keep:]  # a bigram's logits at a position depend on its token only
+        return self.head(self.tok(input_ids))  # (B, T or k, V)

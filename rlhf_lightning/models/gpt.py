@@ -144,8 +144,10 @@ class GPT(nn.Module):
         *,
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        logits_to_keep: int = 0,
     ) -> torch.Tensor:
-        """Logits (B, T, V) for `input_ids` (B, T).
+        """Logits (B, T, V) for `input_ids` (B, T); (B, k, V) for the last k positions with `logits_to_keep` = k > 0
+        (the LM head and the logits of the other positions are never computed; transformers' argument of the name).
 
         Without a cache, `attention_mask` (B, T) marks real tokens. With a cache, `attention_mask`
         (B, S) covers the cached positions and the new ones (S = cache.length + T), and
@@ -174,7 +176,9 @@ class GPT(nn.Module):
                 x = block(x, attn_mask, cache, i)
         if cache is not None:
             cache.length += T
-        return self.lm_head(self.ln_f(x))  # (B, T, V)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]  # (B, k, C)
+        return self.lm_head(self.ln_f(x))  # (B, T or k, V)
 
     @staticmethod
     def _attention_mask(attention_mask: torch.Tensor | None, B: int, T: int, past: int, device) -> torch.Tensor:

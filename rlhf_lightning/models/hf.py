@@ -121,8 +121,10 @@ class HFCausalLM(nn.Module):
         *,
         position_ids: torch.Tensor | None = None,
         cache: HFCache | None = None,
+        logits_to_keep: int = 0,
     ) -> torch.Tensor:
-        """Logits (B, T, V) for `input_ids` (B, T); the same contract as `GPT.forward`.
+        """Logits (B, T, V) for `input_ids` (B, T), or (B, k, V) with `logits_to_keep` = k > 0; the same contract as
+        `GPT.forward`.
 
         Without a cache, `attention_mask` (B, T) marks real tokens (None: all real). With a cache,
         `attention_mask` (B, S) covers the cached positions and the new ones (S = cache.length + T).
@@ -134,11 +136,11 @@ class HFCausalLM(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         mask = attention_mask.long()  # (B, S)
         if cache is None:
-            out = self.lm(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+            out = self.lm(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False, logits_to_keep=logits_to_keep)
         else:
             out = self.lm(
                 input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
-                **{self._cache_arg: cache.inner},
+                logits_to_keep=logits_to_keep, **{self._cache_arg: cache.inner},
             )
             cache.length += T
         return out.logits  # (B, T, V)
