@@ -256,21 +256,21 @@ def logging_step(module: L.LightningModule) -> int:
     return module.trainer.fit_loop.epoch_loop._batches_that_stepped
 
 
-
 def log_step_metrics(
     module: L.LightningModule,
     metrics: dict[str, torch.Tensor | float],
     mean_over_ranks: bool = False,
     prog_bar: dict[str, str] | None = None,
 ) -> None:
-    """One training step's scalars, written as `module.log(name, value)` writes them from `training_step` (same
-    TensorBoard tags, steps and values; every step in `trainer.callback_metrics`), for a fraction of the cost.
+    """One training step's scalars, as `module.log(name, value)` from `training_step` handles them (the same
+    TensorBoard tags, steps and values, `trainer.callback_metrics` and `trainer.logged_metrics`), for a fraction
+    of the cost. The module's `on_train_batch_end` calls `write_step_metrics` for the loggers' part.
 
     `LightningModule.log` rebuilds its result entry at each call: about 0.4 ms a metric on CPU, 6 ms of a 24 ms
     PPO step for its 16 metrics. Here the values are stacked on the device (averaged over ranks in one
-    all-reduce with `mean_over_ranks`), read back to the host once and only when something shows them: on a
-    step the loggers write (Lightning's rule for `log_every_n_steps`, and no write while gradients accumulate)
-    or when a progress bar shows `prog_bar` ({label on the bar: metric name}).
+    all-reduce with `mean_over_ranks`; without it, each rank keeps its own, as `self.log` without `sync_dist`)
+    and read back to the host once, only when something shows them: a logger write, or a progress bar that
+    shows `prog_bar` ({label on the bar: metric name}; the labels also go to `callback_metrics`).
     """
     if module._trainer is None or not metrics:
         return
@@ -279,20 +279,37 @@ def log_step_metrics(
     values = torch.stack([torch.as_tensor(v, dtype=torch.float32).to(module.device) for v in metrics.values()])  # (M,)
     if mean_over_ranks and trainer.world_size > 1:
         values = trainer.strategy.reduce(values, reduce_op="mean")
-    trainer.callback_metrics.update(zip(names, values.unbind()))
+    by_name = dict(zip(names, values.unbind()))
+    trainer.callback_metrics.update(by_name)
+    trainer.logged_metrics.update(by_name)  # Lightning's view holds the latest values whether or not written
+    if prog_bar:
+        trainer.callback_metrics.update({label: by_name[name] for label, name in prog_bar.items()})
+        if trainer.progress_bar_callback is not None:
+            shown = torch.stack([by_name[name] for name in prog_bar.values()]).tolist()  # one read for the bar
+            trainer.progress_bar_metrics.update(zip(prog_bar, shown))
+    module._step_metrics = (names, values)
+
+
+def write_step_metrics(module: L.LightningModule) -> None:
+    """Write what `log_step_metrics` kept for this step to the loggers when Lightning writes its own: from the
+    module's `on_train_batch_end` (after the callbacks', which may stop training: a `max_time` Timer), at
+    Lightning's step, every `log_every_n_steps` steps and at the step where training stops, never while
+    gradients accumulate."""
+    kept = getattr(module, "_step_metrics", None)
+    module._step_metrics = None
+    if kept is None or module._trainer is None:
+        return
+    trainer = module.trainer
     n = trainer.log_every_n_steps
     step = logging_step(module)  # Lightning writes the step's metrics before it counts the step
     accumulating = module.automatic_optimization and trainer.fit_loop._should_accumulate()
-    write = bool(trainer.loggers) and n > 0 and not accumulating and ((step + 1) % n == 0 or trainer.should_stop)
-    bar = prog_bar if prog_bar and trainer.progress_bar_callback is not None else None
-    if not write and not bar:
+    if not trainer.loggers or n == 0 or accumulating or ((step + 1) % n and not trainer.should_stop):
         return
+    names, values = kept
     host = dict(zip(names, values.tolist()))  # the one read back to the host
-    if bar:
-        trainer.progress_bar_metrics.update({label: host[name] for label, name in bar.items()})
-    if write:
-        for logger in trainer.loggers:
-            logger.log_metrics({**host, "epoch": trainer.current_epoch}, step=step)
+    for logger in trainer.loggers:
+        logger.log_metrics({**host, "epoch": trainer.current_epoch}, step=step)
+
 
 def log_samples(module: L.LightningModule, tag: str, prompts: list[str], completions: list[str], golds: list[str | None], limit: int = 8) -> None:
     """A few prompt/completion/gold rows as a Markdown table in TensorBoard's Text tab."""

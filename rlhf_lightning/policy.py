@@ -82,7 +82,9 @@ def model_with_state(config: dict[str, Any], state: dict[str, torch.Tensor]) -> 
         return model
     with torch.device("meta"):
         model = build_model(config)
-    model.load_state_dict(state, assign=True)
+    dtypes = {name: t.dtype for name, t in model.state_dict().items()}
+    # the built model's precision, as a copying load gives it (a checkpoint written in bf16 loads as float32)
+    model.load_state_dict({k: v.to(dtypes[k]) if k in dtypes else v for k, v in state.items()}, assign=True)
     return model
 
 

@@ -33,7 +33,8 @@ def _next_token_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask
     prompt, the largest tensor of the update)."""
     if completion_len is None:
         return model(input_ids, attention_mask)[:, :-1]  # (B, T-1, V); position t predicts token t + 1
-    return model(input_ids, attention_mask, logits_to_keep=completion_len + 1)[:, :-1]  # (B, N, V)
+    # sliced again: a model that ignores the argument returns every position
+    return model(input_ids, attention_mask, logits_to_keep=completion_len + 1)[:, -completion_len - 1 : -1]  # (B, N, V)
 
 
 def token_logprobs(

@@ -156,3 +156,17 @@ def test_completion_logprobs_reach_the_lm_head_for_the_completion_positions_only
         lp.sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
+
+
+def test_a_checkpoint_stored_in_bf16_loads_in_the_models_precision(sft_ckpt, tmp_path):
+    from rlhf_lightning.policy import load_policy
+
+    data = torch.load(sft_ckpt, weights_only=True)
+    data["state_dict"] = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in data["state_dict"].items()}
+    path = tmp_path / "bf16.ckpt"
+    torch.save(data, path)
+    model, _, _ = load_policy(str(path))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    reference, _, _ = load_policy(str(sft_ckpt))
+    for a, b in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b.to(torch.bfloat16).float())

@@ -227,6 +227,22 @@ def test_micro_batches_give_the_same_update_as_whole_minibatches(sft_ckpt, optio
         assert micro.last_update[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
 
 
+def test_generation_batch_size_generates_the_rollout_in_passes(sft_ckpt):
+    module = ppo(sft_ckpt, samples_per_prompt=4, max_new_tokens=4, generation_batch_size=12)
+    rows = []
+    module.model.register_forward_hook(lambda mod, args, out: rows.append(args[0].size(0)))
+    rollout, _ = module.make_rollout(prompt_batch(module, 8))  # 32 rows: passes of 12, 12 and 8
+    assert rollout.completion_ids.size(0) == 32 and set(rows) == {12, 8} and rows.count(8) >= 1
+
+
+def test_ppo_trains_under_mixed_precision_with_clipping(sft_ckpt, tmp_path):
+    # Lightning refuses to clip a fused optimizer's gradients under mixed precision: PPO builds the plain one there
+    cli = run_cli(ppo_args(sft_ckpt, "--trainer.limit_train_batches=2", "--trainer.precision=bf16-mixed",
+                           "--model.init_args.eval_every=0", "--data.init_args.batch_size=8", "--model.init_args.max_grad_norm=1.0"), tmp_path)
+    assert cli.model._rollouts == 2 and cli.trainer.global_step == 2 * cli.model.hparams.ppo_epochs
+    assert not any(group.get("fused") for group in cli.model.optimizers().optimizer.param_groups)
+
+
 def test_micro_batch_sizes_below_one_are_refused(sft_ckpt):
     for name in ("micro_batch_size", "generation_batch_size"):
         with pytest.raises(ConfigError, match=f"model.init_args.{name}: 0 is not allowed"):

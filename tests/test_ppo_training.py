@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import CONFIGS, QUIET, run_cli
-from rlhf_lightning.callbacks import log_step_metrics
+from rlhf_lightning.callbacks import log_step_metrics, write_step_metrics
 from rlhf_lightning.data.ppo import PromptStream
 from rlhf_lightning.generation import Generation
 from rlhf_lightning.modules.ppo import PPOModule, Samples, informative_groups
@@ -223,11 +223,25 @@ class _TwoWayLogging(L.LightningModule):
         if self.automatic_optimization:
             return (self.w * batch[0]).sum()
 
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        write_step_metrics(self)
+
     def configure_optimizers(self):
         return torch.optim.SGD([self.w], lr=0.1)
 
     def train_dataloader(self):
         return torch.utils.data.DataLoader(torch.arange(7.0)[:, None], batch_size=1)
+
+
+class _StopAt(L.Callback):
+    """Stops training from `on_train_batch_end` at a step, as a `max_time` Timer does."""
+
+    def __init__(self, step: int | None) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.step is not None and trainer.fit_loop.epoch_loop._batches_that_stepped == self.step:
+            trainer.should_stop = True
 
 
 class _BarValues(L.Callback):
@@ -239,14 +253,15 @@ class _BarValues(L.Callback):
         self.seen.append((float(shown["via/self_log"]), float(shown["helper"])))
 
 
-@pytest.mark.parametrize("manual, every, accumulate", [(True, 1, 1), (True, 3, 1), (False, 3, 1), (False, 1, 2)])
-def test_step_metrics_are_written_where_and_as_self_log_writes_them(tmp_path, manual, every, accumulate):
+@pytest.mark.parametrize("manual, every, accumulate, stop", [(True, 1, 1, None), (True, 3, 1, None), (False, 3, 1, None),
+                                                         (False, 1, 2, None), (True, 3, 1, 4), (False, 3, 1, 4)])
+def test_step_metrics_are_written_where_and_as_self_log_writes_them(tmp_path, manual, every, accumulate, stop):
     from lightning.pytorch.loggers import TensorBoardLogger
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     logger, bar = TensorBoardLogger(str(tmp_path), name="log"), _BarValues()
     trainer = L.Trainer(max_epochs=2, log_every_n_steps=every, logger=logger, enable_model_summary=False,
-                        enable_checkpointing=False, accelerator="cpu", callbacks=[bar],
+                        enable_checkpointing=False, accelerator="cpu", callbacks=[bar, _StopAt(stop)],
                         accumulate_grad_batches=accumulate if not manual else 1)
     trainer.fit(_TwoWayLogging(manual))
     events = EventAccumulator(logger.log_dir)
@@ -255,5 +270,9 @@ def test_step_metrics_are_written_where_and_as_self_log_writes_them(tmp_path, ma
     assert lightning and len(lightning) <= 14 // every // accumulate + 1  # Lightning's cadence over 14 steps
     assert [(e.step, e.value) for e in events.Scalars("via/helper")] == lightning
     assert [e.value for e in events.Scalars("via/float")] == [pytest.approx(v / 1.5) for _, v in lightning]  # batch_idx
-    assert float(trainer.callback_metrics["via/helper"]) == float(trainer.callback_metrics["via/self_log"]) == 6.0 * 0.5 + 6
+    if stop is not None:  # the step where a callback stopped training is written, as Lightning writes its own
+        assert lightning[-1][0] == stop
+    last = trainer.callback_metrics["via/self_log"]
+    assert float(trainer.callback_metrics["via/helper"]) == float(trainer.callback_metrics["helper"]) == float(last)
+    assert trainer.logged_metrics["via/helper"] == pytest.approx(float(trainer.logged_metrics["via/self_log"]))
     assert bar.seen and all(a == b for a, b in bar.seen)  # the bar shows the same value at every step

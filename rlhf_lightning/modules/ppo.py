@@ -4,7 +4,7 @@ One training step is one rollout (manual optimization):
 
 1. sample K completions per prompt with the KV cache, keeping generation's log-probs as the old log-probs;
 2. score them with the reward source (learned model, judge, or a weighted sum), minus a missing-EOS penalty;
-3. reference log-probs from the frozen SFT model in one batched forward (skipped when beta is 0 and fixed);
+3. reference log-probs from the frozen SFT model, batched (`micro_batch_size` rows a forward; skipped when beta is 0 and fixed);
 4. advantages by the configured estimator over the global batch (all ranks);
 5. `ppo_epochs` x shuffled minibatches: new log-probs in one forward, clipped surrogate + beta * KL,
    `manual_backward`, `clip_gradients`, optimizer step.
@@ -21,11 +21,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.plugins.precision import MixedPrecision
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from rlhf_lightning.callbacks import log_samples, log_step_metrics, logging_step
+from rlhf_lightning.callbacks import log_samples, log_step_metrics, logging_step, write_step_metrics
 from rlhf_lightning.checkpoints import CheckpointError, sha256_file
 from rlhf_lightning.data.prompts import move_batch
 from rlhf_lightning.generation import Generation
@@ -413,7 +414,9 @@ class PPOModule(L.LightningModule):
             self.reward_source.to(self.device)
 
     def configure_optimizers(self):
-        optimizer = adamw(self.model, self.hparams.lr, self.hparams.weight_decay)
+        # fused AdamW, except under mixed precision: Lightning refuses to clip a fused optimizer's gradients there
+        mixed = self._trainer is not None and isinstance(self.trainer.precision_plugin, MixedPrecision)
+        optimizer = adamw(self.model, self.hparams.lr, self.hparams.weight_decay, fused=not mixed)
         if not self.hparams.warmup_steps:
             return optimizer
         scheduler = warmup_cosine(optimizer, self.hparams.warmup_steps, total_steps=1, min_lr_ratio=1.0)  # then constant
@@ -486,7 +489,7 @@ class PPOModule(L.LightningModule):
             gen = samples.gen
             input_ids, attention_mask = gen.joined(samples.prompt_ids, samples.prompt_mask)  # (B, P + N) each
             rewards, shaped, kl = samples.rewards, samples.rewards, None
-            if self.needs_reference:  # 3. reference log-probs: one batched forward of the frozen SFT model
+            if self.needs_reference:  # 3. reference log-probs: batched forwards of the frozen SFT model
                 N = gen.completion_ids.size(1)
                 ref_logprobs = torch.cat([
                     token_logprobs(self.reference, input_ids[rows], attention_mask[rows], hp.temperature, N)
@@ -601,9 +604,11 @@ class PPOModule(L.LightningModule):
         chunks = max(1, min(hp.num_minibatches, B))
         sums: dict[str, torch.Tensor] = {}
         first_ratio_error = None
+        steps = 0
         for epoch in range(hp.ppo_epochs):
             perm = torch.randperm(B, generator=self.sampling_generator(), device=self.device)
-            parts = list(perm.chunk(chunks))
+            parts = list(perm.chunk(chunks))  # at most `chunks` parts (5 rows in 4 chunks: 3 parts)
+            steps += len(parts)
             for idx in parts:
                 mb = rollout.select(idx)
                 counts = self.loss_counts(mb)
@@ -630,8 +635,7 @@ class PPOModule(L.LightningModule):
                     scheduler.step()
                 for name, value in step.items():
                     sums[name] = sums.get(name, 0.0) + value
-        steps = hp.ppo_epochs * chunks
-        metrics = {k: v / steps for k, v in sums.items()}
+        metrics = {k: v / steps for k, v in sums.items()}  # means over the optimizer steps taken
         if rollout.kl is None:  # no reference forward (beta = 0): the loss's KL term measured nothing
             metrics.pop("ppo/kl")
         names = ["first_ratio_error", *metrics]
@@ -677,6 +681,9 @@ class PPOModule(L.LightningModule):
                          prog_bar={"reward": "rollout/reward_mean"})
         if hp.eval_every and self._rollouts % hp.eval_every == 0:
             self.evaluate()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        write_step_metrics(self)  # the loggers' part of this step's `log_step_metrics`
 
     def on_train_end(self) -> None:
         self.finalize_policy()

@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
-from rlhf_lightning.callbacks import log_samples, log_step_metrics
+from rlhf_lightning.callbacks import log_samples, log_step_metrics, write_step_metrics
 from rlhf_lightning.losses import masked_mean
 from rlhf_lightning.optim import adamw_warmup_cosine
 from rlhf_lightning.lora import add_adapters, keep_trainable, lora_settings, require_peft
@@ -109,6 +109,9 @@ class SFTModule(L.LightningModule):
         metrics = {"sft/loss": loss.detach(), "sft/token_accuracy": token_accuracy}
         log_step_metrics(self, metrics, prog_bar={name: name for name in metrics})  # rank 0's values, as self.log without sync_dist
         return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        write_step_metrics(self)  # the loggers' part of this step's `log_step_metrics`
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         completions, gen = complete(self.model, self.tokenizer, batch["prompt_ids"], batch["prompt_mask"], self.hparams.max_new_tokens, greedy=True)
