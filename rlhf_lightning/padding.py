@@ -8,23 +8,28 @@ import torch
 
 
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[[5], [6, 7]] -> ids [[pad, 5], [6, 7]], mask [[0, 1], [1, 1]]: the layout generation expects."""
+    """[[5], [6, 7]] -> ids [[pad, 5], [6, 7]], mask [[0, 1], [1, 1]]: the layout generation expects.
+
+    >>> left_pad([[5], [6, 7]], 0)
+    (tensor([[0, 5],
+            [6, 7]]), tensor([[False,  True],
+            [ True,  True]]))
+    """
     width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.bool)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, width - len(s) :] = torch.as_tensor(s, dtype=torch.long)
-            mask[i, width - len(s) :] = True
-    return ids, mask  # (B, T), (B, T)
+    lengths = torch.tensor([len(s) for s in seqs])  # (B,)
+    ids = torch.tensor([[pad_id] * (width - len(s)) + list(s) for s in seqs], dtype=torch.long)  # one copy from Python
+    return ids, torch.arange(width) >= (width - lengths)[:, None]  # (B, T), (B, T)
 
 
 def right_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[[5], [6, 7]] -> ids [[5, pad], [6, 7]], mask [[1, 0], [1, 1]]."""
+    """[[5], [6, 7]] -> ids [[5, pad], [6, 7]], mask [[1, 0], [1, 1]].
+
+    >>> right_pad([[5], [6, 7]], 0)
+    (tensor([[5, 0],
+            [6, 7]]), tensor([[ True, False],
+            [ True,  True]]))
+    """
     width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.bool)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = True
-    return ids, mask  # (B, T), (B, T)
+    lengths = torch.tensor([len(s) for s in seqs])  # (B,)
+    ids = torch.tensor([list(s) + [pad_id] * (width - len(s)) for s in seqs], dtype=torch.long)  # one copy from Python
+    return ids, torch.arange(width) < lengths[:, None]  # (B, T), (B, T)
