@@ -13,14 +13,15 @@ def adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, 
 
     `fused`: one kernel over every parameter where they are on a CPU or CUDA device, 4.5x faster than the
     per-parameter loop on CPU for the toy model (1.05 -> 0.23 ms a step) and for an 85M one (262 -> 57 ms); the
-    same update up to float rounding. False: the per-parameter loop.
+    same update up to float rounding. False: the multi-tensor (`foreach`) implementation, bitwise the
+    per-parameter loop's update (tested) and 1.35x faster on the toy model (0.78 ms).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     fused = fused and bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None, foreach=None if fused else True)
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
@@ -39,8 +40,9 @@ def adamw_warmup_cosine(module, model: nn.Module) -> dict:
     """`configure_optimizers` result for a module whose hparams hold lr, weight_decay, warmup_steps and
     min_lr_ratio: the cosine ends at the trainer's last optimizer step."""
     hp = module.hparams
-    # the per-parameter loop: the shipped SFT and reward recipes were tuned on its rounding (with the fused
-    # kernel the toy pipeline's SFT ends at test 0.9973 instead of 1.0000, its reward model at 0.9732)
+    # not fused: the shipped SFT and reward recipes were tuned on the per-parameter loop's rounding, which the
+    # foreach implementation keeps bitwise (with the fused kernel the toy pipeline's SFT ends at test 0.9973
+    # instead of 1.0000, its reward model at 0.9732)
     optimizer = adamw(model, hp.lr, hp.weight_decay, fused=False)
     total = max(1, int(module.trainer.estimated_stepping_batches))
     scheduler = warmup_cosine(optimizer, hp.warmup_steps, total, hp.min_lr_ratio)

@@ -130,6 +130,28 @@ def test_adamw_is_fused_and_steps_like_the_reference_implementation():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)  # each step moves a weight by about lr = 1e-2
 
 
+def test_adamw_unfused_is_bitwise_the_per_parameter_loop():
+    from rlhf_lightning.optim import adamw
+
+    torch.manual_seed(0)
+    models = [GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    ours = adamw(models[0], 1e-2, 0.1, fused=False)
+    assert all(group["foreach"] and not group["fused"] for group in ours.param_groups)
+    loop = torch.optim.AdamW(
+        [{"params": [p for p in models[1].parameters() if p.dim() >= 2], "weight_decay": 0.1},
+         {"params": [p for p in models[1].parameters() if p.dim() < 2], "weight_decay": 0.0}],
+        lr=1e-2, betas=(0.9, 0.95), foreach=False,
+    )
+    ids = torch.randint(0, 11, (4, 8))
+    for _ in range(5):
+        for model, opt in zip(models, (ours, loop)):
+            opt.zero_grad()
+            model(ids).logsumexp(-1).mean().backward()
+            opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(models[0].parameters(), models[1].parameters()))
+
+
 @pytest.mark.parametrize("kind", ["gpt", "bigram"])
 def test_completion_logprobs_reach_the_lm_head_for_the_completion_positions_only(kind):
     from rlhf_lightning.scoring import token_logprobs
