@@ -69,10 +69,10 @@ def ppo_iteration(module: PPOModule, batch: dict, eos: bool = True) -> tuple[dic
         prompt_mask = batch["prompt_mask"].bool().repeat_interleave(K, 0)
         prompts = [p for p in batch["prompts"] for _ in range(K)]
         golds = [g for g in batch["golds"] for _ in range(K)]
-        gen = generate(
-            module.model, prompt_ids, prompt_mask, max_new_tokens=hp.max_new_tokens,
-            eos_id=module.tokenizer.eos_id if eos else -1, pad_id=module.tokenizer.pad_id,
-            temperature=hp.temperature, generator=module.sampling_generator(), batch_size=hp.generation_batch_size,
+        gen = generate(  # as PPOModule.sample: each prompt's forward once, K samples from it
+            module.model, batch["prompt_ids"], batch["prompt_mask"], max_new_tokens=hp.max_new_tokens,
+            eos_id=module.tokenizer.eos_id if eos else -1, pad_id=module.tokenizer.pad_id, temperature=hp.temperature,
+            generator=module.sampling_generator(), batch_size=hp.generation_batch_size, samples_per_prompt=K,
         )
         completions = [module.tokenizer.decode(row) for row in gen.completion_ids.tolist()]
         times["rollout"] = time.perf_counter() - t

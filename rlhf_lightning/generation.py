@@ -63,12 +63,17 @@ def generate(
     greedy: bool = False,
     generator: torch.Generator | None = None,
     batch_size: int | None = None,
+    samples_per_prompt: int = 1,
 ) -> Generation:
     """Complete a left-padded batch of prompts (B, P); see the module docstring for the contract.
 
-    `batch_size` (None: all B rows in one pass) generates the rows in consecutive passes of at most that many
-    rows, so the KV cache and each step's activations are held for one pass's rows only; a sampled pass
-    draws from `generator` where the previous one left it.
+    `samples_per_prompt` = K completes each prompt K times: B * K rows, prompt i's in rows i * K .. i * K + K - 1,
+    the same rows (tokens, log-probs, generator draws) as `prompt_ids.repeat_interleave(K, 0)` would give. The
+    prompt's forward runs once per prompt and its keys, values and last logits are repeated K times (a model's
+    cache implements `repeat_rows`).
+    `batch_size` (None: all rows in one pass) generates the rows in consecutive passes of at most that many
+    rows (whole prompts' groups, at least one prompt a pass), so the KV cache and each step's activations are
+    held for one pass's rows only; a sampled pass draws from `generator` where the previous one left it.
 
     Every buffer is allocated once: the attention mask (B, P + N), the sampled ids and their log-probs (B, N),
     and one step's temperature-scaled logits (B, V) (memory does not grow with the vocabulary x length). Rows keep
@@ -79,18 +84,24 @@ def generate(
         raise ValueError(f"temperature must be > 0, got {temperature} (use greedy=True for argmax)")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    B, P = prompt_ids.shape
+    K = samples_per_prompt
+    if K < 1:
+        raise ValueError(f"samples_per_prompt must be >= 1, got {K}")
+    prompts, P = prompt_ids.shape
     N = max_new_tokens
-    if batch_size is not None and B > batch_size:
+    per_pass = None if batch_size is None else max(1, batch_size // K)  # prompts a pass
+    if per_pass is not None and prompts > per_pass:
         passes = [
-            generate(model, prompt_ids[s : s + batch_size], prompt_mask[s : s + batch_size], max_new_tokens=N, eos_id=eos_id,
-                     pad_id=pad_id, temperature=temperature, top_k=top_k, greedy=greedy, generator=generator)
-            for s in range(0, B, batch_size)
+            generate(model, prompt_ids[s : s + per_pass], prompt_mask[s : s + per_pass], max_new_tokens=N, eos_id=eos_id,
+                     pad_id=pad_id, temperature=temperature, top_k=top_k, greedy=greedy, generator=generator,
+                     samples_per_prompt=K)
+            for s in range(0, prompts, per_pass)
         ]
         return Generation(*(torch.cat([getattr(g, f) for g in passes]) for f in Generation.__dataclass_fields__))
+    B = prompts * K
     device = prompt_ids.device
     prompt_mask = prompt_mask.bool()
-    prompt_lengths = prompt_mask.sum(-1)  # (B,)
+    prompt_lengths = prompt_mask.sum(-1)  # (prompts,)
     block_size = getattr(getattr(model, "config", None), "block_size", None)
     if block_size is not None and int(prompt_lengths.max()) + N > block_size:
         raise ValueError(
@@ -100,13 +111,17 @@ def generate(
 
     was_training = model.training
     model.eval()
+    cache = model.new_cache(prompts, P + N)
+    logits = model(prompt_ids, prompt_mask, position_ids=positions_from_mask(prompt_mask), cache=cache)[:, -1]  # (prompts, V)
+    if K > 1:  # the prompt's forward once, its state K times
+        cache.repeat_rows(K)
+        logits = logits.repeat_interleave(K, 0)  # (B, V)
+        prompt_mask, prompt_lengths = prompt_mask.repeat_interleave(K, 0), prompt_lengths.repeat_interleave(K, 0)
     mask = torch.ones(B, P + N, dtype=torch.bool, device=device)  # (B, P + N): generated tokens are real
     mask[:, :P] = prompt_mask
     positions = prompt_lengths[:, None] + torch.arange(N, device=device)  # (B, N) position of each new token
     raw_ids = torch.full((B, N), pad_id, dtype=torch.long, device=device)  # (B, N) as sampled, EOS ignored
 
-    cache = model.new_cache(B, P + N)
-    logits = model(prompt_ids, prompt_mask, position_ids=positions_from_mask(prompt_mask), cache=cache)[:, -1]  # (B, V)
     step = torch.empty(logits.shape, dtype=torch.float32, device=device)  # (B, V) this step's scaled logits
     logprobs = torch.zeros(B, N, dtype=torch.float32, device=device)  # (B, N)
     for t in range(N):

@@ -230,3 +230,36 @@ def test_generation_in_passes_equals_one_call_per_pass():
     split = generate(model, ids, mask, max_new_tokens=6, eos_id=EOS, pad_id=PAD, greedy=True, batch_size=3)
     assert torch.equal(whole.completion_ids, split.completion_ids)
     torch.testing.assert_close(whole.logprobs, split.logprobs, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("options", [{"temperature": 0.8}, {"greedy": True}, {"temperature": 1.3, "top_k": 3}])
+def test_k_samples_per_prompt_equal_generating_the_repeated_prompts(options):
+    model = eos_prone_gpt(2)
+    prompts = PROMPTS + [[1, 4, 4, 4, 5]]
+    ids, mask = left_pad(prompts, PAD)
+    K = 3
+    forwards = []
+    model.register_forward_hook(lambda mod, args, out: forwards.append(args[0].shape))
+    shared = generate(model, ids, mask, max_new_tokens=6, eos_id=EOS, pad_id=PAD, generator=torch.Generator().manual_seed(5),
+                      samples_per_prompt=K, **options)
+    assert forwards[0] == (4, 5) and all(s == (12, 1) for s in forwards[1:])  # the prompts once, then K rows each
+    repeated = generate(model, ids.repeat_interleave(K, 0), mask.repeat_interleave(K, 0), max_new_tokens=6, eos_id=EOS,
+                        pad_id=PAD, generator=torch.Generator().manual_seed(5), **options)
+    assert torch.equal(shared.completion_ids, repeated.completion_ids) and torch.equal(shared.finished, repeated.finished)
+    torch.testing.assert_close(shared.logprobs, repeated.logprobs, atol=1e-6, rtol=0)
+    # in passes of whole groups: 5 rows a pass hold one prompt's 3 samples
+    passes = generate(model, ids, mask, max_new_tokens=6, eos_id=EOS, pad_id=PAD, generator=torch.Generator().manual_seed(5),
+                      samples_per_prompt=K, batch_size=5, **options)
+    assert passes.completion_ids.shape == (12, 6)
+    if options.get("greedy"):
+        assert torch.equal(passes.completion_ids, shared.completion_ids)
+
+
+def test_k_samples_per_prompt_from_the_bigram_too():
+    torch.manual_seed(0)
+    model = BigramLM(BigramConfig(vocab_size=11, n_embd=8)).eval()
+    ids, mask = left_pad(PROMPTS, PAD)
+    shared = generate(model, ids, mask, max_new_tokens=4, eos_id=EOS, pad_id=PAD, generator=torch.Generator().manual_seed(1), samples_per_prompt=2)
+    repeated = generate(model, ids.repeat_interleave(2, 0), mask.repeat_interleave(2, 0), max_new_tokens=4, eos_id=EOS, pad_id=PAD,
+                        generator=torch.Generator().manual_seed(1))
+    assert torch.equal(shared.completion_ids, repeated.completion_ids)

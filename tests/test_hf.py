@@ -89,6 +89,13 @@ def test_generation_matches_a_full_recompute_for_left_padded_rows(gpt2_dir):
     kept = token_logprobs(model, torch.cat([ids, gen.completion_ids], 1), torch.cat([mask, gen.completion_mask], 1), 0.7, completion_len=8)
     assert model(ids, mask, logits_to_keep=3).shape == (3, 3, logits.size(-1))
     torch.testing.assert_close(kept[gen.completion_mask], recomputed[gen.completion_mask], atol=1e-6, rtol=0)
+    # K samples per prompt from one prompt forward (the cache's rows repeated): as generating the repeated prompts
+    shared = generate(model, ids, mask, max_new_tokens=8, eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=0.7,
+                      generator=torch.Generator().manual_seed(0), samples_per_prompt=2)
+    repeated = generate(model, ids.repeat_interleave(2, 0), mask.repeat_interleave(2, 0), max_new_tokens=8, eos_id=tok.eos_id,
+                        pad_id=tok.pad_id, temperature=0.7, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(shared.completion_ids, repeated.completion_ids)
+    torch.testing.assert_close(shared.logprobs, repeated.logprobs, atol=1e-5, rtol=0)
     # a row's greedy result does not depend on the other rows' padding
     batched = generate(model, ids, mask, max_new_tokens=8, eos_id=tok.eos_id, pad_id=tok.pad_id, greedy=True)
     for i, prompt in enumerate(PROMPTS):

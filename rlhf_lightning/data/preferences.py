@@ -176,9 +176,9 @@ def sample_groups(
         chunk = records[start : start + batch_size]
         ids, mask = left_pad(prompt_ids[start : start + batch_size], tokenizer.pad_id)  # (b, P)
         texts, gen = complete(
-            policy, tokenizer, ids.repeat_interleave(K, 0).to(device), mask.repeat_interleave(K, 0).to(device),
-            max_new_tokens, temperature=temperature, top_k=top_k, generator=generator,
-        )  # rows r*K .. r*K + K-1 belong to prompt r
+            policy, tokenizer, ids.to(device), mask.to(device), max_new_tokens, temperature=temperature, top_k=top_k,
+            generator=generator, samples_per_prompt=K,
+        )  # rows r*K .. r*K + K-1 belong to prompt r, whose forward ran once
         ended = gen.finished.tolist()
         golds = [r.gold for r in chunk for _ in range(K)]
         wheres = [r.where for r in chunk for _ in range(K)]

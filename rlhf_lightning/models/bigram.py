@@ -29,6 +29,9 @@ class _StepCounter:
     def __init__(self) -> None:
         self.length = 0
 
+    def repeat_rows(self, times: int) -> None:
+        """Nothing per row to repeat: a bigram keeps no keys or values."""
+
 
 class BigramLM(nn.Module):
     def __init__(self, config: BigramConfig) -> None:

@@ -58,6 +58,11 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0  # number of positions filled so far
 
+    def repeat_rows(self, times: int) -> None:
+        """Each row `times` times, consecutively (row i becomes rows i * times .. i * times + times - 1)."""
+        self.k = self.k.repeat_interleave(times, dim=1)
+        self.v = self.v.repeat_interleave(times, dim=1)
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's (B, nh, t, hs) keys/values after the filled part; return all filled so far."""
         end = self.length + k.size(2)

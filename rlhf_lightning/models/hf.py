@@ -87,6 +87,10 @@ class HFCache:
         self.inner = inner
         self.length = 0
 
+    def repeat_rows(self, times: int) -> None:
+        """Each row `times` times, consecutively (transformers' `batch_repeat_interleave`)."""
+        self.inner.batch_repeat_interleave(times)
+
 
 class HFCausalLM(nn.Module):
     """A local `AutoModelForCausalLM` folder with the interface of `models.gpt.GPT`."""

@@ -448,9 +448,9 @@ class PPOModule(L.LightningModule):
         prompt_mask = batch["prompt_mask"].bool().repeat_interleave(K, 0)  # (B, P)
         prompts = [p for p in batch["prompts"] for _ in range(K)]
         golds = [g for g in batch["golds"] for _ in range(K)]
-        completions, gen = complete(
-            self.model, self.tokenizer, prompt_ids, prompt_mask, hp.max_new_tokens,
-            temperature=hp.temperature, generator=self.sampling_generator(), batch_size=hp.generation_batch_size,
+        completions, gen = complete(  # each prompt's forward once, its K samples from it
+            self.model, self.tokenizer, batch["prompt_ids"], batch["prompt_mask"], hp.max_new_tokens, temperature=hp.temperature,
+            generator=self.sampling_generator(), batch_size=hp.generation_batch_size, samples_per_prompt=K,
         )
         rewards = self.score(prompts, completions, gen.finished, golds)  # (B,) text in, penalty included
         return Samples(prompt_ids, prompt_mask, gen, rewards, prompts, completions, golds)
