@@ -19,7 +19,7 @@ import torch
 
 from rlhf_lightning.data.prompts import PromptDataset, load_prompts
 from rlhf_lightning.generation import generate
-from rlhf_lightning.modules.ppo import PPOModule, Rollout, row_slices
+from rlhf_lightning.modules.ppo import PPOModule, Rollout
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.logger=false"]
@@ -81,9 +81,7 @@ def ppo_iteration(module: PPOModule, batch: dict, eos: bool = True) -> tuple[dic
         times["reward"] = time.perf_counter() - t
         t = time.perf_counter()
         rollout = Rollout(*gen.joined(prompt_ids, prompt_mask), gen.completion_ids, gen.completion_mask, gen.logprobs, gen.logprobs, rewards, rewards)
-        ref = torch.cat([rollout.select(rows).logprobs(module.reference, hp.temperature)
-                         for rows in row_slices(rollout.input_ids.size(0), hp.micro_batch_size)])
-        ref = ref.masked_fill(~gen.completion_mask, 0.0)
+        ref = module.reference_logprobs(rollout.input_ids, rollout.attention_mask, gen.completion_mask)
         times["reference"] = time.perf_counter() - t
         t = time.perf_counter()
         rollout = replace(rollout, ref_logprobs=ref, advantages=module.global_advantages(rewards))

@@ -26,6 +26,24 @@ class Generation:
     lengths: torch.Tensor  # (B,) number of generated tokens, EOS included
     finished: torch.Tensor  # (B,) bool, True where the row emitted EOS
 
+    @staticmethod
+    def cat(parts: list["Generation"], pad_id: int) -> "Generation":
+        """The rows of every part in order, completions right-padded to the widest part's N."""
+        if len(parts) == 1:
+            return parts[0]
+        N = max(g.completion_ids.size(1) for g in parts)
+
+        def widen(t: torch.Tensor, value) -> torch.Tensor:
+            return torch.cat([t, t.new_full((t.size(0), N - t.size(1)), value)], 1)
+
+        return Generation(
+            torch.cat([widen(g.completion_ids, pad_id) for g in parts]),
+            torch.cat([widen(g.completion_mask, False) for g in parts]),
+            torch.cat([widen(g.logprobs, 0.0) for g in parts]),
+            torch.cat([g.lengths for g in parts]),
+            torch.cat([g.finished for g in parts]),
+        )
+
     def joined(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids (B, P + N), bool mask (B, P + N)): the left-padded prompts ++ the right-padded completions."""
         return torch.cat([prompt_ids, self.completion_ids], 1), torch.cat([prompt_mask.bool(), self.completion_mask], 1)
@@ -97,7 +115,7 @@ def generate(
                      samples_per_prompt=K)
             for s in range(0, prompts, per_pass)
         ]
-        return Generation(*(torch.cat([getattr(g, f) for g in passes]) for f in Generation.__dataclass_fields__))
+        return Generation.cat(passes, pad_id)
     B = prompts * K
     device = prompt_ids.device
     prompt_mask = prompt_mask.bool()

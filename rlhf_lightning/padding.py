@@ -15,10 +15,7 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
             [6, 7]]), tensor([[False,  True],
             [ True,  True]]))
     """
-    width = max(len(s) for s in seqs)
-    lengths = torch.tensor([len(s) for s in seqs])  # (B,)
-    ids = torch.tensor([[pad_id] * (width - len(s)) + list(s) for s in seqs], dtype=torch.long)  # one copy from Python
-    return ids, torch.arange(width) >= (width - lengths)[:, None]  # (B, T), (B, T)
+    return _pad(seqs, pad_id, left=True)
 
 
 def right_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,7 +26,13 @@ def right_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
             [6, 7]]), tensor([[ True, False],
             [ True,  True]]))
     """
+    return _pad(seqs, pad_id, left=False)
+
+
+def _pad(seqs: Sequence[Sequence[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids (B, T), bool mask (B, T)) with the padding on the left or the right, in one copy from Python lists."""
     width = max(len(s) for s in seqs)
-    lengths = torch.tensor([len(s) for s in seqs])  # (B,)
-    ids = torch.tensor([list(s) + [pad_id] * (width - len(s)) for s in seqs], dtype=torch.long)  # one copy from Python
-    return ids, torch.arange(width) < lengths[:, None]  # (B, T), (B, T)
+    fill = [[pad_id] * (width - len(s)) for s in seqs]
+    rows = [f + list(s) for f, s in zip(fill, seqs)] if left else [list(s) + f for f, s in zip(fill, seqs)]
+    real = torch.arange(width) < torch.tensor([len(s) for s in seqs])[:, None]  # (B, T) as if right-padded
+    return torch.tensor(rows, dtype=torch.long), real.flip(1) if left else real

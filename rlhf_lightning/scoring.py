@@ -22,7 +22,7 @@ from rlhf_lightning.models.reward import RewardModel
 from rlhf_lightning.padding import right_pad
 from rlhf_lightning.tokenizer import Tokenizer, load_tokenizer
 
-__all__ = ["completion_kl", "completion_mask", "encode_scored", "load_reward_model", "score_texts", "token_logprobs"]
+__all__ = ["completion_kl", "completion_mask", "encode_scored", "encode_scored_row", "load_reward_model", "pad_scored", "score_texts", "token_logprobs"]
 
 
 def _next_token_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_len: int | None) -> torch.Tensor:
@@ -95,16 +95,31 @@ def encode_scored(
 
     `where` (e.g. "prefs.jsonl:3") locates errors: "prefs.jsonl:3: field 'prompt': unknown character ...".
     """
+    return encode_scored_row(tokenizer, prompt, completion, ended, where, completion_field)[0]
+
+
+def encode_scored_row(
+    tokenizer: Tokenizer, prompt: str, completion: str, ended: bool, where: str = "", completion_field: str = "completion"
+) -> tuple[list[int], int]:
+    """(`encode_scored`'s ids, the prompt's length in them): where the completion starts."""
     at = f"{where}: " if where else ""
     prompt_ids = tokenizer.encode_prompt(prompt, f"{at}field 'prompt'")
     completion_ids = tokenizer.encode(completion, f"{at}field {completion_field!r}")
-    return prompt_ids + completion_ids + ([tokenizer.eos_id] if ended else [])
+    return prompt_ids + completion_ids + ([tokenizer.eos_id] if ended else []), len(prompt_ids)
 
 
 def completion_mask(prompt_lengths: Sequence[int], lengths: Sequence[int], width: int) -> torch.Tensor:
     """(B, width) bool, True on positions [prompt length, length) of right-padded rows: the completion."""
     pos = torch.arange(width)[None, :]  # (1, T)
     return (pos >= torch.tensor(prompt_lengths)[:, None]) & (pos < torch.tensor(lengths)[:, None])  # (B, T)
+
+
+def pad_scored(rows: Sequence[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """A reward model's batch from `encode_scored_row` rows: right-padded `input_ids`, `attention_mask` and
+    `completion_mask`, (B, T) each."""
+    input_ids, attention_mask = right_pad([ids for ids, _ in rows], pad_id)
+    completion = completion_mask([p for _, p in rows], [len(ids) for ids, _ in rows], input_ids.size(1))
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion}
 
 
 def score_texts(
@@ -123,14 +138,13 @@ def score_texts(
         raise ValueError(f"got {len(prompts)} prompts, {len(completions)} completions, {len(ended)} ended flags")
     if isinstance(ended, torch.Tensor):
         ended = ended.tolist()
-    seqs = [encode_scored(tokenizer, p, c, bool(e), where) for p, c, e in zip(prompts, completions, ended)]
-    longest = max(len(s) for s in seqs)
+    rows = [encode_scored_row(tokenizer, p, c, bool(e), where) for p, c, e in zip(prompts, completions, ended)]
+    longest = max(len(ids) for ids, _ in rows)
     if longest > model.block_size:
         raise ValueError(f"{where + ': ' if where else ''}a scored sequence is {longest} tokens, the reward model's context is {model.block_size}")
-    ids, mask = right_pad(seqs, tokenizer.pad_id)  # (B, T), (B, T)
-    completion = completion_mask([len(tokenizer.encode_prompt(p)) for p in prompts], [len(x) for x in seqs], ids.size(1))
     device = next(model.parameters()).device
-    return model(ids.to(device), mask.to(device), completion.to(device))  # (B,)
+    batch = {k: v.to(device) for k, v in pad_scored(rows, tokenizer.pad_id).items()}
+    return model(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])  # (B,)
 
 
 def load_reward_model(path: str, role: str = "reward_ckpt") -> tuple[RewardModel, Tokenizer, dict[str, Any]]:

@@ -107,48 +107,39 @@ def test_a_policy_read_from_a_checkpoint_holds_the_stored_tensors(sft_ckpt):
     assert not torch.equal(params["lm_head.weight"], stored["lm_head.weight"])
 
 
-def test_adamw_is_fused_and_steps_like_the_reference_implementation():
+def _adamw_beside_the_loop(steps: int, **options) -> tuple[torch.optim.AdamW, list[GPT]]:
+    """`optim.adamw(**options)` on one GPT and torch's per-parameter AdamW (the same groups and settings) on an
+    identical copy, both trained `steps` steps on the same batch: (ours, [our model, the loop's model])."""
     from rlhf_lightning.optim import adamw
 
     torch.manual_seed(0)
     models = [GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16)) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
-    ours = adamw(models[0], 1e-2, 0.1)
-    assert all(group["fused"] for group in ours.param_groups)
-    reference = torch.optim.AdamW(  # the same groups and settings, the per-parameter loop
-        [{"params": [p for p in models[1].parameters() if p.dim() >= 2], "weight_decay": 0.1},
-         {"params": [p for p in models[1].parameters() if p.dim() < 2], "weight_decay": 0.0}],
-        lr=1e-2, betas=(0.9, 0.95), foreach=False,
-    )
-    ids = torch.randint(0, 11, (4, 8))
-    for _ in range(3):
-        for model, opt in zip(models, (ours, reference)):
-            opt.zero_grad()
-            model(ids).logsumexp(-1).mean().backward()
-            opt.step()
-    for a, b in zip(models[0].parameters(), models[1].parameters()):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)  # each step moves a weight by about lr = 1e-2
-
-
-def test_adamw_unfused_is_bitwise_the_per_parameter_loop():
-    from rlhf_lightning.optim import adamw
-
-    torch.manual_seed(0)
-    models = [GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16)) for _ in range(2)]
-    models[1].load_state_dict(models[0].state_dict())
-    ours = adamw(models[0], 1e-2, 0.1, fused=False)
-    assert all(group["foreach"] and not group["fused"] for group in ours.param_groups)
+    ours = adamw(models[0], 1e-2, 0.1, **options)
     loop = torch.optim.AdamW(
         [{"params": [p for p in models[1].parameters() if p.dim() >= 2], "weight_decay": 0.1},
          {"params": [p for p in models[1].parameters() if p.dim() < 2], "weight_decay": 0.0}],
         lr=1e-2, betas=(0.9, 0.95), foreach=False,
     )
     ids = torch.randint(0, 11, (4, 8))
-    for _ in range(5):
+    for _ in range(steps):
         for model, opt in zip(models, (ours, loop)):
             opt.zero_grad()
             model(ids).logsumexp(-1).mean().backward()
             opt.step()
+    return ours, models
+
+
+def test_adamw_is_fused_and_steps_like_the_reference_implementation():
+    ours, models = _adamw_beside_the_loop(3)
+    assert all(group["fused"] for group in ours.param_groups)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)  # each step moves a weight by about lr = 1e-2
+
+
+def test_adamw_unfused_is_bitwise_the_per_parameter_loop():
+    ours, models = _adamw_beside_the_loop(5, fused=False)
+    assert all(group["foreach"] and not group["fused"] for group in ours.param_groups)
     assert all(torch.equal(a, b) for a, b in zip(models[0].parameters(), models[1].parameters()))
 
 

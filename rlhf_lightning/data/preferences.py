@@ -26,10 +26,10 @@ from torch.utils.data import DataLoader, Dataset
 from rlhf_lightning.data.base import TokenizedDataModule
 from rlhf_lightning.data.jsonl import DataError, read_jsonl, write_jsonl
 from rlhf_lightning.data.prompts import PromptRecord, encode_prompts, load_prompts
-from rlhf_lightning.padding import left_pad, right_pad
+from rlhf_lightning.padding import left_pad
 from rlhf_lightning.policy import context_length, load_policy
 from rlhf_lightning.sampling import complete
-from rlhf_lightning.scoring import completion_mask, encode_scored
+from rlhf_lightning.scoring import encode_scored_row, pad_scored
 from rlhf_lightning.tasks.arithmetic import gold_answer, judge_scores, split_of
 from rlhf_lightning.tokenizer import Tokenizer
 
@@ -215,16 +215,10 @@ def pair_groups(pairs: list[PreferencePair]) -> list[SampleGroup]:
 
 def _encode(tokenizer: Tokenizer, prompt: str, completion: str, ended: bool, where: str, field_name: str, max_len: int) -> tuple[list[int], int]:
     """(ids, prompt length): where the completion starts, for reward models that score its likelihood."""
-    ids = encode_scored(tokenizer, prompt, completion, ended, where, field_name)
+    ids, prompt_len = encode_scored_row(tokenizer, prompt, completion, ended, where, field_name)
     if len(ids) > max_len:
         raise DataError(f"prompt + completion is {len(ids)} tokens, the reward model's context is {max_len}", path=where, field=field_name)
-    return ids, len(tokenizer.encode_prompt(prompt))
-
-
-def _pad(encoded: list[tuple[list[int], int]], pad_id: int) -> dict:
-    input_ids, attention_mask = right_pad([ids for ids, _ in encoded], pad_id)
-    completion = completion_mask([p for _, p in encoded], [len(ids) for ids, _ in encoded], input_ids.size(1))
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion}  # (B, T) each
+    return ids, prompt_len
 
 
 class PairDataset(Dataset):
@@ -250,7 +244,7 @@ class PairDataset(Dataset):
     def collate(self, items: list[tuple[tuple[list[int], int], tuple[list[int], int], float]]) -> dict:
         seqs = [c for c, _, _ in items] + [r for _, r, _ in items]  # one width for both halves
         return {
-            **_pad(seqs, self.pad_id),  # (2B, T): rows [0, B) chosen, [B, 2B) rejected
+            **pad_scored(seqs, self.pad_id),  # (2B, T): rows [0, B) chosen, [B, 2B) rejected
             "margin": torch.tensor([m for _, _, m in items], dtype=torch.float32),  # (B,)
         }
 
@@ -280,7 +274,7 @@ class SampleGroupDataset(Dataset):
             pairs += [(offset + i, offset + j) for i, j in g.pairs]
             offset += len(ids)
         return {
-            **_pad(seqs, self.pad_id),  # (N, T) every sampled completion of the batch's prompts
+            **pad_scored(seqs, self.pad_id),  # (N, T) every sampled completion of the batch's prompts
             "labels": torch.tensor(labels, dtype=torch.float32),  # (N,) task judge 0/1, NaN if unknown
             "pairs": torch.tensor(pairs, dtype=torch.long).reshape(-1, 2),  # (M, 2) chosen, rejected rows
             "prompts": [g.prompt for _, g in items for _ in g.completions],

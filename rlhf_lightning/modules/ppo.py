@@ -96,8 +96,7 @@ class Samples:
 
     def select(self, idx: torch.Tensor) -> "Samples":
         rows = idx.tolist()
-        g = self.gen
-        gen = Generation(g.completion_ids[idx], g.completion_mask[idx], g.logprobs[idx], g.lengths[idx], g.finished[idx])
+        gen = Generation(*(getattr(self.gen, f)[idx] for f in Generation.__dataclass_fields__))
         pick = lambda xs: [xs[i] for i in rows]  # noqa: E731
         return Samples(self.prompt_ids[idx], self.prompt_mask[idx], gen, self.rewards[idx], pick(self.prompts), pick(self.completions), pick(self.golds))
 
@@ -112,23 +111,14 @@ class Samples:
         if len(parts) == 1:
             return parts[0]
         P = max(p.prompt_ids.size(1) for p in parts)
-        N = max(p.gen.completion_ids.size(1) for p in parts)
 
-        def widen(t: torch.Tensor, width: int, left: bool, value) -> torch.Tensor:
-            extra = t.new_full((t.size(0), width - t.size(1)), value)
-            return torch.cat([extra, t] if left else [t, extra], 1)
+        def left_widen(t: torch.Tensor, value) -> torch.Tensor:
+            return torch.cat([t.new_full((t.size(0), P - t.size(1)), value), t], 1)
 
-        gen = Generation(
-            torch.cat([widen(p.gen.completion_ids, N, False, pad_id) for p in parts]),
-            torch.cat([widen(p.gen.completion_mask, N, False, False) for p in parts]),
-            torch.cat([widen(p.gen.logprobs, N, False, 0.0) for p in parts]),
-            torch.cat([p.gen.lengths for p in parts]),
-            torch.cat([p.gen.finished for p in parts]),
-        )
         return Samples(
-            torch.cat([widen(p.prompt_ids, P, True, pad_id) for p in parts]),
-            torch.cat([widen(p.prompt_mask, P, True, False) for p in parts]),
-            gen,
+            torch.cat([left_widen(p.prompt_ids, pad_id) for p in parts]),
+            torch.cat([left_widen(p.prompt_mask, False) for p in parts]),
+            Generation.cat([p.gen for p in parts], pad_id),
             torch.cat([p.rewards for p in parts]),
             [x for p in parts for x in p.prompts],
             [x for p in parts for x in p.completions],
@@ -490,12 +480,7 @@ class PPOModule(L.LightningModule):
             input_ids, attention_mask = gen.joined(samples.prompt_ids, samples.prompt_mask)  # (B, P + N) each
             rewards, shaped, kl = samples.rewards, samples.rewards, None
             if self.needs_reference:  # 3. reference log-probs: batched forwards of the frozen SFT model
-                N = gen.completion_ids.size(1)
-                ref_logprobs = torch.cat([
-                    token_logprobs(self.reference, input_ids[rows], attention_mask[rows], hp.temperature, N)
-                    for rows in row_slices(input_ids.size(0), hp.micro_batch_size)
-                ])  # (B, N)
-                ref_logprobs = ref_logprobs.masked_fill(~gen.completion_mask, 0.0)  # (B, N)
+                ref_logprobs = self.reference_logprobs(input_ids, attention_mask, gen.completion_mask)  # (B, N)
                 kl_tokens = kl_penalty(hp.kl_estimator, gen.logprobs, ref_logprobs)  # (B, N) on the sampled tokens
                 kl = masked_sum_rows(kl_tokens, gen.completion_mask)  # (B,)
                 if hp.kl_in_reward:
@@ -511,6 +496,16 @@ class PPOModule(L.LightningModule):
         if self._rollouts == 0 or (hp.num_logged_samples and hp.eval_every and self._rollouts % hp.eval_every == 0):
             log_samples(self, "samples/rollout", drawn[0].prompts, drawn[0].completions, drawn[0].golds, hp.num_logged_samples)
         return rollout, metrics
+
+    def reference_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+        """The frozen reference's log-probs (B, N) of the completion tokens of prompt ++ completion rows, at the
+        rollout temperature, `micro_batch_size` rows a forward; 0 outside `completion_mask` (B, N)."""
+        N = completion_mask.size(1)
+        ref = torch.cat([
+            token_logprobs(self.reference, input_ids[rows], attention_mask[rows], self.hparams.temperature, N)
+            for rows in row_slices(input_ids.size(0), self.hparams.micro_batch_size)
+        ])  # (B, N)
+        return ref.masked_fill(~completion_mask, 0.0)
 
     def rollout_metrics(self, drawn: list[Samples], rounds: int, kept_groups: int | None) -> dict[str, torch.Tensor]:
         """`rollout/*` over every completion sampled this step (all rounds, all ranks)."""
