@@ -1,6 +1,6 @@
 """The fixed peer workload: ms per rollout+update step inside `Trainer.fit`, completions/s, and start-up to the first step.
 
-    python benchmarks/peer.py [--accelerator cpu|gpu] [--size tiny|85m] [--prompts 8] [--steps 40] [--warmup 5] [--threads 2]
+    python benchmarks/peer.py [--accelerator cpu|gpu] [--size tiny|85m] [--prompts 8] [--compile] [--steps 40] [--warmup 5] [--threads 2]
 
 Workload (configs/peer/ppo.yaml): all 155 single-digit toy problems (a+b for a, b in 0..9; a-b with a >= b),
 the 2-layer, width-64, 4-head character transformer, 8 prompts x 8 samples per rollout, <= 4 new tokens,
@@ -18,7 +18,8 @@ be judged (goal <= 1 s). Goal: <= 18 ms/step (TRL GRPOTrainer: about 37 ms here)
 
 `--size 85m` swaps the policy for GPT-2's shape (12 layers, 768 wide, 12 heads; 85M parameters with the
 character tokenizer) and the completion budget for 8 new tokens; `--prompts 32` draws 32 prompts per rollout
-instead of 8; `--accelerator gpu` runs both stages on one GPU (`--trainer.accelerator=gpu`). The JSON line
+instead of 8; `--accelerator gpu` runs both stages on one GPU (`--trainer.accelerator=gpu`); `--compile` captures
+PPO's decode step with CUDA graphs (`compile: true`; on CPU a warning and the eager decode). The JSON line
 names the matching TRL command of `../shared/peer/trl_grpo_bench.py` (`trl_command`), to run in the same window.
 """
 
@@ -81,12 +82,13 @@ def main() -> None:
     parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     parser.add_argument("--prompts", type=int, default=8, help="prompts per rollout (8 samples each)")
+    parser.add_argument("--compile", action="store_true", help="PPO's compile: true (a captured decode step on a GPU)")
     args = parser.parse_args()
     size = SIZES[args.size]
     model = "{" + ", ".join(f"{k}: {v}" for k, v in size["model"].items()) + "}"
     sft_extra = [f"--trainer.accelerator={args.accelerator}", f"--model.init_args.model={model}"]
     ppo_extra = [f"--trainer.accelerator={args.accelerator}", f"--data.init_args.batch_size={args.prompts}",
-                 f"--model.init_args.max_new_tokens={size['new_tokens']}"]
+                 f"--model.init_args.max_new_tokens={size['new_tokens']}", f"--model.init_args.compile={str(args.compile).lower()}"]
     with tempfile.TemporaryDirectory() as tmp:
         cwd = Path(tmp)
         (cwd / "peer.jsonl").write_text("".join(json.dumps(r) + "\n" for r in peer_problems()))
@@ -110,7 +112,7 @@ def main() -> None:
     trl = (f"trl_grpo_bench.py --n-layer {m['n_layer']} --n-embd {m['n_embd']} --n-head {m['n_head']} --prompts-per-step {args.prompts} "
            f"--num-generations 8 --max-completion-length {size['new_tokens']} --threads {args.threads}" + (" --gpu" if args.accelerator == "gpu" else ""))
     emit("peer", {
-        "accelerator": args.accelerator, "size": args.size, "prompts": args.prompts, "trl_command": trl,
+        "accelerator": args.accelerator, "size": args.size, "prompts": args.prompts, "compile": args.compile, "trl_command": trl,
         "steps": len(intervals), "warmup": args.warmup, "rows_per_step": 8 * args.prompts,
         "ms_per_step": round(step * 1e3, 2),
         "ms_per_step_hook_window": round(statistics.median(windows) * 1e3, 2),

@@ -1,11 +1,12 @@
 """Rollout speed: batched KV-cache generation against the seed's per-sample, per-token loop.
 
-    python benchmarks/rollout.py [--accelerator cpu|gpu] [--batch 64] [--new_tokens 8]
+    python benchmarks/rollout.py [--accelerator cpu|gpu] [--compile] [--batch 64] [--new_tokens 8]
 
 Both sample the same number of tokens from the same model and prompts (EOS disabled so every row runs
 the full length). The seed's loop is re-implemented faithfully: one prompt at a time, the whole sequence
 re-run through the model for every new token. Prints one JSON line: tokens/s of each and the ratio.
-`--accelerator gpu` runs both on one GPU (each timed call ends with a device synchronization).
+`--accelerator gpu` runs both on one GPU (each timed call ends with a device synchronization); `--compile`
+decodes on the captured step (`generate(..., compile=True)`: CUDA graphs; on CPU a warning and the eager decode).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--compile", action="store_true")
     args = parser.parse_args()
     device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
     torch.set_num_threads(args.threads)
@@ -58,7 +60,7 @@ def main() -> None:
     tokens = args.batch * args.new_tokens
 
     def batched():
-        generate(model, ids, mask, max_new_tokens=args.new_tokens, eos_id=-1, pad_id=tokenizer.pad_id)
+        generate(model, ids, mask, max_new_tokens=args.new_tokens, eos_id=-1, pad_id=tokenizer.pad_id, compile=args.compile)
         synchronize()
 
     def seed_loop():
@@ -68,7 +70,7 @@ def main() -> None:
     t_batched = median_time(batched, args.repeats)
     t_seed = median_time(seed_loop, max(1, args.repeats // 2), warmup=1)
     emit("rollout", {
-        "accelerator": args.accelerator, "batch": args.batch, "new_tokens": args.new_tokens,
+        "accelerator": args.accelerator, "compile": args.compile, "batch": args.batch, "new_tokens": args.new_tokens,
         "batched_tokens_per_s": round(tokens / t_batched, 1),
         "seed_loop_tokens_per_s": round(tokens / t_seed, 1),
         "speedup": round(t_seed / t_batched, 1),

@@ -9,6 +9,8 @@ so PPO's first importance ratio is 1.
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -82,6 +84,7 @@ def generate(
     generator: torch.Generator | None = None,
     batch_size: int | None = None,
     samples_per_prompt: int = 1,
+    compile: bool = False,
 ) -> Generation:
     """Complete a left-padded batch of prompts (B, P); see the module docstring for the contract.
 
@@ -97,6 +100,11 @@ def generate(
     and one step's temperature-scaled logits (B, V) (memory does not grow with the vocabulary x length). Rows keep
     sampling after their EOS (those tokens are replaced by pad at the end); whether every row has ended
     is read back from the device only every `_CHECK_EVERY` steps.
+
+    `compile=True` captures the decode step on a CUDA device (`torch.compile(mode="reduce-overhead")`: CUDA
+    graphs): the model runs on a static cache kept per model and shape (`new_cache(..., static=True)`), every
+    step sees the same shapes (the attention mask of the whole buffer, the write position a device tensor), and
+    each prompt's forward runs once per sample. Elsewhere it warns once and decodes eagerly.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature} (use greedy=True for argmax)")
@@ -112,7 +120,7 @@ def generate(
         passes = [
             generate(model, prompt_ids[s : s + per_pass], prompt_mask[s : s + per_pass], max_new_tokens=N, eos_id=eos_id,
                      pad_id=pad_id, temperature=temperature, top_k=top_k, greedy=greedy, generator=generator,
-                     samples_per_prompt=K)
+                     samples_per_prompt=K, compile=compile)
             for s in range(0, prompts, per_pass)
         ]
         return Generation.cat(passes, pad_id)
@@ -129,14 +137,27 @@ def generate(
 
     was_training = model.training
     model.eval()
-    cache = model.new_cache(prompts, P + N)
-    logits = model(prompt_ids, prompt_mask, position_ids=positions_from_mask(prompt_mask), cache=cache)[:, -1]  # (prompts, V)
-    if K > 1:  # the prompt's forward once, its state K times
-        cache.repeat_rows(K)
-        logits = logits.repeat_interleave(K, 0)  # (B, V)
-        prompt_mask, prompt_lengths = prompt_mask.repeat_interleave(K, 0), prompt_lengths.repeat_interleave(K, 0)
-    mask = torch.ones(B, P + N, dtype=torch.bool, device=device)  # (B, P + N): generated tokens are real
-    mask[:, :P] = prompt_mask
+    captured = compile and _can_capture(prompt_ids.device)
+    if captured:
+        # static shapes: the prompts repeated before their forward, the mask of the whole (reused) buffer every step
+        prompt_ids, prompt_mask, prompt_lengths = (t.repeat_interleave(K, 0) for t in (prompt_ids, prompt_mask, prompt_lengths))
+        S = -(-(P + N) // _STATIC_ROUND) * _STATIC_ROUND  # buffer length, rounded so that few shapes are captured
+        cache = _static_cache(model, B, S)
+        mask = torch.zeros(B, S, dtype=torch.bool, device=device)  # (B, S): False beyond P + N
+        mask[:, :P] = prompt_mask
+        mask[:, P : P + N] = True
+        logits = model(prompt_ids, mask, position_ids=positions_from_mask(prompt_mask), cache=cache)[:, -1]  # (B, V)
+        step_fn = _compiled_step()
+    else:
+        cache = model.new_cache(prompts, P + N)
+        logits = model(prompt_ids, prompt_mask, position_ids=positions_from_mask(prompt_mask), cache=cache)[:, -1]  # (prompts, V)
+        if K > 1:  # the prompt's forward once, its state K times
+            cache.repeat_rows(K)
+            logits = logits.repeat_interleave(K, 0)  # (B, V)
+            prompt_mask, prompt_lengths = prompt_mask.repeat_interleave(K, 0), prompt_lengths.repeat_interleave(K, 0)
+        mask = torch.ones(B, P + N, dtype=torch.bool, device=device)  # (B, P + N): generated tokens are real
+        mask[:, :P] = prompt_mask
+        step_fn = None
     positions = prompt_lengths[:, None] + torch.arange(N, device=device)  # (B, N) position of each new token
     raw_ids = torch.full((B, N), pad_id, dtype=torch.long, device=device)  # (B, N) as sampled, EOS ignored
 
@@ -153,7 +174,11 @@ def generate(
         if t == N - 1 or (t % _CHECK_EVERY == _CHECK_EVERY - 1 and bool((raw_ids[:, : t + 1] == eos_id).any(1).all())):
             break
         # one new token per row; a finished row's token is never used
-        logits = model(token[:, None], mask[:, : P + t + 1], position_ids=positions[:, t : t + 1], cache=cache)[:, -1]
+        if step_fn is None:
+            logits = model(token[:, None], mask[:, : P + t + 1], position_ids=positions[:, t : t + 1], cache=cache)[:, -1]
+        else:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits were copied out above
+            logits = step_fn(model, token[:, None], mask, positions[:, t : t + 1], cache)
     model.train(was_training)
 
     alive, finished = _ended_rows(raw_ids, eos_id)  # (B, N), (B,)
@@ -168,3 +193,47 @@ def generate(
 
 _CHECK_EVERY = 4
 """Steps between two reads of "has every row ended?" from the device (each read waits for the device)."""
+
+_STATIC_ROUND = 16
+"""A static cache's length is prompt + completion rounded up to this, so prompts of similar length share one
+captured step."""
+
+_STATIC_CACHES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+_WARNED: set[str] = set()
+
+
+def _can_capture(device: torch.device) -> bool:
+    """A captured decode step needs CUDA graphs: on any other device warn once and decode eagerly."""
+    if device.type == "cuda":
+        return True
+    if device.type not in _WARNED:
+        _WARNED.add(device.type)
+        warnings.warn(f"compile: true captures the decode step with CUDA graphs; on {device.type} it decodes eagerly", stacklevel=4)
+    return False
+
+
+def _static_cache(model: nn.Module, batch_size: int, max_len: int):
+    """The model's static cache for this shape, emptied; kept between calls so a captured step's buffers stay put."""
+    p = next(model.parameters())
+    caches = _STATIC_CACHES.setdefault(model, {})
+    key = (batch_size, max_len, p.device, p.dtype)
+    if key not in caches:
+        caches[key] = model.new_cache(batch_size, max_len, static=True)
+    cache = caches[key]
+    cache.reset()
+    return cache
+
+
+def _decode_step(model: nn.Module, token: torch.Tensor, mask: torch.Tensor, position: torch.Tensor, cache) -> torch.Tensor:
+    """One decode step on a static cache: token (B, 1), mask (B, S) of the whole buffer, position (B, 1) -> logits (B, V)."""
+    return model(token, mask, position_ids=position, cache=cache)[:, -1]
+
+
+_COMPILED: list = []
+
+
+def _compiled_step():
+    """`_decode_step` compiled once per process (CUDA graphs; one graph per model and shape)."""
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(_decode_step, mode="reduce-overhead", fullgraph=True))
+    return _COMPILED[0]

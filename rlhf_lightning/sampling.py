@@ -25,15 +25,17 @@ def complete(
     generator: torch.Generator | None = None,
     batch_size: int | None = None,
     samples_per_prompt: int = 1,
+    compile: bool = False,
 ) -> tuple[list[str], Generation]:
     """(completion texts, the generation) for left-padded prompts (B, P): sampled, or argmax with `greedy`.
 
     A text stops before EOS; `Generation.finished` says which rows emitted it. `batch_size`: rows per
-    generation pass; `samples_per_prompt`: completions per prompt, prompt-major, its forward run once (`generate`).
+    generation pass; `samples_per_prompt`: completions per prompt, prompt-major, its forward run once; `compile`:
+    a captured decode step on CUDA (`generate`).
     """
     gen = generate(
         model, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
         pad_id=tokenizer.pad_id, temperature=temperature, top_k=top_k, greedy=greedy, generator=generator,
-        batch_size=batch_size, samples_per_prompt=samples_per_prompt,
+        batch_size=batch_size, samples_per_prompt=samples_per_prompt, compile=compile,
     )
     return [tokenizer.decode(row) for row in gen.completion_ids.tolist()], gen

@@ -101,3 +101,19 @@ def quick_pipeline(tmp_path_factory) -> tuple[Path, str]:
     """(working dir, printed output) of one quick pipeline run, shared by the tests that read its results."""
     cwd = tmp_path_factory.mktemp("pipeline")
     return cwd, run_pipeline(cwd)
+
+
+@pytest.fixture
+def traced_step(monkeypatch):
+    """`compile=True`'s path on CPU: the static cache and the whole-buffer mask, its decode step traced whole by dynamo
+    (`fullgraph=True`, backend "eager": no compiler, no CUDA) where a GPU would capture it with CUDA graphs."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    import rlhf_lightning.generation as generation
+
+    torch._dynamo.reset()
+    counters.clear()
+    monkeypatch.setattr(generation, "_can_capture", lambda device: True)
+    monkeypatch.setattr(generation, "_COMPILED", [torch.compile(generation._decode_step, backend="eager", fullgraph=True)])
+    return counters

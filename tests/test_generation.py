@@ -263,3 +263,65 @@ def test_k_samples_per_prompt_from_the_bigram_too():
     repeated = generate(model, ids.repeat_interleave(2, 0), mask.repeat_interleave(2, 0), max_new_tokens=4, eos_id=EOS, pad_id=PAD,
                         generator=torch.Generator().manual_seed(1))
     assert torch.equal(shared.completion_ids, repeated.completion_ids)
+
+
+@pytest.mark.parametrize("options", [{"temperature": 0.8}, {"greedy": True}, {"temperature": 1.3, "top_k": 3}])
+def test_the_captured_decode_step_gives_the_eager_tokens_and_logprobs(options, traced_step):
+    model = tiny_gpt(2) if options.get("greedy") else eos_prone_gpt(2)  # greedy on the EOS-prone model ends at once
+    ids, mask = left_pad(PROMPTS + [[1, 4, 4, 4, 5]], PAD)  # left padding of 0 to 3 tokens
+
+    def run(**compile_option):
+        return generate(model, ids, mask, max_new_tokens=6, eos_id=EOS, pad_id=PAD, generator=torch.Generator().manual_seed(5),
+                        samples_per_prompt=3, **options, **compile_option)
+
+    eager, captured, again = run(), run(compile=True), run(compile=True)
+    assert len(set(eager.lengths.tolist())) > 1  # rows end at different steps (or run the whole length)
+    for field in ("completion_ids", "completion_mask", "lengths", "finished"):
+        assert torch.equal(getattr(captured, field), getattr(eager, field)), field
+    torch.testing.assert_close(captured.logprobs, eager.logprobs, atol=1e-6, rtol=0)
+    assert torch.equal(again.completion_ids, captured.completion_ids)  # the reused cache carries nothing over
+    assert traced_step["stats"]["unique_graphs"] == 1  # one graph for every step of both calls: no shape or value changes
+
+
+def test_the_static_cache_is_reused_per_model_and_shape(traced_step):
+    import rlhf_lightning.generation as generation
+
+    model = tiny_gpt()
+    ids, mask = left_pad(PROMPTS, PAD)
+    for n in (6, 7, 30 - ids.size(1)):  # P + N = 10 and 11 share a buffer of 16; 30 takes one of 32
+        generate(model, ids, mask, max_new_tokens=min(n, 20), eos_id=-1, pad_id=PAD, greedy=True, compile=True)
+    assert sorted(key[:2] for key in generation._STATIC_CACHES[model]) == [(3, 16), (3, 32)]
+
+
+def test_compile_on_cpu_warns_once_and_decodes_eagerly(monkeypatch):
+    import rlhf_lightning.generation as generation
+
+    monkeypatch.setattr(generation, "_WARNED", set())
+    model = tiny_gpt()
+    ids, mask = left_pad(PROMPTS, PAD)
+    kwargs = dict(max_new_tokens=5, eos_id=EOS, pad_id=PAD, temperature=0.9)
+    eager = generate(model, ids, mask, generator=torch.Generator().manual_seed(3), **kwargs)
+    with pytest.warns(UserWarning, match="on cpu it decodes eagerly"):
+        asked = generate(model, ids, mask, generator=torch.Generator().manual_seed(3), compile=True, **kwargs)
+    assert torch.equal(asked.completion_ids, eager.completion_ids) and torch.equal(asked.logprobs, eager.logprobs)
+    assert generation._STATIC_CACHES.get(model) is None  # the eager path, not the static one
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per device type
+        generate(model, ids, mask, compile=True, **kwargs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("options", [{"temperature": 0.8}, {"greedy": True}])
+def test_the_decode_step_captured_with_cuda_graphs(options):
+    model = eos_prone_gpt(2).cuda()
+    ids, mask = (t.cuda() for t in left_pad(PROMPTS + [[1, 4, 4, 4, 5]], PAD))
+
+    def run(**compile_option):
+        return generate(model, ids, mask, max_new_tokens=6, eos_id=EOS, pad_id=PAD, samples_per_prompt=3,
+                        generator=torch.Generator(device="cuda").manual_seed(5), **options, **compile_option)
+
+    eager, captured, again = run(), run(compile=True), run(compile=True)
+    assert torch.equal(captured.completion_ids, eager.completion_ids) and torch.equal(again.completion_ids, eager.completion_ids)
+    torch.testing.assert_close(captured.logprobs, eager.logprobs, atol=1e-5, rtol=0)

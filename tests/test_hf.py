@@ -20,20 +20,26 @@ EOS = "<|endoftext|>"
 PROMPTS = [format_prompt(3, "+", 4), format_prompt(12, "-", 5), format_prompt(99, "+", 99)]
 
 
-def save_tiny_gpt2(folder: Path) -> Path:
-    """A 2-layer, 32-dim GPT-2 and a character-level fast tokenizer whose BOS = EOS = PAD (as GPT-2's)."""
+VOCAB = {EOS: 0, **{c: i + 1 for i, c in enumerate(sorted(set(ALPHABET)))}}
+
+
+def save_char_tokenizer(folder: Path) -> None:
+    """A character-level fast tokenizer whose BOS = EOS = PAD (as GPT-2's)."""
     from tokenizers import Tokenizer, decoders, models
 
-    vocab = {EOS: 0, **{c: i + 1 for i, c in enumerate(sorted(set(ALPHABET)))}}
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))  # no merges: one token per character
+    core = Tokenizer(models.BPE(vocab=VOCAB, merges=[]))  # no merges: one token per character
     core.decoder = decoders.Fuse()
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=core, bos_token=EOS, eos_token=EOS, pad_token=EOS)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=core, bos_token=EOS, eos_token=EOS, pad_token=EOS).save_pretrained(folder)
+
+
+def save_tiny_gpt2(folder: Path) -> Path:
+    """A 2-layer, 32-dim GPT-2 and the character-level tokenizer."""
     config = transformers.GPT2Config(
-        n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=len(vocab), bos_token_id=0, eos_token_id=0, pad_token_id=0
+        n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=len(VOCAB), bos_token_id=0, eos_token_id=0, pad_token_id=0
     )
     torch.manual_seed(0)
     transformers.GPT2LMHeadModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_char_tokenizer(folder)
     return folder
 
 
@@ -211,3 +217,47 @@ def test_missing_transformers_names_the_extra(monkeypatch, gpt2_dir):
     monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` now raises ImportError
     with pytest.raises(ImportError, match=r"pip install 'rlhf-lightning\[hf\]'"):
         build_model({"type": "hf", "path": str(gpt2_dir)})
+
+
+def test_static_cache_gives_the_dynamic_caches_tokens_and_its_step_traces_whole(gpt2_dir, traced_step):
+    from rlhf_lightning.models import build_model
+    from rlhf_lightning.tokenizer.hf import HFTokenizer
+
+    static = build_model({"type": "hf", "path": str(gpt2_dir)}).eval()  # static_cache: true, the default
+    dynamic = build_model({"type": "hf", "path": str(gpt2_dir), "static_cache": False}).eval()
+    assert type(static.new_cache(2, 8).inner).__name__ == "StaticCache" and type(dynamic.new_cache(2, 8).inner).__name__ == "DynamicCache"
+    tok = HFTokenizer(str(gpt2_dir))
+    ids, mask = left_pad([tok.encode_prompt(p) for p in PROMPTS], tok.pad_id)
+
+    def run(model, **compile_option):
+        return generate(model, ids, mask, max_new_tokens=8, eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=0.7,
+                        generator=torch.Generator().manual_seed(0), samples_per_prompt=2, **compile_option)
+
+    reference = run(dynamic)
+    for out in (run(static), run(static, compile=True), run(static, compile=True)):  # eager; the captured step's path, twice
+        assert torch.equal(out.completion_ids, reference.completion_ids)
+        torch.testing.assert_close(out.logprobs, reference.logprobs, atol=1e-5, rtol=0)
+    assert traced_step["stats"]["unique_graphs"] == 1  # transformers' forward on the static cache, one graph for every step
+    with pytest.raises(ValueError, match="compile: true.*static_cache: true"):
+        run(dynamic, compile=True)
+
+
+def test_an_architecture_without_a_static_cache_names_the_option(tmp_path, monkeypatch, capsys):
+    from rlhf_lightning.cli import main
+    from rlhf_lightning.models import build_model
+
+    neo = tmp_path / "neo"  # GPT-Neo: transformers does not mark it as working on a preallocated cache
+    config = transformers.GPTNeoConfig(num_layers=1, attention_types=[[["global"], 1]], hidden_size=16, num_heads=2,
+                                       max_position_embeddings=64, vocab_size=len(VOCAB), bos_token_id=0, eos_token_id=0)
+    transformers.GPTNeoForCausalLM(config).save_pretrained(neo)
+    save_char_tokenizer(neo)
+    monkeypatch.chdir(tmp_path)
+    code = main(["fit", "--config", str(CONFIGS / "hf" / "sft.yaml"), *QUIET, f"--model.init_args.model={{type: hf, path: {neo}}}"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("rlhf: error:")]
+    assert code == 2 and len(lines) == 1, lines
+    assert "'gpt_neo'" in lines[0] and "static_cache: false" in lines[0] and str(neo) in lines[0], lines[0]
+    assert not (tmp_path / "checkpoints").exists()
+    model = build_model({"type": "hf", "path": str(neo), "static_cache": False}).eval()  # the way out it names
+    ids = torch.tensor([[0, 3, 4]])
+    out = generate(model, ids, torch.ones_like(ids, dtype=torch.bool), max_new_tokens=4, eos_id=-1, pad_id=0, greedy=True)
+    assert out.completion_ids.shape == (1, 4)

@@ -237,6 +237,18 @@ def test_generation_batch_size_generates_the_rollout_in_passes(sft_ckpt):
     assert rollout.completion_ids.size(0) == 32 and prompt_forwards == [3, 3, 2] and decode_rows == {12, 8}
 
 
+def test_compile_decodes_rollouts_and_evaluations_on_the_captured_step(sft_ckpt, traced_step):
+    eager, captured = ppo(sft_ckpt, samples_per_prompt=4, max_new_tokens=6), ppo(sft_ckpt, samples_per_prompt=4, max_new_tokens=6, compile=True)
+    batch = prompt_batch(eager, 8)
+    a, _ = eager.make_rollout(batch)
+    b, _ = captured.make_rollout(batch)
+    assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.rewards, b.rewards)
+    torch.testing.assert_close(a.old_logprobs, b.old_logprobs, atol=1e-5, rtol=0)
+    loader = [prompt_batch(eager, 16, "val")]
+    assert captured.evaluate(loader) == eager.evaluate(loader)
+    assert traced_step["stats"]["unique_graphs"] >= 1  # the step went through the compiled function
+
+
 def test_ppo_trains_under_mixed_precision_with_clipping(sft_ckpt, tmp_path):
     # Lightning refuses to clip a fused optimizer's gradients under mixed precision: PPO builds the plain one there
     cli = run_cli(ppo_args(sft_ckpt, "--trainer.limit_train_batches=2", "--trainer.precision=bf16-mixed",

@@ -23,14 +23,16 @@ class BigramConfig:
         return asdict(self)
 
 
-class _StepCounter:
-    """The bigram needs no keys or values; generation only needs the cache's `length`."""
+class _NoCache:
+    """The bigram keeps no keys or values: its cache has nothing to fill, repeat or reset."""
 
-    def __init__(self) -> None:
-        self.length = 0
+    static = False
 
     def repeat_rows(self, times: int) -> None:
-        """Nothing per row to repeat: a bigram keeps no keys or values."""
+        """Nothing per row to repeat."""
+
+    def reset(self) -> None:
+        """Nothing to empty."""
 
 
 class BigramLM(nn.Module):
@@ -40,8 +42,8 @@ class BigramLM(nn.Module):
         self.tok = nn.Embedding(config.vocab_size, config.n_embd)
         self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
 
-    def new_cache(self, batch_size: int, max_len: int) -> _StepCounter:
-        return _StepCounter()
+    def new_cache(self, batch_size: int, max_len: int, static: bool = False) -> _NoCache:
+        return _NoCache()
 
     def forward(
         self,
@@ -49,11 +51,9 @@ class BigramLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         *,
         position_ids: torch.Tensor | None = None,
-        cache: _StepCounter | None = None,
+        cache: _NoCache | None = None,
         logits_to_keep: int = 0,
     ) -> torch.Tensor:
-        if cache is not None:
-            cache.length += input_ids.size(1)
         if logits_to_keep:
             input_ids = input_ids[:, -logits_to_keep:]  # a bigram's logits at a position depend on its token only
         return self.head(self.tok(input_ids))  # (B, T or k, V)

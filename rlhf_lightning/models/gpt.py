@@ -49,14 +49,29 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class KVCache:
-    """Preallocated keys and values for every layer: `k[layer]` is (B, nh, max_len, hs)."""
+    """Preallocated keys and values for every layer: `k[layer]` is (B, nh, max_len, hs).
 
-    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype) -> None:
+    `static=True` is the form a captured decode step needs: the next position to fill is a device tensor
+    (`write`), each update writes there in place and returns the whole buffer, and the forward masks the
+    positions not yet written. No shape and no host value changes from one step to the next.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype, static: bool = False) -> None:
         hs = config.n_embd // config.n_head
         shape = (config.n_layer, batch_size, config.n_head, max_len, hs)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0  # number of positions filled so far
+        self.length = 0  # number of positions filled so far (dynamic form)
+        self.static = static
+        self.write = torch.zeros((), dtype=torch.long, device=device)  # next position to fill (static form)
+        if static:  # a captured step reads and writes these in place: their addresses must stay fixed
+            for t in (self.k, self.v, self.write):
+                torch._dynamo.mark_static_address(t)
+
+    def reset(self) -> None:
+        """Empty again, buffers kept (their stale values are masked until overwritten)."""
+        self.length = 0
+        self.write.zero_()
 
     def repeat_rows(self, times: int) -> None:
         """Each row `times` times, consecutively (row i becomes rows i * times .. i * times + times - 1)."""
@@ -64,11 +79,25 @@ class KVCache:
         self.v = self.v.repeat_interleave(times, dim=1)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this step's (B, nh, t, hs) keys/values after the filled part; return all filled so far."""
+        """Write this step's (B, nh, t, hs) keys/values after the filled part; return all filled so far
+        (static form: the whole buffer, written in place at `write`)."""
+        if self.static:
+            index = self.write + torch.arange(k.size(2), device=k.device)  # (t,)
+            self.k[layer].index_copy_(2, index, k)
+            self.v[layer].index_copy_(2, index, v)
+            return self.k[layer], self.v[layer]
         end = self.length + k.size(2)
         self.k[layer, :, :, self.length : end] = k
         self.v[layer, :, :, self.length : end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def attention_mask(self, attention_mask: torch.Tensor, T: int) -> torch.Tensor:
+        """Static form: boolean (B, 1, T, max_len) for T queries written from `write` on; a key is seen when it is
+        real in `attention_mask` (B, max_len) and not after the query, and a query always sees itself."""
+        k_pos = torch.arange(self.k.size(3), device=self.write.device)  # (max_len,)
+        q_pos = (self.write + torch.arange(T, device=self.write.device))[:, None]  # (T, 1)
+        keys = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, max_len)
+        return (keys & (k_pos <= q_pos)) | (k_pos == q_pos)  # (B, 1, T, max_len)
 
 
 class CausalSelfAttention(nn.Module):
@@ -138,9 +167,9 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+    def new_cache(self, batch_size: int, max_len: int, static: bool = False) -> KVCache:
         p = self.lm_head.weight
-        return KVCache(self.config, batch_size, max_len, p.device, p.dtype)
+        return KVCache(self.config, batch_size, max_len, p.device, p.dtype, static)
 
     def forward(
         self,
@@ -157,20 +186,25 @@ class GPT(nn.Module):
         Without a cache, `attention_mask` (B, T) marks real tokens. With a cache, `attention_mask`
         (B, S) covers the cached positions and the new ones (S = cache.length + T), and
         `position_ids` (B, T) must be given; the new keys and values are appended to the cache.
+        With a static cache (`KVCache.static`), `attention_mask` (B, max_len) covers the whole buffer and
+        nothing reads a host value, so the call can be captured (the caller checks the context length).
         """
         B, T = input_ids.shape
-        past = cache.length if cache is not None else 0
+        static = cache is not None and cache.static
+        past = cache.length if cache is not None and not static else 0
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask) if attention_mask is not None else None
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)  # (B, T)
-        if past + T > self.config.block_size and int(position_ids.max()) >= self.config.block_size:
+        if not static and past + T > self.config.block_size and int(position_ids.max()) >= self.config.block_size:
             raise ValueError(
                 f"sequence position {int(position_ids.max())} is beyond the model's context "
                 f"(block_size={self.config.block_size})"
             )
         attn_mask = None
-        if cache is not None or (attention_mask is not None and not bool(attention_mask.all())):
+        if static:
+            attn_mask = cache.attention_mask(attention_mask, T)  # (B, 1, T, max_len)
+        elif cache is not None or (attention_mask is not None and not bool(attention_mask.all())):
             attn_mask = self._attention_mask(attention_mask, B, T, past, input_ids.device)
         x = self.drop(self.wte(input_ids) + self.wpe(position_ids))  # (B, T, C)
         checkpointed = self.config.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
@@ -179,7 +213,9 @@ class GPT(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, attn_mask, None, i, use_reentrant=False)
             else:
                 x = block(x, attn_mask, cache, i)
-        if cache is not None:
+        if static:
+            cache.write.add_(T)
+        elif cache is not None:
             cache.length += T
         if logits_to_keep:
             x = x[:, -logits_to_keep:]  # (B, k, C)

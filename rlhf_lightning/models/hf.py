@@ -4,8 +4,9 @@
 `models/gpt.py` does: `forward(input_ids, attention_mask=None, *, position_ids=None, cache=None) -> logits`,
 `new_cache(batch_size, max_len)` and `config.block_size`. Positions come from the attention mask (as in
 `gpt.py`), so left-padded rows in generation and right-padded rows in training see the positions they
-would see alone. The cache is the model's own (a transformers `DynamicCache`), wrapped to expose the
-`length` that generation reads.
+would see alone. Generation's cache is transformers' `StaticCache`, allocated once for the whole prompt +
+completion (`static_cache: true`, the default; an architecture that cannot use it is refused at load with one
+line naming the option), or a `DynamicCache` that grows per token (`static_cache: false`).
 
 `HFBackbone` is the reward model's encoder: final hidden states (B, T, C) of a local folder's base model.
 When the folder holds an `AutoModelForSequenceClassification` with one label, its score head is kept and
@@ -26,6 +27,7 @@ import torch.nn as nn
 
 from rlhf_lightning.hf_files import import_transformers, local_folder
 from rlhf_lightning.models.gpt import positions_from_mask
+from rlhf_lightning.options import ConfigError
 
 __all__ = ["HFBackbone", "HFCache", "HFCausalLM", "HFConfig"]
 
@@ -58,6 +60,9 @@ class HFConfig:
     dtype: str | None = None
     """Weights' dtype: null (float32, for training; use `--trainer.precision bf16-mixed` for speed),
     "bfloat16" or "float16" (e.g. a frozen model that only scores)."""
+    static_cache: bool = True
+    """Generate on transformers' preallocated `StaticCache` (needed by a captured decode step); false: the
+    `DynamicCache`, which grows per token, for architectures without static-cache support."""
     block_size: int = field(default=0, init=False)
     """Context length, read from the folder's config (`n_positions` or `max_position_embeddings`)."""
     vocab_size: int = field(default=0, init=False)
@@ -80,16 +85,44 @@ def _cache_argument(model: nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-class HFCache:
-    """A transformers `DynamicCache` plus the number of positions filled so far (`length`)."""
+def _static_cache_refusal(lm: nn.Module, path: str, cache_cls: Any) -> str | None:
+    """Why `lm` cannot generate on a `StaticCache` (None: it can). transformers marks the architectures whose
+    forward works on preallocated keys and values with `_can_compile_fullgraph`."""
+    model_type = getattr(lm.config, "model_type", type(lm).__name__)
+    reason = None
+    if not getattr(lm, "_can_compile_fullgraph", False) or not lm._supports_default_dynamic_cache():
+        reason = "its architecture does not support a preallocated KV cache"
+    else:
+        try:
+            cache_cls(config=lm.config, max_cache_len=1)
+        except Exception as err:  # a layer type without a static form
+            reason = f"transformers' StaticCache refuses its config ({err})"
+    if reason is None:
+        return None
+    return f"hf model {path!r} (model_type {model_type!r}): {reason}; set `static_cache: false` in the model's config"
 
-    def __init__(self, inner: Any) -> None:
+
+class HFCache:
+    """A transformers cache (`StaticCache` when `static`, else `DynamicCache`) behind the project's cache interface."""
+
+    def __init__(self, inner: Any, static: bool) -> None:
         self.inner = inner
-        self.length = 0
+        self.static = static
 
     def repeat_rows(self, times: int) -> None:
-        """Each row `times` times, consecutively (transformers' `batch_repeat_interleave`)."""
-        self.inner.batch_repeat_interleave(times)
+        """Each row `times` times, consecutively (transformers' `batch_repeat_interleave` for a dynamic cache)."""
+        if not self.static:
+            self.inner.batch_repeat_interleave(times)
+            return
+        for layer in self.inner.layers:  # a static layer has no `batch_repeat_interleave`: new, larger buffers
+            if getattr(layer, "is_initialized", False):
+                layer.keys = layer.keys.repeat_interleave(times, 0)
+                layer.values = layer.values.repeat_interleave(times, 0)
+                layer.batch_size = layer.keys.size(0)
+
+    def reset(self) -> None:
+        """Empty again, buffers kept."""
+        self.inner.reset()
 
 
 class HFCausalLM(nn.Module):
@@ -108,15 +141,22 @@ class HFCausalLM(nn.Module):
         if config.gradient_checkpointing:
             self.enable_gradient_checkpointing()
         self._cache_arg = _cache_argument(self.lm)
-        self._cache_cls = transformers.DynamicCache
+        self._cache_cls = transformers.StaticCache if config.static_cache else transformers.DynamicCache
+        if config.static_cache and (refusal := _static_cache_refusal(self.lm, config.path, self._cache_cls)):
+            raise ConfigError(refusal)
 
     def enable_gradient_checkpointing(self) -> None:
         self.config.gradient_checkpointing = True
         _enable_checkpointing(self.lm)
 
-    def new_cache(self, batch_size: int, max_len: int) -> HFCache:
-        """An empty cache; it grows as generation appends one token per row per step."""
-        return HFCache(self._cache_cls(config=self.lm.config))
+    def new_cache(self, batch_size: int, max_len: int, static: bool = False) -> HFCache:
+        """An empty cache for `max_len` positions: transformers' `StaticCache` (`static_cache: true`), or a
+        `DynamicCache` that grows per token. `static=True` (a captured decode step) needs the static one."""
+        if not self.config.static_cache:
+            if static:
+                raise ConfigError("a captured decode step (compile: true) needs the hf model's `static_cache: true`")
+            return HFCache(self._cache_cls(config=self.lm.config), static=False)
+        return HFCache(self._cache_cls(config=self.lm.config, max_cache_len=max_len), static=True)
 
     def forward(
         self,
@@ -131,7 +171,8 @@ class HFCausalLM(nn.Module):
         `GPT.forward`.
 
         Without a cache, `attention_mask` (B, T) marks real tokens (None: all real). With a cache,
-        `attention_mask` (B, S) covers the cached positions and the new ones (S = cache.length + T).
+        `attention_mask` (B, S) covers the cached positions and the new ones (S = cached + T); with a static cache
+        it may also cover the whole buffer (B, max_len), as a captured decode step passes it.
         """
         T = input_ids.size(1)
         if position_ids is None and attention_mask is not None:
@@ -146,7 +187,6 @@ class HFCausalLM(nn.Module):
                 input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
                 logits_to_keep=logits_to_keep, **{self._cache_arg: cache.inner},
             )
-            cache.length += T
         return out.logits  # (B, T, V)
 
 

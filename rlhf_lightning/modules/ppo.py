@@ -234,6 +234,7 @@ class PPOModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         micro_batch_size: int | None = None,
         generation_batch_size: int | None = None,
+        compile: bool = False,
     ) -> None:
         """
         Args:
@@ -300,6 +301,9 @@ class PPOModule(L.LightningModule):
                 `micro_train_batch_size`, TRL `per_device_train_batch_size` x `gradient_accumulation_steps`).
             generation_batch_size: rows generated at once (None: the whole rollout): the KV cache and each
                 step's activations are held for this many rows only. Sampled draws differ from one pass's.
+            compile: capture the rollouts' and evaluations' decode step on a CUDA device (CUDA graphs through
+                `torch.compile(mode="reduce-overhead")`, on a static KV cache; the first rollout of each shape
+                compiles). On CPU: a warning and the eager decode. Same tokens and log-probs to float rounding.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -440,7 +444,7 @@ class PPOModule(L.LightningModule):
         golds = [g for g in batch["golds"] for _ in range(K)]
         completions, gen = complete(  # each prompt's forward once, its K samples from it
             self.model, self.tokenizer, batch["prompt_ids"], batch["prompt_mask"], hp.max_new_tokens, temperature=hp.temperature,
-            generator=self.sampling_generator(), batch_size=hp.generation_batch_size, samples_per_prompt=K,
+            generator=self.sampling_generator(), batch_size=hp.generation_batch_size, samples_per_prompt=K, compile=hp.compile,
         )
         rewards = self.score(prompts, completions, gen.finished, golds)  # (B,) text in, penalty included
         return Samples(prompt_ids, prompt_mask, gen, rewards, prompts, completions, golds)
@@ -731,7 +735,9 @@ class PPOModule(L.LightningModule):
         all_scores, all_strata = [], []  # per prompt, for `eval/accuracy/<stratum>`
         for i, batch in enumerate(loader):
             batch = move_batch(batch, self.device)
-            completions, gen = complete(self.model, self.tokenizer, batch["prompt_ids"], batch["prompt_mask"], hp.max_new_tokens, greedy=True)
+            completions, gen = complete(
+                self.model, self.tokenizer, batch["prompt_ids"], batch["prompt_mask"], hp.max_new_tokens, greedy=True, compile=hp.compile
+            )
             scores = judge_scores(completions, batch["golds"], gen.finished)
             has_gold = ~scores.isnan()
             correct += float(scores[has_gold].sum())
