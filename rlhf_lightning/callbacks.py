@@ -308,7 +308,24 @@ def write_step_metrics(module: L.LightningModule) -> None:
     names, values = kept
     host = dict(zip(names, values.tolist()))  # the one read back to the host
     for logger in trainer.loggers:
-        logger.log_metrics({**host, "epoch": trainer.current_epoch}, step=step)
+        _log_scalars(logger, {**host, "epoch": trainer.current_epoch}, step, trainer.is_global_zero)
+
+
+def _log_scalars(logger: Any, metrics: dict[str, float], step: int, global_zero: bool) -> None:
+    """`logger.log_metrics(metrics, step)`, except for Lightning's TensorBoard logger: one event holding every
+    scalar, where `add_scalar` writes one event per scalar (about 60 us each on CPU; 0.8 ms of a 16 ms peer PPO
+    step). TensorBoard reads the same tags, steps and values."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    writer = getattr(logger.experiment, "_get_file_writer", None) if type(logger) is TensorBoardLogger and not logger._prefix else None
+    if writer is None:  # any other logger, a subclass, or a tag prefix: the logger's own path
+        logger.log_metrics(metrics, step=step)
+        return
+    if not global_zero:  # as Lightning's `log_metrics`, rank zero only
+        return
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    writer().add_summary(Summary(value=[Summary.Value(tag=k, simple_value=float(v)) for k, v in metrics.items()]), step)
 
 
 def log_samples(module: L.LightningModule, tag: str, prompts: list[str], completions: list[str], golds: list[str | None], limit: int = 8) -> None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -626,9 +626,7 @@ class PPOModule(L.LightningModule):
                     step["ppo/entropy"] = step.get("ppo/entropy", 0.0) + entropy
                 if first_ratio_error is None:
                     first_ratio_error = ratio_error
-                self.check_finite(step["ppo/loss"])
-                if hp.max_grad_norm is not None:
-                    self.clip_gradients(opt, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
+                self.clip_and_check(opt, step["ppo/loss"])
                 opt.step()
                 if scheduler is not None:  # manual optimization: the warm-up is stepped here
                     scheduler.step()
@@ -641,10 +639,24 @@ class PPOModule(L.LightningModule):
         self.last_update = dict(zip(names, torch.stack([first_ratio_error, *metrics.values()]).float().tolist()))  # one host sync
         return metrics
 
-    def check_finite(self, loss: torch.Tensor) -> None:
-        """Stop before the optimizer step if the loss or the (already synchronized) gradients are not finite."""
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+    def clip_and_check(self, opt, loss: torch.Tensor) -> None:
+        """Clip the (already synchronized) gradients' norm to `max_grad_norm` and stop before the optimizer step if
+        the loss or the norm is not finite.
+
+        In full precision the clip's own norm is the one checked: one norm over the gradients, not two. Under a
+        mixed-precision plugin Lightning's `clip_gradients` clips (it owns the gradient scaler) after the check."""
+        hp = self.hparams
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        full_precision = self._trainer is None or type(self._trainer.precision_plugin) is Precision
+        if hp.max_grad_norm is not None and full_precision:
+            self.check_finite(loss, torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm))
+            return
+        self.check_finite(loss, torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(()))
+        if hp.max_grad_norm is not None:
+            self.clip_gradients(opt, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
+
+    def check_finite(self, loss: torch.Tensor, norm: torch.Tensor) -> None:
+        """Stop before the optimizer step if the loss or the gradient norm is not finite."""
         if not (torch.isfinite(loss) and torch.isfinite(norm)):
             raise FloatingPointError(
                 f"PPO loss {float(loss)} / gradient norm {float(norm)} is not finite at rollout {self._rollouts}: "
@@ -683,6 +695,11 @@ class PPOModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         write_step_metrics(self)  # the loggers' part of this step's `log_step_metrics`
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """A prompt batch's tensors to the device; its text lists stay as they are (Lightning's default walks every
+        string of them: 0.45 ms of a 16 ms peer step on CPU)."""
+        return move_batch(batch, device) if isinstance(batch, dict) else super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def on_train_end(self) -> None:
         self.finalize_policy()
