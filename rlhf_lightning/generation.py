@@ -137,7 +137,7 @@ def generate(
 
     was_training = model.training
     model.eval()
-    captured = compile and _can_capture(prompt_ids.device)
+    captured = compile and _can_capture(model, prompt_ids.device)
     if captured:
         # static shapes: the prompts repeated before their forward, the mask of the whole (reused) buffer every step
         prompt_ids, prompt_mask, prompt_lengths = (t.repeat_interleave(K, 0) for t in (prompt_ids, prompt_mask, prompt_lengths))
@@ -178,7 +178,8 @@ def generate(
             logits = model(token[:, None], mask[:, : P + t + 1], position_ids=positions[:, t : t + 1], cache=cache)[:, -1]
         else:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits were copied out above
-            logits = step_fn(model, token[:, None], mask, positions[:, t : t + 1], cache)
+            # contiguous (B, 1) inputs: the same strides whatever N, so one graph serves every completion length
+            logits = step_fn(model, token[:, None], mask, positions[:, t : t + 1].contiguous(), cache)
     model.train(was_training)
 
     alive, finished = _ended_rows(raw_ids, eos_id)  # (B, N), (B,)
@@ -202,24 +203,38 @@ _STATIC_CACHES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDi
 _WARNED: set[str] = set()
 
 
-def _can_capture(device: torch.device) -> bool:
-    """A captured decode step needs CUDA graphs: on any other device warn once and decode eagerly."""
-    if device.type == "cuda":
+def _can_capture(model: nn.Module, device: torch.device) -> bool:
+    """A captured decode step needs CUDA graphs and a model whose static cache changes no host value per step:
+    otherwise warn once and decode eagerly."""
+    refusal = getattr(model, "capture_refusal", None)
+    if device.type == "cuda" and not refusal:
         return True
-    if device.type not in _WARNED:
-        _WARNED.add(device.type)
-        warnings.warn(f"compile: true captures the decode step with CUDA graphs; on {device.type} it decodes eagerly", stacklevel=4)
+    reason = refusal or f"captures the decode step with CUDA graphs; on {device.type} it"
+    if reason not in _WARNED:
+        _WARNED.add(reason)
+        warnings.warn(f"compile: true {reason} decodes eagerly", stacklevel=4)
     return False
 
 
+_MAX_STATIC_CACHES = 4
+"""Static caches kept per model (the most recently used): rollouts, evaluation and a shorter last pass each
+have their shape, and each kept cache holds its buffers and its captured graph's memory."""
+
+
 def _static_cache(model: nn.Module, batch_size: int, max_len: int):
-    """The model's static cache for this shape, emptied; kept between calls so a captured step's buffers stay put."""
+    """The model's static cache for this shape, emptied; kept between calls so a captured step's buffers stay put.
+
+    Keyed by the autocast dtype too: transformers' static layers take the dtype of the first keys they see."""
     p = next(model.parameters())
+    autocast = torch.get_autocast_dtype(p.device.type) if torch.is_autocast_enabled(p.device.type) else None
     caches = _STATIC_CACHES.setdefault(model, {})
-    key = (batch_size, max_len, p.device, p.dtype)
-    if key not in caches:
-        caches[key] = model.new_cache(batch_size, max_len, static=True)
-    cache = caches[key]
+    key = (batch_size, max_len, p.device, p.dtype, autocast)
+    cache = caches.pop(key, None)  # re-inserted last: the dict's order is the order of use
+    if cache is None:
+        if len(caches) >= _MAX_STATIC_CACHES:
+            caches.pop(next(iter(caches)))  # the least recently used
+        cache = model.new_cache(batch_size, max_len, static=True)
+    caches[key] = cache
     cache.reset()
     return cache
 
@@ -235,5 +250,6 @@ _COMPILED: list = []
 def _compiled_step():
     """`_decode_step` compiled once per process (CUDA graphs; one graph per model and shape)."""
     if not _COMPILED:
-        _COMPILED.append(torch.compile(_decode_step, mode="reduce-overhead", fullgraph=True))
+        # static shapes: each (rows, buffer length) its own graph, as CUDA graphs need, never one dynamic in them
+        _COMPILED.append(torch.compile(_decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False))
     return _COMPILED[0]

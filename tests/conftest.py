@@ -114,6 +114,6 @@ def traced_step(monkeypatch):
 
     torch._dynamo.reset()
     counters.clear()
-    monkeypatch.setattr(generation, "_can_capture", lambda device: True)
-    monkeypatch.setattr(generation, "_COMPILED", [torch.compile(generation._decode_step, backend="eager", fullgraph=True)])
+    monkeypatch.setattr(generation, "_can_capture", lambda model, device: True)
+    monkeypatch.setattr(generation, "_COMPILED", [torch.compile(generation._decode_step, backend="eager", fullgraph=True, dynamic=False)])
     return counters

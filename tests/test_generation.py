@@ -283,14 +283,36 @@ def test_the_captured_decode_step_gives_the_eager_tokens_and_logprobs(options, t
     assert traced_step["stats"]["unique_graphs"] == 1  # one graph for every step of both calls: no shape or value changes
 
 
-def test_the_static_cache_is_reused_per_model_and_shape(traced_step):
+def test_the_static_cache_is_reused_per_model_and_shape(traced_step, monkeypatch):
     import rlhf_lightning.generation as generation
 
+    monkeypatch.setattr(generation, "_MAX_STATIC_CACHES", 2)
     model = tiny_gpt()
+    ids, mask = left_pad(PROMPTS, PAD)  # P = 4
+    for n in (6, 7, 20, 7, 2):  # P + N = 10 and 11 share a buffer of 16; 24 takes one of 32; 6 one of 16 for 2 rows
+        generate(model, ids[: 2 if n == 2 else 3], mask[: 2 if n == 2 else 3], max_new_tokens=n, eos_id=-1, pad_id=PAD, greedy=True, compile=True)
+    # the two most recently used shapes are kept, in order of use: (3, 32) was evicted when (2, 16) came
+    assert [key[:2] for key in generation._STATIC_CACHES[model]] == [(3, 16), (2, 16)]
+    assert traced_step["stats"]["unique_graphs"] == 3  # one graph a shape, never one dynamic in the shape
+
+
+def test_the_captured_step_under_bf16_autocast(traced_step):
+    import rlhf_lightning.generation as generation
+
+    model = eos_prone_gpt(2)
     ids, mask = left_pad(PROMPTS, PAD)
-    for n in (6, 7, 30 - ids.size(1)):  # P + N = 10 and 11 share a buffer of 16; 30 takes one of 32
-        generate(model, ids, mask, max_new_tokens=min(n, 20), eos_id=-1, pad_id=PAD, greedy=True, compile=True)
-    assert sorted(key[:2] for key in generation._STATIC_CACHES[model]) == [(3, 16), (3, 32)]
+
+    def run(**compile_option):
+        return generate(model, ids, mask, max_new_tokens=6, eos_id=EOS, pad_id=PAD, temperature=0.9,
+                        generator=torch.Generator().manual_seed(1), samples_per_prompt=2, **compile_option)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # PPO's rollouts under bf16-mixed: bf16 keys, float32 buffers
+        eager, captured = run(), run(compile=True)
+    assert torch.equal(captured.completion_ids, eager.completion_ids)
+    torch.testing.assert_close(captured.logprobs, eager.logprobs, atol=1e-5, rtol=0)
+    outside = run(compile=True)  # the final evaluation runs outside autocast: a cache of its own
+    assert torch.equal(outside.completion_ids, run().completion_ids)
+    assert sorted(key[-1] is None for key in generation._STATIC_CACHES[model]) == [False, True]
 
 
 def test_compile_on_cpu_warns_once_and_decodes_eagerly(monkeypatch):
@@ -322,6 +344,10 @@ def test_the_decode_step_captured_with_cuda_graphs(options):
         return generate(model, ids, mask, max_new_tokens=6, eos_id=EOS, pad_id=PAD, samples_per_prompt=3,
                         generator=torch.Generator(device="cuda").manual_seed(5), **options, **compile_option)
 
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     eager, captured, again = run(), run(compile=True), run(compile=True)
     assert torch.equal(captured.completion_ids, eager.completion_ids) and torch.equal(again.completion_ids, eager.completion_ids)
     torch.testing.assert_close(captured.logprobs, eager.logprobs, atol=1e-5, rtol=0)
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["inductor"]["cudagraph_skips"]  # compiled and captured

@@ -240,6 +240,29 @@ def test_static_cache_gives_the_dynamic_caches_tokens_and_its_step_traces_whole(
     assert traced_step["stats"]["unique_graphs"] == 1  # transformers' forward on the static cache, one graph for every step
     with pytest.raises(ValueError, match="compile: true.*static_cache: true"):
         run(dynamic, compile=True)
+    # transformers' static layers take the dtype of their first keys: under bf16 autocast, then without, two caches
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        in_bf16 = run(static, compile=True)
+    assert torch.equal(run(static, compile=True).completion_ids, reference.completion_ids) and in_bf16.completion_ids.shape == (6, 8)
+
+
+def test_a_sliding_window_cache_is_decoded_eagerly_with_a_warning(tmp_path, monkeypatch):
+    import rlhf_lightning.generation as generation
+    from rlhf_lightning.models import build_model
+
+    folder = tmp_path / "mistral"  # sliding-window static layers count positions in a Python int: no single graph
+    config = transformers.MistralConfig(num_hidden_layers=1, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                                        num_key_value_heads=1, sliding_window=8, max_position_embeddings=64, vocab_size=len(VOCAB))
+    transformers.MistralForCausalLM(config).save_pretrained(folder)
+    model = build_model({"type": "hf", "path": str(folder)}).eval()
+    assert "mistral" in model.capture_refusal and "StaticSlidingWindowLayer" in model.capture_refusal
+    monkeypatch.setattr(generation, "_WARNED", set())
+    ids = torch.tensor([[0, 3, 4], [0, 5, 6]])
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    with pytest.warns(UserWarning, match="cannot capture mistral's decode step .* decodes eagerly"):
+        asked = generate(model, ids, mask, max_new_tokens=4, eos_id=-1, pad_id=0, greedy=True, compile=True)
+    assert torch.equal(asked.completion_ids, generate(model, ids, mask, max_new_tokens=4, eos_id=-1, pad_id=0, greedy=True).completion_ids)
+    assert generation._STATIC_CACHES.get(model) is None
 
 
 def test_an_architecture_without_a_static_cache_names_the_option(tmp_path, monkeypatch, capsys):

@@ -246,7 +246,12 @@ def test_compile_decodes_rollouts_and_evaluations_on_the_captured_step(sft_ckpt,
     torch.testing.assert_close(a.old_logprobs, b.old_logprobs, atol=1e-5, rtol=0)
     loader = [prompt_batch(eager, 16, "val")]
     assert captured.evaluate(loader) == eager.evaluate(loader)
-    assert traced_step["stats"]["unique_graphs"] >= 1  # the step went through the compiled function
+    import rlhf_lightning.generation as generation
+
+    shapes = list(generation._STATIC_CACHES[captured.model])
+    assert len(shapes) == 2 and traced_step["stats"]["unique_graphs"] == 2  # rollouts' and evaluation's shapes, one graph each
+    with pytest.raises(ConfigError, match="model.init_args.max_grad_norm: 0 is not allowed"):
+        ppo(sft_ckpt, max_grad_norm=0)
 
 
 def test_ppo_trains_under_mixed_precision_with_clipping(sft_ckpt, tmp_path):

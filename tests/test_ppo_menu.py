@@ -143,6 +143,7 @@ BAD_OPTIONS = {
     "clip_eps_low": ("clip_eps_low=0.3", ["model.init_args.clip_eps_high", "0.2", "clip_eps_low 0.3"]),
     "clip_c": ("clip_c=1.0", ["model.init_args.clip_c", "1.0", "> 1"]),
     "advantage": ("advantage=whiten", ["model.init_args.advantage", "'whiten'", "group_mean"]),
+    "max_grad_norm": ("max_grad_norm=0", ["model.init_args.max_grad_norm", "0", "> 0, or null"]),
 }
 
 

@@ -112,8 +112,23 @@ def test_backbone_and_tokenizer_come_from_the_sft_checkpoint(sft_ckpt):
 def reward_run(tmp_path_factory, sft_ckpt):
     """One quick reward fit from generated pairs: (working dir, the CLI object)."""
     cwd = tmp_path_factory.mktemp("reward_run")
-    cli = run_cli([*RM_QUICK, f"--model.init_args.sft_ckpt={sft_ckpt}", f"--data.init_args.pairs.init_args.policy_ckpt={sft_ckpt}"], cwd)
+    cli = run_cli([*RM_QUICK, f"--model.init_args.sft_ckpt={sft_ckpt}", f"--data.init_args.pairs.init_args.policy_ckpt={sft_ckpt}",
+                   "--trainer.log_every_n_steps=1"], cwd)
     return cwd, cli
+
+
+def test_step_metrics_reach_tensorboard_and_the_bar(reward_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cwd, cli = reward_run
+    events = EventAccumulator(str(cwd / cli.trainer.log_dir))
+    events.Reload()
+    metrics = cli.trainer.callback_metrics
+    for name in ("rm/loss", "rm/accuracy", "rm/margin", "rm/chosen_nll"):
+        scalars = events.Scalars(name)
+        assert [e.step for e in scalars] == [0, 1, 2], name  # every step of the 3
+        assert scalars[-1].value == pytest.approx(float(metrics[name])), name
+    assert 0.0 <= float(metrics["rm/accuracy"]) <= 1.0 and float(metrics["rm/chosen_nll"]) > 0
 
 
 def test_tiny_fit_ranks_held_out_chosen_above_rejected(tmp_path):

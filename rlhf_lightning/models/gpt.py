@@ -49,23 +49,24 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class KVCache:
-    """Preallocated keys and values for every layer: `k[layer]` is (B, nh, max_len, hs).
+    """Preallocated keys and values, one (B, nh, max_len, hs) tensor per layer: `k[layer]`, `v[layer]`.
 
     `static=True` is the form a captured decode step needs: the next position to fill is a device tensor
     (`write`), each update writes there in place and returns the whole buffer, and the forward masks the
-    positions not yet written. No shape and no host value changes from one step to the next.
+    positions not yet written. No shape and no host value changes from one step to the next, and each layer's
+    buffer is its own tensor (a write through a view of one shared tensor makes a compiled step copy all of it).
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype, static: bool = False) -> None:
         hs = config.n_embd // config.n_head
-        shape = (config.n_layer, batch_size, config.n_head, max_len, hs)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, config.n_head, max_len, hs)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.length = 0  # number of positions filled so far (dynamic form)
         self.static = static
         self.write = torch.zeros((), dtype=torch.long, device=device)  # next position to fill (static form)
         if static:  # a captured step reads and writes these in place: their addresses must stay fixed
-            for t in (self.k, self.v, self.write):
+            for t in (*self.k, *self.v, self.write):
                 torch._dynamo.mark_static_address(t)
 
     def reset(self) -> None:
@@ -75,26 +76,27 @@ class KVCache:
 
     def repeat_rows(self, times: int) -> None:
         """Each row `times` times, consecutively (row i becomes rows i * times .. i * times + times - 1)."""
-        self.k = self.k.repeat_interleave(times, dim=1)
-        self.v = self.v.repeat_interleave(times, dim=1)
+        self.k = [k.repeat_interleave(times, dim=0) for k in self.k]
+        self.v = [v.repeat_interleave(times, dim=0) for v in self.v]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's (B, nh, t, hs) keys/values after the filled part; return all filled so far
-        (static form: the whole buffer, written in place at `write`)."""
+        (static form: the whole buffer, written in place at `write`). The buffer keeps its dtype (float32 keys
+        under bf16 autocast, as in the dynamic form)."""
         if self.static:
             index = self.write + torch.arange(k.size(2), device=k.device)  # (t,)
-            self.k[layer].index_copy_(2, index, k)
-            self.v[layer].index_copy_(2, index, v)
+            self.k[layer].index_copy_(2, index, k.to(self.k[layer].dtype))
+            self.v[layer].index_copy_(2, index, v.to(self.v[layer].dtype))
             return self.k[layer], self.v[layer]
         end = self.length + k.size(2)
-        self.k[layer, :, :, self.length : end] = k
-        self.v[layer, :, :, self.length : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.k[layer][:, :, self.length : end] = k
+        self.v[layer][:, :, self.length : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def attention_mask(self, attention_mask: torch.Tensor, T: int) -> torch.Tensor:
         """Static form: boolean (B, 1, T, max_len) for T queries written from `write` on; a key is seen when it is
         real in `attention_mask` (B, max_len) and not after the query, and a query always sees itself."""
-        k_pos = torch.arange(self.k.size(3), device=self.write.device)  # (max_len,)
+        k_pos = torch.arange(self.k[0].size(2), device=self.write.device)  # (max_len,)
         q_pos = (self.write + torch.arange(T, device=self.write.device))[:, None]  # (T, 1)
         keys = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, max_len)
         return (keys & (k_pos <= q_pos)) | (k_pos == q_pos)  # (B, 1, T, max_len)

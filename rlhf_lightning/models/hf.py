@@ -102,6 +102,18 @@ def _static_cache_refusal(lm: nn.Module, path: str, cache_cls: Any) -> str | Non
     return f"hf model {path!r} (model_type {model_type!r}): {reason}; set `static_cache: false` in the model's config"
 
 
+def _capture_refusal(lm: nn.Module, cache_cls: Any, transformers: Any) -> str | None:
+    """Why a captured decode step would not be one graph for `lm` (None: it is). transformers' sliding-window
+    static layers (Mistral, Gemma 2 and 3, ...) count positions in a Python int, which a compiled step sees change
+    at every token."""
+    layers = cache_cls(config=lm.config, max_cache_len=1).layers
+    others = sorted({type(layer).__name__ for layer in layers if type(layer) is not transformers.cache_utils.StaticLayer})
+    if not others:
+        return None
+    model_type = getattr(lm.config, "model_type", type(lm).__name__)
+    return f"cannot capture {model_type}'s decode step (its cache layers {others} change a Python value every token); it"
+
+
 class HFCache:
     """A transformers cache (`StaticCache` when `static`, else `DynamicCache`) behind the project's cache interface."""
 
@@ -144,6 +156,7 @@ class HFCausalLM(nn.Module):
         self._cache_cls = transformers.StaticCache if config.static_cache else transformers.DynamicCache
         if config.static_cache and (refusal := _static_cache_refusal(self.lm, config.path, self._cache_cls)):
             raise ConfigError(refusal)
+        self.capture_refusal = _capture_refusal(self.lm, self._cache_cls, transformers) if config.static_cache else None
 
     def enable_gradient_checkpointing(self) -> None:
         self.config.gradient_checkpointing = True

@@ -327,6 +327,8 @@ class PPOModule(L.LightningModule):
         for name, value in (("micro_batch_size", micro_batch_size), ("generation_batch_size", generation_batch_size)):
             if value is not None and value < 1:
                 raise ConfigError(f"model.init_args.{name}: {value} is not allowed; allowed: an integer >= 1, or null (all rows at once)")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ConfigError(f"model.init_args.max_grad_norm: {max_grad_norm} is not allowed; allowed: a number > 0, or null (no clipping)")
         if max_sampling_rounds < 1:
             raise ConfigError(f"model.init_args.max_sampling_rounds: {max_sampling_rounds} is not allowed; allowed: an integer >= 1")
         if filter_groups and advantage not in GROUP_ESTIMATORS:
@@ -342,6 +344,8 @@ class PPOModule(L.LightningModule):
         check_choice("reference_dtype", reference_dtype, FROZEN_DTYPES)
         check_choice("reward_dtype", reward_dtype, FROZEN_DTYPES)
         self.model, self.tokenizer, meta = load_policy(policy_ckpt, role="model.init_args.policy_ckpt")
+        if compile and getattr(getattr(self.model, "config", None), "static_cache", True) is False:
+            raise ConfigError("model.init_args.compile: true needs the policy's static KV cache; its hf model config has static_cache: false")
         self.policy_sha256 = sha256_file(policy_ckpt)
         self.lora: dict[str, Any] | None = None  # resolved LoRA settings and the base's record, if adapters train
         if lora is not None:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import CatMetric, MeanMetric
 
+from rlhf_lightning.callbacks import log_step_metrics, write_step_metrics
 from rlhf_lightning.checkpoints import read_checkpoint, sha256_file, submodule_state
 from rlhf_lightning.lora import add_reward_adapters, keep_trainable, lora_settings, require_peft
 from rlhf_lightning.losses import bradley_terry_loss, masked_mean, pairwise_accuracy
@@ -171,14 +172,21 @@ class RewardModule(L.LightningModule):
         margin = batch["margin"] if self.hparams.use_margin else None
         loss = bradley_terry_loss(r_chosen, r_rejected, margin)
         n = r_chosen.size(0)
-        self.log("rm/loss", loss, prog_bar=True, batch_size=n)  # Bradley-Terry alone
-        self.log("rm/accuracy", pairwise_accuracy(r_chosen, r_rejected), prog_bar=True, batch_size=n)
-        self.log("rm/margin", (r_chosen - r_rejected).mean().detach(), batch_size=n)
+        metrics = {
+            "rm/loss": loss.detach(),  # Bradley-Terry alone
+            "rm/accuracy": pairwise_accuracy(r_chosen, r_rejected),
+            "rm/margin": (r_chosen - r_rejected).mean().detach(),
+        }
         if self.hparams.chosen_nll:
             nll = -masked_mean(logp[:n], completion[:n, 1:])  # the chosen rows' completion tokens
-            self.log("rm/chosen_nll", nll.detach(), batch_size=n)
+            metrics["rm/chosen_nll"] = nll.detach()
             loss = loss + self.hparams.chosen_nll * nll
+        # rank 0's values, as self.log without sync_dist; the bar shows the loss and the accuracy
+        log_step_metrics(self, metrics, prog_bar={"rm/loss": "rm/loss", "rm/accuracy": "rm/accuracy"})
         return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        write_step_metrics(self)  # the loggers' part of this step's `log_step_metrics`
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         scores = self.model(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])  # (N,) held-out completions
