@@ -5,13 +5,14 @@ from __future__ import annotations
 import random
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any
 from weakref import proxy
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 
 from rlhf_lightning.files import commit, temporary_path
@@ -220,6 +221,31 @@ class StageLog(Callback):
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
             rank_zero_info(f"[{self.stage(pl_module)}] evaluating on val at step {trainer.global_step}")
+
+
+class SteadyRichProgressBar(RichProgressBar):
+    """Lightning's Rich progress bar, updated from training batches at most every `min_interval` seconds (and at
+    an epoch's last batch). Rich's update of the bar and its metrics costs about 0.4 ms a batch: 2-3% of a toy
+    SFT step on CPU, for redraws no one can read. `rlhf fit` uses it where Lightning would use its own."""
+
+    def __init__(self, *args: Any, min_interval: float = 0.1, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.min_interval = min_interval
+        self._last_update = float("-inf")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        now = time.monotonic()
+        if now - self._last_update < self.min_interval and batch_idx + 1 != self.total_train_batches:
+            return
+        self._last_update = now
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
+def steady_progress_bar(trainer: L.Trainer) -> None:
+    """Swap the Rich bar Lightning chose by default (exactly `RichProgressBar`, default settings) for the steady one."""
+    for i, callback in enumerate(trainer.callbacks):
+        if type(callback) is RichProgressBar and callback._refresh_rate == 100 and not callback._leave:
+            trainer.callbacks[i] = SteadyRichProgressBar(theme=callback.theme, console_kwargs=callback._console_kwargs)
 
 
 def memory_estimate(pl_module: L.LightningModule) -> str:

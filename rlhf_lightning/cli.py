@@ -186,6 +186,13 @@ def lightning_cli(args: list[str] | None = None, run: bool = True, cli_class: ty
             except ValueError as err:  # jsonargparse wraps errors raised in __init__: surface ours as they are
                 raise _project_error(err) or err from None
 
+        def instantiate_trainer(self, **kwargs):
+            from rlhf_lightning.callbacks import steady_progress_bar
+
+            trainer = super().instantiate_trainer(**kwargs)
+            steady_progress_bar(trainer)  # Lightning's default Rich bar, updated at most every 0.1 s
+            return trainer
+
         def _parse_ckpt_path(self) -> None:
             pass  # a resumed run keeps this run's config: `prepare_resume` refuses a checkpoint of another one
 

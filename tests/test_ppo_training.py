@@ -276,3 +276,25 @@ def test_step_metrics_are_written_where_and_as_self_log_writes_them(tmp_path, ma
     assert float(trainer.callback_metrics["via/helper"]) == float(trainer.callback_metrics["helper"]) == float(last)
     assert trainer.logged_metrics["via/helper"] == pytest.approx(float(trainer.logged_metrics["via/self_log"]))
     assert bar.seen and all(a == b for a, b in bar.seen)  # the bar shows the same value at every step
+
+
+def test_the_steady_bar_updates_at_most_every_interval_and_at_an_epochs_end(tmp_path, monkeypatch):
+    from rlhf_lightning.callbacks import SteadyRichProgressBar
+    from rlhf_lightning.cli import lightning_cli
+
+    bar = SteadyRichProgressBar(min_interval=3600.0)  # nothing but the first and the last batch of an epoch
+    updates = []
+    original = SteadyRichProgressBar._update_metrics
+    monkeypatch.setattr(SteadyRichProgressBar, "_update_metrics", lambda self, t, m: (updates.append(t.fit_loop.epoch_loop.batch_idx), original(self, t, m)))
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_model_summary=False, enable_checkpointing=False, accelerator="cpu", callbacks=[bar])
+    trainer.fit(_TwoWayLogging(manual=True))
+    assert trainer.progress_bar_callback is bar
+    # the first batch, then only each epoch's last (7th) batch and its end: 5 updates where the plain bar makes 16
+    assert updates == [0, 6, 6, 6, 6]
+    # `rlhf fit` swaps in the steady bar where Lightning picked its default Rich one, and leaves an explicit choice alone
+    monkeypatch.chdir(tmp_path)
+    cli = lightning_cli(["--config", "toy/sft", "--trainer.max_steps=1", "--trainer.logger=false"], run=False)
+    assert type(cli.trainer.progress_bar_callback) is SteadyRichProgressBar
+    cli = lightning_cli(["--config", "toy/sft", "--trainer.max_steps=1", "--trainer.logger=false",
+                         "--trainer.callbacks+=lightning.pytorch.callbacks.TQDMProgressBar"], run=False)
+    assert type(cli.trainer.progress_bar_callback).__name__ == "TQDMProgressBar"
