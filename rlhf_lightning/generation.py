@@ -57,7 +57,10 @@ def _sample(scaled: torch.Tensor, top_k: int | None, generator: torch.Generator 
         kth = torch.topk(scaled, top_k, dim=-1).values[:, -1:]  # (B, 1)
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
     probs = F.softmax(scaled, dim=-1)  # (B, V)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+    # torch.multinomial's own draw for one sample (p / q, q ~ Exp(1), argmax; the same ids from the same generator
+    # state), without its input checks, which read three values back to the host at every token
+    q = torch.empty_like(probs).exponential_(generator=generator)  # (B, V)
+    return probs.div_(q).argmax(-1)  # (B,)
 
 
 def _ended_rows(completion_ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,6 +185,8 @@ def generate(
             logits = step_fn(model, token[:, None], mask, positions[:, t : t + 1].contiguous(), cache)
     model.train(was_training)
 
+    if not bool(torch.isfinite(logprobs).all()):  # one read per call; torch.multinomial refused such logits at every token
+        raise FloatingPointError("generation: the model's logits are not finite (NaN or inf); its weights have diverged")
     alive, finished = _ended_rows(raw_ids, eos_id)  # (B, N), (B,)
     return Generation(
         completion_ids=torch.where(alive, raw_ids, pad_id),

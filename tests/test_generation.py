@@ -351,3 +351,13 @@ def test_the_decode_step_captured_with_cuda_graphs(options):
     assert torch.equal(captured.completion_ids, eager.completion_ids) and torch.equal(again.completion_ids, eager.completion_ids)
     torch.testing.assert_close(captured.logprobs, eager.logprobs, atol=1e-5, rtol=0)
     assert counters["stats"]["unique_graphs"] >= 1 and not counters["inductor"]["cudagraph_skips"]  # compiled and captured
+
+
+@pytest.mark.parametrize("options", [{"temperature": 0.8}, {"greedy": True}])
+def test_non_finite_logits_stop_generation(options):
+    model = tiny_gpt()
+    with torch.no_grad():
+        model.lm_head.weight[3, 0] = float("nan")  # every row's logit of id 3 is NaN
+    ids, mask = left_pad(PROMPTS, PAD)
+    with pytest.raises(FloatingPointError, match="logits are not finite"):
+        generate(model, ids, mask, max_new_tokens=3, eos_id=EOS, pad_id=PAD, generator=torch.Generator().manual_seed(0), **options)
