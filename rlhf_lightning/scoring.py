@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rlhf_lightning.checkpoints import read_checkpoint, submodule_state
-from rlhf_lightning.losses import logprobs_from_logits
+from rlhf_lightning.losses import token_logprobs_and_entropy
 from rlhf_lightning.models.reward import RewardModel
 from rlhf_lightning.padding import right_pad
 from rlhf_lightning.tokenizer import Tokenizer, load_tokenizer
@@ -44,13 +44,16 @@ def token_logprobs(
     temperature: float = 1.0,
     completion_len: int | None = None,
     return_logits: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    return_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Teacher-forced log-probs of each token given its prefix, under ``softmax(logits / temperature)``.
 
     Without `completion_len`: (B, T), entry ``[:, t]`` = ``log p(input_ids[:, t] | input_ids[:, :t])`` for t >= 1
     and 0.0 at t = 0 (no prefix). With `completion_len` = N: (B, N), the log-probs of the last N tokens only
     (a prompt ++ completion batch). `return_logits` also returns the logits (B, T-1 or N, V) they came from,
-    e.g. for an entropy or an accuracy, from the same forward.
+    e.g. for an accuracy, from the same forward; `return_entropy` also returns each position's entropy (no gradient),
+    computed in the same pass over the logits. The pass keeps no float32 (B, N, V) copy for backward
+    (`losses.token_logprobs_and_entropy`). Returned in the order (log-probs, logits, entropy).
 
     >>> class Table(nn.Module):  # logits after token 0 are [0, log 3]: p(1 | 0) = 0.75
     ...     def forward(self, ids, mask, logits_to_keep=0):
@@ -63,10 +66,12 @@ def token_logprobs(
     """
     logits = _next_token_logits(model, input_ids, attention_mask, completion_len)
     targets = input_ids[:, 1:] if completion_len is None else input_ids[:, input_ids.size(1) - completion_len :]
-    logprobs = logprobs_from_logits(logits, targets, temperature)  # (B, T-1) or (B, N)
+    logprobs, entropy = token_logprobs_and_entropy(logits, targets, temperature, with_entropy=return_entropy)  # (B, T-1) or (B, N)
     if completion_len is None:
         logprobs = F.pad(logprobs, (1, 0), value=0.0)  # (B, T)
-    return (logprobs, logits) if return_logits else logprobs
+        entropy = None if entropy is None else F.pad(entropy, (1, 0), value=0.0)
+    out = (logprobs, *((logits,) if return_logits else ()), *((entropy,) if return_entropy else ()))
+    return out if len(out) > 1 else logprobs
 
 
 def completion_kl(

@@ -559,3 +559,28 @@ def test_make_kl_controller():
     ctl = make_kl_controller(0.05, target_kl=6.0, horizon=500)
     assert isinstance(ctl, AdaptiveKLController)
     assert (ctl.beta, ctl.target, ctl.horizon) == (0.05, 6.0, 500.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_chunked_logprobs_equal_the_plain_formula_bitwise_and_save_no_float32_copy(dtype, temperature):
+    from rlhf_lightning.losses import entropy_from_logits, token_logprobs_and_entropy
+
+    torch.manual_seed(0)
+    base = (torch.randn(3, 5, 11) * 3).to(dtype)
+    targets, upstream = torch.randint(0, 11, (3, 5)), torch.randn(3, 5)
+    plain, chunked = base.clone().requires_grad_(), base.clone().requires_grad_()
+    expected = logprobs_from_logits(plain, targets, temperature)
+    (expected * upstream).sum().backward()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        got, entropy = token_logprobs_and_entropy(chunked, targets, temperature, chunk_rows=4)  # 15 rows in 4 chunks
+    (got * upstream).sum().backward()
+    assert torch.equal(got, expected) and got.dtype == torch.float32
+    assert torch.equal(chunked.grad, plain.grad) and chunked.grad.dtype == dtype
+    torch.testing.assert_close(entropy, entropy_from_logits(base.float() / temperature), atol=1e-6, rtol=0)
+    assert not entropy.requires_grad
+    # kept for backward: the logits as they came, the targets, one float per row; never a float32 (B, T, V) copy
+    big = [t for t in saved if t.dim() == 3]
+    assert len(big) == 1 and big[0].dtype == dtype and big[0].data_ptr() == chunked.data_ptr()
+    assert sum(t.numel() for t in saved if t.dim() < 3) == 2 * 15

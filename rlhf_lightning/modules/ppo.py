@@ -41,7 +41,6 @@ from rlhf_lightning.losses import (
     RATIO_LEVELS,
     compute_advantages,
     drop_truncated,
-    entropy_from_logits,
     kl_in_reward,
     kl_penalty,
     masked_mean,
@@ -73,10 +72,10 @@ class Rollout:
     finished: torch.Tensor | None = None  # (B,) bool, True where the completion emitted EOS
     kl: torch.Tensor | None = None  # (B,) summed per-token KL estimate to the reference (None: not computed, beta = 0)
 
-    def logprobs(self, model: nn.Module, temperature: float, return_logits: bool = False):
-        """`model`'s log-probs (B, N) of the completion tokens at `temperature` (and their logits (B, N, V) with
-        `return_logits`), from one forward (`scoring.token_logprobs`)."""
-        return token_logprobs(model, self.input_ids, self.attention_mask, temperature, self.completion_ids.size(1), return_logits)
+    def logprobs(self, model: nn.Module, temperature: float, return_entropy: bool = False):
+        """`model`'s log-probs (B, N) of the completion tokens at `temperature` (and each position's entropy (B, N)
+        with `return_entropy`), from one forward and one pass over its logits (`scoring.token_logprobs`)."""
+        return token_logprobs(model, self.input_ids, self.attention_mask, temperature, self.completion_ids.size(1), return_entropy=return_entropy)
 
     def select(self, idx: torch.Tensor) -> "Rollout":
         return Rollout(**{k: None if v is None else v[idx] for k, v in self.__dict__.items()})
@@ -582,7 +581,7 @@ class PPOModule(L.LightningModule):
         hp = self.hparams
         mask = self.loss_mask(mb)  # (B, N)
         tokens, rows = self.loss_counts(mb) if counts is None else counts
-        logprobs, logits = mb.logprobs(self.model, hp.temperature, return_logits=True)  # (B, N), (B, N, V)
+        logprobs, entropy = mb.logprobs(self.model, hp.temperature, return_entropy=True)  # (B, N), (B, N) no gradient
         beta = 0.0 if hp.kl_in_reward else self.kl_ctl.beta
         out = ppo_loss(
             logprobs, mb.old_logprobs, mb.ref_logprobs, mb.advantages, mask, self.clip_range[0], beta,
@@ -593,7 +592,7 @@ class PPOModule(L.LightningModule):
         if world > 1:
             out = PPOLossOutput(*(v * world for v in out))
         with torch.no_grad():
-            entropy = masked_mean(entropy_from_logits(logits.detach() / hp.temperature), mask, total=tokens) * world
+            entropy = masked_mean(entropy, mask, total=tokens) * world
         return out, logprobs, entropy
 
     def ppo_update(self, rollout: Rollout) -> dict[str, torch.Tensor]:
