@@ -3,8 +3,9 @@ that keeps no float32 (B, N, V) copy (`losses.token_logprobs_and_entropy`).
 
     python benchmarks/logprobs_memory.py [--rows 256] [--tokens 8] [--vocab 50257] [--width 768]
 
-The logits come from a hidden state (rows x tokens, width) times a trainable (width, vocab) head, as an LM head
-makes them, in float32 and under bf16 autocast, at temperature 0.7. Each arm runs in a fresh process; reported:
+The logits come from a hidden state (rows x (tokens + 1), width) times a trainable (width, vocab) head, as an LM
+head makes them, and the update's view of them (the positions that predict the completion, `[:, :-1]`), in
+float32 and under bf16 autocast, at temperature 0.7. Each arm runs in a fresh process; reported:
 peak RSS above what the process held before the head's matmul, in MB, and the logits' own size.
 """
 
@@ -23,12 +24,12 @@ import resource, sys, torch
 from rlhf_lightning.losses import entropy_from_logits, logprobs_from_logits, token_logprobs_and_entropy
 rows, tokens, vocab, width, arm, bf16 = {rows}, {tokens}, {vocab}, {width}, {arm!r}, {bf16}
 torch.manual_seed(0)
-hidden = torch.randn(rows * tokens, width)
+hidden = torch.randn(rows * (tokens + 1), width)
 head = (torch.randn(width, vocab) * 0.02).requires_grad_()
 targets = torch.randint(0, vocab, (rows, tokens))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-    logits = (hidden @ head).view(rows, tokens, vocab)
+    logits = (hidden @ head).view(rows, tokens + 1, vocab)[:, :-1]  # (rows, tokens, vocab), a strided view
 if arm == "plain":
     logprobs = logprobs_from_logits(logits, targets, 0.7)
     with torch.no_grad():

@@ -233,12 +233,21 @@ class SteadyRichProgressBar(RichProgressBar):
         self.min_interval = min_interval
         self._last_update = float("-inf")
 
+    def due(self, batch_idx: int) -> bool:
+        """Whether the bar redraws after this training batch (`log_step_metrics` reads the bar's values back from
+        the device only then)."""
+        return time.monotonic() - self._last_update >= self.min_interval or batch_idx + 1 == self.total_train_batches
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        now = time.monotonic()
-        if now - self._last_update < self.min_interval and batch_idx + 1 != self.total_train_batches:
+        if not self.due(batch_idx):
             return
-        self._last_update = now
+        self._last_update = time.monotonic()
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # the count reached, whatever ended the epoch (max_steps, an iterable dataset without a length)
+        self._update(self.train_progress_bar_id, trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        super().on_train_epoch_end(trainer, pl_module)
 
 
 def steady_progress_bar(trainer: L.Trainer) -> None:
@@ -310,8 +319,9 @@ def log_step_metrics(
     trainer.logged_metrics.update(by_name)  # Lightning's view holds the latest values whether or not written
     if prog_bar:
         trainer.callback_metrics.update({label: by_name[name] for label, name in prog_bar.items()})
-        if trainer.progress_bar_callback is not None:
-            shown = torch.stack([by_name[name] for name in prog_bar.values()]).tolist()  # one read for the bar
+        bar = trainer.progress_bar_callback
+        if bar is not None and (not isinstance(bar, SteadyRichProgressBar) or bar.due(trainer.fit_loop.epoch_loop.batch_idx)):
+            shown = torch.stack([by_name[name] for name in prog_bar.values()]).tolist()  # one read, when the bar draws
             trainer.progress_bar_metrics.update(zip(prog_bar, shown))
     module._step_metrics = (names, values)
 

@@ -57,8 +57,9 @@ def _sample(scaled: torch.Tensor, top_k: int | None, generator: torch.Generator 
         kth = torch.topk(scaled, top_k, dim=-1).values[:, -1:]  # (B, 1)
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
     probs = F.softmax(scaled, dim=-1)  # (B, V)
-    # torch.multinomial's own draw for one sample (p / q, q ~ Exp(1), argmax; the same ids from the same generator
-    # state), without its input checks, which read three values back to the host at every token
+    # torch.multinomial's own draw for one sample on CPU and CUDA (p / q, q ~ Exp(1), argmax: the same ids from the
+    # same generator state), without its input checks (about ten small kernels a token); non-finite logits are
+    # caught once per call instead
     q = torch.empty_like(probs).exponential_(generator=generator)  # (B, V)
     return probs.div_(q).argmax(-1)  # (B,)
 

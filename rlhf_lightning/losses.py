@@ -111,60 +111,59 @@ def logprobs_from_logits(logits: Tensor, targets: Tensor, temperature: float = 1
 
 
 class _TokenLogprobs(torch.autograd.Function):
-    """`logprobs_from_logits` (and, if asked, the entropy) in row chunks, keeping only the logits as they came (any
-    float dtype) and one log-normalizer per row for backward: no float32 (rows, V) copy is saved, and the softmax
-    is recomputed chunk by chunk in backward. The same values and gradients as the plain formula (tested bitwise)."""
+    """`logprobs_from_logits` (and, if asked, the entropy) in chunks along the first dimension, keeping only the
+    logits as they came (any float dtype, any strides) and one log-normalizer per row for backward: no float32
+    (B, T, V) copy is saved, each chunk's float32 temporaries hold about `chunk` elements, and the softmax is
+    recomputed chunk by chunk in backward. The same values and gradients as the plain formula (tested bitwise)."""
 
     @staticmethod
     def forward(ctx, logits: Tensor, targets: Tensor, temperature: float, chunk: int, with_entropy: bool):
-        V = logits.size(-1)
-        flat, idx = logits.reshape(-1, V), targets.reshape(-1, 1)  # (R, V), (R, 1)
-        R = flat.size(0)
-        logprobs = torch.empty(R, dtype=torch.float32, device=logits.device)
-        lse = torch.empty(R, dtype=torch.float32, device=logits.device)
-        entropy = torch.empty(R if with_entropy else 0, dtype=torch.float32, device=logits.device)
-        for s in range(0, R, chunk):
-            x = flat[s : s + chunk].float() / temperature  # (r, V) float32, this chunk only
-            lse[s : s + chunk] = torch.logsumexp(x, dim=-1)
-            logprobs[s : s + chunk] = x.gather(-1, idx[s : s + chunk]).squeeze(-1) - lse[s : s + chunk]
+        lead = max(1, chunk // max(1, logits[:1].numel()))  # first-dimension entries a chunk
+        logprobs = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
+        lse = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
+        entropy = torch.empty(targets.shape if with_entropy else (0,), dtype=torch.float32, device=logits.device)
+        for s in range(0, logits.size(0), lead):
+            x = logits[s : s + lead].float() / temperature  # (b, ..., V) float32, this chunk only
+            lse[s : s + lead] = torch.logsumexp(x, dim=-1)
+            logprobs[s : s + lead] = x.gather(-1, targets[s : s + lead].unsqueeze(-1)).squeeze(-1) - lse[s : s + lead]
             if with_entropy:
-                probs = (x - lse[s : s + chunk, None]).exp_()  # (r, V)
-                entropy[s : s + chunk] = torch.special.entr(probs).sum(-1)
+                probs = (x - lse[s : s + lead].unsqueeze(-1)).exp_()
+                entropy[s : s + lead] = torch.special.entr(probs).sum(-1)
         ctx.save_for_backward(logits, targets, lse)
-        ctx.temperature, ctx.chunk = temperature, chunk
-        entropy = entropy.view(targets.shape) if with_entropy else entropy
+        ctx.temperature, ctx.lead = temperature, lead
         ctx.mark_non_differentiable(entropy)
-        return logprobs.view(targets.shape), entropy
+        return logprobs, entropy
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logprobs: Tensor, grad_entropy: Tensor):
         logits, targets, lse = ctx.saved_tensors
-        V = logits.size(-1)
-        flat, idx, g = logits.reshape(-1, V), targets.reshape(-1, 1), grad_logprobs.reshape(-1, 1).float()
-        grad = torch.empty_like(flat)  # (R, V) in the logits' dtype
-        for s in range(0, flat.size(0), ctx.chunk):
-            x = flat[s : s + ctx.chunk].float() / ctx.temperature
-            rows = g[s : s + ctx.chunk]  # (r, 1)
-            d = -(rows * (x - lse[s : s + ctx.chunk, None]).exp())  # d/dx of -logsumexp: -g softmax(x)
-            d.scatter_add_(-1, idx[s : s + ctx.chunk], rows)  # + g at the target (the gather's gradient)
-            grad[s : s + ctx.chunk] = d / ctx.temperature
-        return grad.view_as(logits), None, None, None, None
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        lead = ctx.lead
+        for s in range(0, logits.size(0), lead):
+            x = logits[s : s + lead].float() / ctx.temperature
+            g = grad_logprobs[s : s + lead].float().unsqueeze(-1)  # (b, ..., 1)
+            d = -(g * (x - lse[s : s + lead].unsqueeze(-1)).exp())  # d/dx of -logsumexp: -g softmax(x)
+            d.scatter_add_(-1, targets[s : s + lead].unsqueeze(-1), g)  # + g at the target (the gather's gradient)
+            grad[s : s + lead] = d / ctx.temperature
+        return grad, None, None, None, None
 
 
 def token_logprobs_and_entropy(
-    logits: Tensor, targets: Tensor, temperature: float = 1.0, *, with_entropy: bool = True, chunk_rows: int = 1024
+    logits: Tensor, targets: Tensor, temperature: float = 1.0, *, with_entropy: bool = True, chunk_elements: int = 1 << 24
 ) -> tuple[Tensor, Tensor | None]:
     """(``logprobs_from_logits(logits, targets, temperature)``, the entropy of ``softmax(logits / temperature)``
     (no gradient; None without `with_entropy`)), both (B, T) float32, from one pass over the logits (B, T, V).
 
-    Differentiable in the log-probs, with the plain formula's gradient; backward keeps the logits in their own
-    dtype plus one float per row, never a float32 (B, T, V) copy, and works `chunk_rows` rows at a time.
+    Differentiable once in the log-probs, with the plain formula's gradient; backward keeps the logits in their
+    own dtype and strides plus one float per row, never a float32 (B, T, V) copy, and works on chunks of the
+    first dimension of about `chunk_elements` logits (64 MB of float32 temporaries).
 
     >>> lp, ent = token_logprobs_and_entropy(torch.tensor([[[0.0, 1.0986123]]]), torch.tensor([[1]]))
     >>> lp, ent  # log 0.75; entropy of [0.25, 0.75]
     (tensor([[-0.2877]]), tensor([[0.5623]]))
     """
-    logprobs, entropy = _TokenLogprobs.apply(logits, targets, temperature, chunk_rows, with_entropy)
+    logprobs, entropy = _TokenLogprobs.apply(logits, targets, temperature, chunk_elements, with_entropy)
     return logprobs, (entropy if with_entropy else None)
 
 

@@ -563,24 +563,40 @@ def test_make_kl_controller():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_chunked_logprobs_equal_the_plain_formula_bitwise_and_save_no_float32_copy(dtype, temperature):
+@pytest.mark.parametrize("sliced", [False, True])  # the update's logits are a view: the completion positions of (B, T, V)
+def test_chunked_logprobs_equal_the_plain_formula_bitwise_and_save_no_float32_copy(dtype, temperature, sliced):
     from rlhf_lightning.losses import entropy_from_logits, token_logprobs_and_entropy
 
     torch.manual_seed(0)
-    base = (torch.randn(3, 5, 11) * 3).to(dtype)
+    full = (torch.randn(3, 7, 11) * 3).to(dtype)
     targets, upstream = torch.randint(0, 11, (3, 5)), torch.randn(3, 5)
-    plain, chunked = base.clone().requires_grad_(), base.clone().requires_grad_()
-    expected = logprobs_from_logits(plain, targets, temperature)
+    plain, chunked = full.clone().requires_grad_(), full.clone().requires_grad_()
+
+    def view(t):
+        return t[:, 1:-1] if sliced else t[:, :5]
+
+    expected = logprobs_from_logits(view(plain), targets, temperature)
     (expected * upstream).sum().backward()
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        got, entropy = token_logprobs_and_entropy(chunked, targets, temperature, chunk_rows=4)  # 15 rows in 4 chunks
+        got, entropy = token_logprobs_and_entropy(view(chunked), targets, temperature, chunk_elements=2 * 5 * 11)  # 2 rows a chunk
     (got * upstream).sum().backward()
     assert torch.equal(got, expected) and got.dtype == torch.float32
     assert torch.equal(chunked.grad, plain.grad) and chunked.grad.dtype == dtype
-    torch.testing.assert_close(entropy, entropy_from_logits(base.float() / temperature), atol=1e-6, rtol=0)
+    torch.testing.assert_close(entropy, entropy_from_logits(view(full).float() / temperature), atol=1e-6, rtol=0)
     assert not entropy.requires_grad
-    # kept for backward: the logits as they came, the targets, one float per row; never a float32 (B, T, V) copy
+    # kept for backward: the logits as they came (the view), the targets, one float per row; no float32 (B, T, V) copy
     big = [t for t in saved if t.dim() == 3]
-    assert len(big) == 1 and big[0].dtype == dtype and big[0].data_ptr() == chunked.data_ptr()
+    assert len(big) == 1 and big[0].dtype == dtype and big[0].data_ptr() == view(chunked).data_ptr()
     assert sum(t.numel() for t in saved if t.dim() < 3) == 2 * 15
+
+
+def test_chunked_logprobs_refuse_a_second_derivative():
+    from rlhf_lightning.losses import token_logprobs_and_entropy
+
+    logits = torch.randn(2, 3, 5, requires_grad=True)
+    logprobs, _ = token_logprobs_and_entropy(logits, torch.zeros(2, 3, dtype=torch.long))
+    weights = torch.ones(2, 3, requires_grad=True)  # a gradient that itself depends on something differentiable
+    (grad,) = torch.autograd.grad(logprobs, logits, weights, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice a function that was marked with @once_differentiable"):
+        grad.sum().backward()

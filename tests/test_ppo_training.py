@@ -289,8 +289,17 @@ def test_the_steady_bar_updates_at_most_every_interval_and_at_an_epochs_end(tmp_
     trainer = L.Trainer(max_epochs=2, logger=False, enable_model_summary=False, enable_checkpointing=False, accelerator="cpu", callbacks=[bar])
     trainer.fit(_TwoWayLogging(manual=True))
     assert trainer.progress_bar_callback is bar
+    # the bar's values are read from the device only when it draws, the last batch included: it ends on the last value
+    assert trainer.progress_bar_metrics["helper"] == pytest.approx(float(trainer.callback_metrics["via/helper"]))
     # the first batch, then only each epoch's last (7th) batch and its end: 5 updates where the plain bar makes 16
     assert updates == [0, 6, 6, 6, 6]
+    # stopped by max_steps mid-epoch: the bar still ends on the count reached
+    counts = []
+    original_update = SteadyRichProgressBar._update
+    monkeypatch.setattr(SteadyRichProgressBar, "_update", lambda self, bar_id, current, **kw: (counts.append(current), original_update(self, bar_id, current, **kw)))
+    L.Trainer(max_steps=4, logger=False, enable_model_summary=False, enable_checkpointing=False, accelerator="cpu",
+              callbacks=[SteadyRichProgressBar(min_interval=3600.0)]).fit(_TwoWayLogging(manual=False))  # 4 optimizer steps
+    assert counts[0] == 1 and counts[-1] == 4
     # `rlhf fit` swaps in the steady bar where Lightning picked its default Rich one, and leaves an explicit choice alone
     monkeypatch.chdir(tmp_path)
     cli = lightning_cli(["--config", "toy/sft", "--trainer.max_steps=1", "--trainer.logger=false"], run=False)
