@@ -9,6 +9,7 @@ so PPO's first importance ratio is 1.
 
 from __future__ import annotations
 
+import functools
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rlhf_lightning.models.gpt import positions_from_mask
+from rlhf_lightning.padding import pad_columns
 
 
 @dataclass
@@ -34,14 +36,10 @@ class Generation:
         if len(parts) == 1:
             return parts[0]
         N = max(g.completion_ids.size(1) for g in parts)
-
-        def widen(t: torch.Tensor, value) -> torch.Tensor:
-            return torch.cat([t, t.new_full((t.size(0), N - t.size(1)), value)], 1)
-
         return Generation(
-            torch.cat([widen(g.completion_ids, pad_id) for g in parts]),
-            torch.cat([widen(g.completion_mask, False) for g in parts]),
-            torch.cat([widen(g.logprobs, 0.0) for g in parts]),
+            torch.cat([pad_columns(g.completion_ids, N, pad_id) for g in parts]),
+            torch.cat([pad_columns(g.completion_mask, N, False) for g in parts]),
+            torch.cat([pad_columns(g.logprobs, N, 0.0) for g in parts]),
             torch.cat([g.lengths for g in parts]),
             torch.cat([g.finished for g in parts]),
         )
@@ -215,7 +213,7 @@ def _can_capture(model: nn.Module, device: torch.device) -> bool:
     refusal = getattr(model, "capture_refusal", None)
     if device.type == "cuda" and not refusal:
         return True
-    reason = refusal or f"captures the decode step with CUDA graphs; on {device.type} it"
+    reason = f"cannot capture {refusal}; it" if refusal else f"captures the decode step with CUDA graphs; on {device.type} it"
     if reason not in _WARNED:
         _WARNED.add(reason)
         warnings.warn(f"compile: true {reason} decodes eagerly", stacklevel=4)
@@ -250,12 +248,8 @@ def _decode_step(model: nn.Module, token: torch.Tensor, mask: torch.Tensor, posi
     return model(token, mask, position_ids=position, cache=cache)[:, -1]
 
 
-_COMPILED: list = []
-
-
+@functools.cache
 def _compiled_step():
     """`_decode_step` compiled once per process (CUDA graphs; one graph per model and shape)."""
-    if not _COMPILED:
-        # static shapes: each (rows, buffer length) its own graph, as CUDA graphs need, never one dynamic in them
-        _COMPILED.append(torch.compile(_decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False))
-    return _COMPILED[0]
+    # static shapes: each (rows, buffer length) its own graph, as CUDA graphs need, never one dynamic in them
+    return torch.compile(_decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)

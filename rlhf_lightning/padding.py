@@ -29,6 +29,16 @@ def right_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
     return _pad(seqs, pad_id, left=False)
 
 
+def pad_columns(t: torch.Tensor, width: int, value, left: bool = False) -> torch.Tensor:
+    """A (B, T) tensor widened to (B, width) with `value` on the right (or the left).
+
+    >>> pad_columns(torch.tensor([[5, 6]]), 3, 0), pad_columns(torch.tensor([[5, 6]]), 3, 0, left=True)
+    (tensor([[5, 6, 0]]), tensor([[0, 5, 6]]))
+    """
+    fill = t.new_full((t.size(0), width - t.size(1)), value)
+    return torch.cat([fill, t] if left else [t, fill], 1)
+
+
 def _pad(seqs: Sequence[Sequence[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids (B, T), bool mask (B, T)) with the padding on the left or the right, in one copy from Python lists."""
     width = max(len(s) for s in seqs)

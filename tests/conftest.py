@@ -115,5 +115,6 @@ def traced_step(monkeypatch):
     torch._dynamo.reset()
     counters.clear()
     monkeypatch.setattr(generation, "_can_capture", lambda model, device: True)
-    monkeypatch.setattr(generation, "_COMPILED", [torch.compile(generation._decode_step, backend="eager", fullgraph=True, dynamic=False)])
+    traced = torch.compile(generation._decode_step, backend="eager", fullgraph=True, dynamic=False)
+    monkeypatch.setattr(generation, "_compiled_step", lambda: traced)
     return counters

@@ -85,33 +85,26 @@ def _cache_argument(model: nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def _static_cache_refusal(lm: nn.Module, path: str, cache_cls: Any) -> str | None:
-    """Why `lm` cannot generate on a `StaticCache` (None: it can). transformers marks the architectures whose
-    forward works on preallocated keys and values with `_can_compile_fullgraph`."""
+def _static_cache_checks(lm: nn.Module, path: str, transformers: Any) -> tuple[str | None, str | None]:
+    """(why `lm` cannot generate on a `StaticCache`, why a captured decode step would not be one graph for it);
+    None where it can. transformers marks the architectures whose forward works on preallocated keys and values
+    with `_can_compile_fullgraph`; its sliding-window static layers (Mistral, Gemma 2 and 3, ...) count positions
+    in a Python int, which a compiled step sees change at every token. One probe cache answers both."""
     model_type = getattr(lm.config, "model_type", type(lm).__name__)
-    reason = None
+
+    def refused(reason: str) -> tuple[str, None]:
+        return f"hf model {path!r} (model_type {model_type!r}): {reason}; set `static_cache: false` in the model's config", None
+
     if not getattr(lm, "_can_compile_fullgraph", False) or not lm._supports_default_dynamic_cache():
-        reason = "its architecture does not support a preallocated KV cache"
-    else:
-        try:
-            cache_cls(config=lm.config, max_cache_len=1)
-        except Exception as err:  # a layer type without a static form
-            reason = f"transformers' StaticCache refuses its config ({err})"
-    if reason is None:
-        return None
-    return f"hf model {path!r} (model_type {model_type!r}): {reason}; set `static_cache: false` in the model's config"
-
-
-def _capture_refusal(lm: nn.Module, cache_cls: Any, transformers: Any) -> str | None:
-    """Why a captured decode step would not be one graph for `lm` (None: it is). transformers' sliding-window
-    static layers (Mistral, Gemma 2 and 3, ...) count positions in a Python int, which a compiled step sees change
-    at every token."""
-    layers = cache_cls(config=lm.config, max_cache_len=1).layers
+        return refused("its architecture does not support a preallocated KV cache")
+    try:
+        layers = transformers.StaticCache(config=lm.config, max_cache_len=1).layers
+    except Exception as err:  # a layer type without a static form
+        return refused(f"transformers' StaticCache refuses its config ({err})")
     others = sorted({type(layer).__name__ for layer in layers if type(layer) is not transformers.cache_utils.StaticLayer})
     if not others:
-        return None
-    model_type = getattr(lm.config, "model_type", type(lm).__name__)
-    return f"cannot capture {model_type}'s decode step (its cache layers {others} change a Python value every token); it"
+        return None, None
+    return None, f"{model_type}'s decode step (its cache layers {others} change a Python value every token)"
 
 
 class HFCache:
@@ -154,9 +147,9 @@ class HFCausalLM(nn.Module):
             self.enable_gradient_checkpointing()
         self._cache_arg = _cache_argument(self.lm)
         self._cache_cls = transformers.StaticCache if config.static_cache else transformers.DynamicCache
-        if config.static_cache and (refusal := _static_cache_refusal(self.lm, config.path, self._cache_cls)):
+        refusal, self.capture_refusal = _static_cache_checks(self.lm, config.path, transformers) if config.static_cache else (None, None)
+        if refusal:
             raise ConfigError(refusal)
-        self.capture_refusal = _capture_refusal(self.lm, self._cache_cls, transformers) if config.static_cache else None
 
     def enable_gradient_checkpointing(self) -> None:
         self.config.gradient_checkpointing = True

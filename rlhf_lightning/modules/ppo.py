@@ -48,6 +48,7 @@ from rlhf_lightning.losses import (
 )
 from rlhf_lightning.optim import adamw, warmup_cosine
 from rlhf_lightning.options import ConfigError, check_choice
+from rlhf_lightning.padding import pad_columns
 from rlhf_lightning.models import enable_gradient_checkpointing
 from rlhf_lightning.lora import BaseOfAdapters, add_adapters, has_adapters, keep_trainable, lora_settings, merged, require_peft
 from rlhf_lightning.policy import base_record, context_length, load_policy
@@ -110,13 +111,9 @@ class Samples:
         if len(parts) == 1:
             return parts[0]
         P = max(p.prompt_ids.size(1) for p in parts)
-
-        def left_widen(t: torch.Tensor, value) -> torch.Tensor:
-            return torch.cat([t.new_full((t.size(0), P - t.size(1)), value), t], 1)
-
         return Samples(
-            torch.cat([left_widen(p.prompt_ids, pad_id) for p in parts]),
-            torch.cat([left_widen(p.prompt_mask, False) for p in parts]),
+            torch.cat([pad_columns(p.prompt_ids, P, pad_id, left=True) for p in parts]),
+            torch.cat([pad_columns(p.prompt_mask, P, False, left=True) for p in parts]),
             Generation.cat([p.gen for p in parts], pad_id),
             torch.cat([p.rewards for p in parts]),
             [x for p in parts for x in p.prompts],
