@@ -1,4 +1,4 @@
-"""Pure tensor functions for reward modelling and PPO-style policy optimisation.
+"""Pure tensor functions for reward modelling, PPO-style policy optimisation and preference optimisation (DPO).
 
 Conventions: ``B`` batch, ``T`` sequence length, ``V`` vocabulary, ``N`` number of
 sampled completions. A token ``mask`` is bool or 0/1 float and marks the valid
@@ -15,6 +15,20 @@ from torch import Tensor
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
+    "DPO_LOSSES",
+    "DPOLossOutput",
+    "PairLogps",
+    "REFERENCE_FREE_LOSSES",
+    "chosen_nll",
+    "dpo_loss",
+    "dpo_robust_loss",
+    "dpo_sigmoid_loss",
+    "implicit_rewards",
+    "ipo_loss",
+    "log1mexp",
+    "orpo_loss",
+    "simpo_loss",
+    "slic_hinge_loss",
     "KL_ESTIMATORS",
     "LOSS_AGGREGATIONS",
     "PPOLossOutput",
@@ -600,3 +614,210 @@ def ppo_loss(
         clipfrac=clipfrac,
         approx_kl=approx_kl,
     )
+
+
+# --------------------------------------------------------------------------- preference optimization (DPO family)
+#
+# Every loss here reads one `PairLogps`: each completion's log-probs summed over its completion tokens (prompt
+# and padding excluded), its token count, and, for the losses that need a reference, the frozen reference's
+# summed log-probs of the same tokens. Each returns the batch's loss, a scalar: the mean over pairs of a
+# per-pair loss (TRL's `per_sequence_loss.mean()`), or for ORPO that mean plus a token-mean NLL, as TRL's
+# trainers compute it. The numbers match TRL's on the same log-probs (checked formula by formula against TRL's
+# DPOTrainer, CPOTrainer and ORPOTrainer; the names in brackets are TRL's `loss_type`).
+
+
+class PairLogps(NamedTuple):
+    """The log-probs of a batch of preference pairs, each (B,)."""
+
+    chosen: Tensor  # (B,) policy log-probs of the chosen completion, summed over its tokens
+    rejected: Tensor  # (B,)
+    chosen_tokens: Tensor  # (B,) completion tokens counted in `chosen` (EOS included when it ended)
+    rejected_tokens: Tensor  # (B,)
+    ref_chosen: Tensor | None = None  # (B,) the frozen reference's, None for reference-free losses
+    ref_rejected: Tensor | None = None  # (B,)
+
+
+def _pair(chosen, rejected, ref_chosen=None, ref_rejected=None, chosen_tokens=(1.0,), rejected_tokens=(1.0,)) -> PairLogps:
+    """A one-pair (or few-pair) `PairLogps` from numbers: the doctests' shorthand."""
+    as_t = lambda x: None if x is None else torch.as_tensor(x, dtype=torch.float32).reshape(-1)  # noqa: E731
+    return PairLogps(as_t(chosen), as_t(rejected), as_t(chosen_tokens), as_t(rejected_tokens), as_t(ref_chosen), as_t(ref_rejected))
+
+
+def _log_ratio_margin(logps: PairLogps) -> Tensor:
+    """``(chosen - ref_chosen) - (rejected - ref_rejected)`` (B,): DPO's implicit reward margin over beta."""
+    if logps.ref_chosen is None or logps.ref_rejected is None:
+        raise ValueError("this loss needs the reference's log-probs (ref_chosen, ref_rejected)")
+    return (logps.chosen - logps.ref_chosen) - (logps.rejected - logps.ref_rejected)  # (B,)
+
+
+def dpo_sigmoid_loss(logps: PairLogps, beta: float, label_smoothing: float = 0.0, gamma: float = 0.0) -> Tensor:
+    """DPO (Rafailov et al. 2023, "Direct Preference Optimization"; TRL ``sigmoid``), with conservative label
+    smoothing eps (cDPO, Mitchell 2023): mean of ``-(1 - eps) logsigmoid(beta h) - eps logsigmoid(-beta h)``,
+    ``h = (chosen - ref_chosen) - (rejected - ref_rejected)``. With eps = 0 (the default) it is TRL's ``sigmoid``;
+    the eps form is TRL's ``sigmoid`` before 1.0, which applied `label_smoothing` this way.
+
+    >>> dpo_sigmoid_loss(_pair(-1.0, -3.0, -2.0, -2.0), beta=0.5)  # h = 1 - (-1) = 2: -logsigmoid(1)
+    tensor(0.3133)
+    >>> dpo_sigmoid_loss(_pair(-1.0, -3.0, -2.0, -2.0), beta=0.5, label_smoothing=0.1)  # 0.9 * 0.3133 + 0.1 * 1.3133
+    tensor(0.4133)
+    """
+    h = beta * _log_ratio_margin(logps)  # (B,)
+    return (-(1 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)).mean()
+
+
+def dpo_robust_loss(logps: PairLogps, beta: float, label_smoothing: float = 0.0, gamma: float = 0.0) -> Tensor:
+    """Robust DPO (Chowdhury et al. 2024, "Provably Robust DPO"; TRL ``robust``): the unbiased loss under labels
+    flipped with probability eps, mean of ``(-(1 - eps) logsigmoid(beta h) + eps logsigmoid(-beta h)) / (1 - 2 eps)``.
+    Unlike cDPO's smoothing (`dpo_sigmoid_loss`), the flipped term enters with a minus sign. 0 <= eps < 0.5.
+
+    >>> dpo_robust_loss(_pair(-1.0, -3.0, -2.0, -2.0), beta=0.5, label_smoothing=0.1)  # (0.9 * 0.3133 - 0.1 * 1.3133) / 0.8
+    tensor(0.1883)
+    """
+    h = beta * _log_ratio_margin(logps)  # (B,)
+    clean = -(1 - label_smoothing) * F.logsigmoid(h)  # (B,)
+    flipped = -label_smoothing * F.logsigmoid(-h)  # (B,)
+    return ((clean - flipped) / (1 - 2 * label_smoothing)).mean()
+
+
+def ipo_loss(logps: PairLogps, beta: float, label_smoothing: float = 0.0, gamma: float = 0.0) -> Tensor:
+    """IPO (Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human Preferences", eq. 17;
+    TRL ``ipo``): mean of ``(h_avg - 1 / (2 beta))^2`` where each completion's log-ratio to the reference is averaged
+    over its tokens first, ``h_avg = (chosen - ref_chosen) / n_chosen - (rejected - ref_rejected) / n_rejected``
+    (beta is the paper's tau).
+
+    >>> ipo_loss(_pair(-1.0, -3.0, -2.0, -2.0, chosen_tokens=2, rejected_tokens=4), beta=1.0)  # (0.5 + 0.25 - 0.5)^2
+    tensor(0.0625)
+    """
+    if logps.ref_chosen is None or logps.ref_rejected is None:
+        raise ValueError("ipo needs the reference's log-probs (ref_chosen, ref_rejected)")
+    chosen = (logps.chosen - logps.ref_chosen) / logps.chosen_tokens.clamp(min=1)  # (B,)
+    rejected = (logps.rejected - logps.ref_rejected) / logps.rejected_tokens.clamp(min=1)  # (B,)
+    return ((chosen - rejected - 1 / (2 * beta)) ** 2).mean()
+
+
+def slic_hinge_loss(logps: PairLogps, beta: float, label_smoothing: float = 0.0, gamma: float = 0.0) -> Tensor:
+    """SLiC's calibration hinge (Zhao et al. 2023, "SLiC-HF") on DPO's log-ratios (TRL ``hinge``):
+    mean of ``max(0, 1 - beta h)``.
+
+    >>> slic_hinge_loss(_pair(-1.0, -3.0, -2.0, -2.0), beta=0.25)  # h = 2: 1 - 0.5
+    tensor(0.5000)
+    """
+    return torch.relu(1 - beta * _log_ratio_margin(logps)).mean()
+
+
+def simpo_loss(logps: PairLogps, beta: float, label_smoothing: float = 0.0, gamma: float = 0.5) -> Tensor:
+    """SimPO (Meng et al. 2024, "SimPO: Simple Preference Optimization with a Reference-Free Reward"; TRL
+    CPOTrainer's ``simpo``): reference-free, on length-normalized log-probs with a target margin gamma:
+    mean of ``-(1 - eps) logsigmoid(z) - eps logsigmoid(-z)``, ``z = beta (chosen / n_chosen - rejected / n_rejected) - gamma``.
+
+    >>> simpo_loss(_pair(-2.0, -6.0, chosen_tokens=2, rejected_tokens=3), beta=2.0, gamma=1.0)  # z = 2 (-1 + 2) - 1 = 1
+    tensor(0.3133)
+    """
+    z = beta * (logps.chosen / logps.chosen_tokens.clamp(min=1) - logps.rejected / logps.rejected_tokens.clamp(min=1)) - gamma  # (B,)
+    return (-(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)).mean()
+
+
+def log1mexp(x: Tensor) -> Tensor:
+    """``log(1 - exp(x))`` for x <= 0 without cancellation (branch at -log 2, Maechler 2012).
+
+    >>> log1mexp(torch.tensor([-0.6931472, -5.0]))  # log 0.5; log(1 - e^-5)
+    tensor([-0.6931, -0.0068])
+    """
+    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def orpo_loss(logps: PairLogps, beta: float, label_smoothing: float = 0.0, gamma: float = 0.0) -> Tensor:
+    """ORPO (Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference Model"; TRL's
+    ORPOTrainer): reference-free; the chosen completions' NLL (token mean over the batch) plus beta times the odds
+    ratio loss, ``-mean logsigmoid(log odds(chosen) - log odds(rejected))``, on length-normalized log-probs
+    ``l = logp / n`` with ``log odds = l - log(1 - exp(l))``.
+
+    >>> # chosen: l = log 0.5 (odds 1), 2 tokens summing to 2 log 0.5; rejected: l = log 0.2 (odds 1/4)
+    >>> orpo_loss(_pair(2 * -0.6931472, -1.6094379, chosen_tokens=2), beta=1.0)  # NLL 0.6931 - logsigmoid(log 4) 0.2231
+    tensor(0.9163)
+    """
+    chosen = logps.chosen.float() / logps.chosen_tokens.clamp(min=1)  # (B,) length-normalized
+    rejected = logps.rejected.float() / logps.rejected_tokens.clamp(min=1)  # (B,)
+    log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))  # (B,)
+    return chosen_nll(logps) - beta * F.logsigmoid(log_odds).mean()
+
+
+def chosen_nll(logps: PairLogps) -> Tensor:
+    """The chosen completions' NLL per token over the batch, ``-sum(chosen) / sum(n_chosen)``: a cross-entropy over
+    every chosen completion token (RPO's term, Pang et al. 2024, "Iterative Reasoning Preference Optimization",
+    TRL's ``rpo_alpha`` and ``sft`` loss; ORPO's NLL).
+
+    >>> chosen_nll(_pair([-1.0, -3.0], [0.0, 0.0], chosen_tokens=[1, 3]))  # 4 / 4
+    tensor(1.)
+    """
+    return -logps.chosen.sum() / logps.chosen_tokens.sum().clamp(min=1)
+
+
+PreferenceLossFn = Callable[..., Tensor]
+
+#: Preference losses by name (TRL's `loss_type` names; "orpo" is TRL's ORPOTrainer).
+DPO_LOSSES: dict[str, PreferenceLossFn] = {
+    "sigmoid": dpo_sigmoid_loss,
+    "robust": dpo_robust_loss,
+    "ipo": ipo_loss,
+    "hinge": slic_hinge_loss,
+    "simpo": simpo_loss,
+    "orpo": orpo_loss,
+}
+
+#: The losses that read no reference log-probs: a run with only these loads no reference model.
+REFERENCE_FREE_LOSSES: frozenset[str] = frozenset({"simpo", "orpo"})
+
+
+class DPOLossOutput(NamedTuple):
+    """``loss`` carries the graph; the rest are detached, for logging (`dpo/...`)."""
+
+    loss: Tensor  # ()
+    chosen_rewards: Tensor  # (B,) implicit rewards (see `implicit_rewards`)
+    rejected_rewards: Tensor  # (B,)
+    nll: Tensor  # () the chosen completions' NLL per token
+
+
+def implicit_rewards(logps: PairLogps, beta: float, reference_free: bool) -> tuple[Tensor, Tensor]:
+    """Each completion's implicit reward (B,) twice, detached: ``beta (logp - ref_logp)`` (DPO), or without a
+    reference ``beta * logp / n`` (the length-normalized log-prob SimPO and ORPO score by, TRL's CPO and ORPO
+    `rewards`). Exactly 0 when the policy's log-probs are the reference's.
+
+    >>> implicit_rewards(_pair(-1.0, -3.0, -2.0, -2.0), beta=0.5, reference_free=False)
+    (tensor([0.5000]), tensor([-0.5000]))
+    """
+    if reference_free:
+        return (beta * logps.chosen / logps.chosen_tokens.clamp(min=1)).detach(), (beta * logps.rejected / logps.rejected_tokens.clamp(min=1)).detach()
+    return (beta * (logps.chosen - logps.ref_chosen)).detach(), (beta * (logps.rejected - logps.ref_rejected)).detach()
+
+
+def dpo_loss(
+    logps: PairLogps,
+    loss_type: str | list[str] = "sigmoid",
+    beta: float = 0.1,
+    loss_weights: list[float] | None = None,
+    label_smoothing: float = 0.0,
+    gamma: float = 0.5,
+    nll_alpha: float = 0.0,
+) -> DPOLossOutput:
+    """``sum_i w_i DPO_LOSSES[loss_type_i](logps) + nll_alpha * chosen_nll(logps)`` (weights default to 1: TRL's
+    `loss_weights`; `nll_alpha` is RPO's alpha). `gamma` is SimPO's target margin; `label_smoothing` the eps of
+    cDPO, robust DPO and SimPO. Rewards are DPO's implicit ones when any loss uses the reference.
+
+    >>> out = dpo_loss(_pair(-1.0, -3.0, -2.0, -2.0), ["sigmoid", "hinge"], beta=0.25, loss_weights=[1.0, 2.0])
+    >>> out.loss  # -logsigmoid(0.5) + 2 * (1 - 0.5)
+    tensor(1.4741)
+    """
+    names = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    weights = [1.0] * len(names) if loss_weights is None else list(loss_weights)
+    if len(weights) != len(names):
+        raise ValueError(f"loss_weights has {len(weights)} entries for {len(names)} loss types")
+    unknown = [n for n in names if n not in DPO_LOSSES]
+    if unknown:
+        raise ValueError(f"unknown preference loss {unknown[0]!r}; valid: {sorted(DPO_LOSSES)}")
+    loss = sum(w * DPO_LOSSES[n](logps, beta, label_smoothing, gamma) for n, w in zip(names, weights))
+    nll = chosen_nll(logps)
+    if nll_alpha:
+        loss = loss + nll_alpha * nll
+    chosen, rejected = implicit_rewards(logps, beta, reference_free=all(n in REFERENCE_FREE_LOSSES for n in names))
+    return DPOLossOutput(loss, chosen, rejected, nll.detach())
