@@ -11,9 +11,10 @@ import torch
 
 from rlhf_lightning.data.jsonl import write_jsonl
 from rlhf_lightning.data.prompts import PromptDataset, load_prompts
+from rlhf_lightning.options import SEED_MAX, check_choice, check_number
 from rlhf_lightning.policy import context_length, load_policy
 from rlhf_lightning.sampling import complete
-from rlhf_lightning.tasks.arithmetic import judge_scores
+from rlhf_lightning.tasks.arithmetic import TASKS, judge_scores
 from rlhf_lightning.tasks.strata import strata_metrics, task_strata_names
 
 
@@ -90,6 +91,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--limit", type=int, default=None, help="the first N prompts only")
     parser.add_argument("--out", default=None, help="completions JSONL (default: beside the checkpoint)")
     args = parser.parse_args(argv)
+    check_choice("task", args.task, TASKS, prefix="--")
+    check_number("temperature", args.temperature, low=0, low_open=True, prefix="--")
+    check_number("top_k", args.top_k, low=1, integer=True, allow_none=True, prefix="--")
+    check_number("max_new_tokens", args.max_new_tokens, low=1, integer=True, prefix="--")
+    check_number("batch_size", args.batch_size, low=1, integer=True, prefix="--")
+    check_number("seed", args.seed, low=0, high=SEED_MAX, integer=True, prefix="--")
+    check_number("limit", args.limit, low=1, integer=True, allow_none=True, prefix="--")
     start = time.perf_counter()
     summary, rows = evaluate_policy(
         args.ckpt, args.task, args.split, args.prompts, not args.sample, args.temperature, args.top_k,

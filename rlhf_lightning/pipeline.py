@@ -53,6 +53,17 @@ def build_parser():
     return parser
 
 
+def check_options(cfg) -> None:
+    """Refuse the pipeline's own bad numbers and task before any stage runs (each stage checks its options)."""
+    from rlhf_lightning.options import SEED_MAX, check_choice, check_number
+    from rlhf_lightning.tasks.arithmetic import TASKS
+
+    check_choice("task", cfg.task, TASKS, prefix="--")
+    check_number("samples_per_prompt", cfg.samples_per_prompt, low=1, integer=True, prefix="--")
+    check_number("eval_samples", cfg.eval_samples, low=1, integer=True, allow_none=True, prefix="--")
+    check_number("seed", cfg.seed, low=0, high=SEED_MAX, integer=True, prefix="--")
+
+
 def split_stage_overrides(argv: list[str]) -> tuple[list[str], dict[str, list[str]]]:
     """`--ppo.model.init_args.lr=1e-4` -> {"ppo": ["--model.init_args.lr=1e-4"]}; other args returned as they are."""
     rest, overrides = [], {s: [] for s in STAGES}
@@ -259,6 +270,7 @@ def main(argv: list[str]) -> int:
 
         config, argv = resolve_config(config), resolve_config_args(argv)
     cfg = build_parser().parse_args(argv)
+    check_options(cfg)
     if cfg.eval_samples is not None:
         warnings.warn("rlhf pipeline: eval_samples is deprecated, use samples_per_prompt", DeprecationWarning, stacklevel=1)
         cfg.samples_per_prompt = cfg.eval_samples

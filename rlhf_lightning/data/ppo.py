@@ -9,6 +9,8 @@ from torch.utils.data import DataLoader
 
 from rlhf_lightning.data.base import TokenizedDataModule
 from rlhf_lightning.data.prompts import PromptDataset, load_prompts
+from rlhf_lightning.options import DATA, SEED_MAX, check_choice, check_number
+from rlhf_lightning.tasks.arithmetic import TASKS
 from rlhf_lightning.tokenizer import Tokenizer
 
 
@@ -95,6 +97,13 @@ class PromptDataModule(TokenizedDataModule):
                 longest prompt that leaves room for the completion.
         """
         super().__init__(tokenizer, max_length)
+        check_choice("task", task, TASKS, prefix=DATA)
+        check_number("batch_size", batch_size, low=1, integer=True, prefix=DATA)
+        check_number("eval_batch_size", eval_batch_size, low=1, integer=True, prefix=DATA)
+        check_number("max_train_prompts", max_train_prompts, low=1, integer=True, allow_none="all", prefix=DATA)
+        check_number("max_val_prompts", max_val_prompts, low=1, integer=True, allow_none="all", prefix=DATA)
+        check_number("num_workers", num_workers, low=0, integer=True, prefix=DATA)
+        check_number("seed", seed, low=0, high=SEED_MAX, integer=True, prefix=DATA)
         self.save_hyperparameters(ignore=["tokenizer", "max_length"])
         self.stream: PromptStream | None = None
         self._stream_state: dict[str, int] | None = None

@@ -26,11 +26,12 @@ from torch.utils.data import DataLoader, Dataset
 from rlhf_lightning.data.base import TokenizedDataModule
 from rlhf_lightning.data.jsonl import DataError, read_jsonl, write_jsonl
 from rlhf_lightning.data.prompts import PromptRecord, encode_prompts, load_prompts
+from rlhf_lightning.options import DATA, PAIRS, SEED_MAX, check_choice, check_number
 from rlhf_lightning.padding import left_pad
 from rlhf_lightning.policy import context_length, load_policy
 from rlhf_lightning.sampling import complete
 from rlhf_lightning.scoring import encode_scored_row, pad_scored
-from rlhf_lightning.tasks.arithmetic import gold_answer, judge_scores, split_of
+from rlhf_lightning.tasks.arithmetic import TASKS, gold_answer, judge_scores, split_of
 from rlhf_lightning.tokenizer import Tokenizer
 
 __all__ = [
@@ -347,13 +348,15 @@ class SampledPairs(PairSource):
             generation_batch_size: prompts per batch of sampling (each repeated K times). 256 x K=8 rows
                 sample fastest on a 2-core CPU; 2048 prompts took 40% longer and 900 MB more for the KV cache.
         """
-        option = "data.init_args.pairs.init_args"
-        if judge not in JUDGES:
-            raise ValueError(f"{option}.judge: unknown judge {judge!r}; choose one of {sorted(JUDGES)}")
-        if tie_break not in (None, "length"):
-            raise ValueError(f"{option}.tie_break: must be null or 'length', got {tie_break!r}")
-        if samples_per_prompt < 2:
-            raise ValueError(f"{option}.samples_per_prompt: must be >= 2 to form pairs, got {samples_per_prompt}")
+        check_number("samples_per_prompt", samples_per_prompt, low=2, integer=True, prefix=PAIRS)  # two to form a pair
+        check_choice("judge", judge, JUDGES, prefix=PAIRS)
+        check_choice("tie_break", tie_break, [None, "length"], prefix=PAIRS)
+        check_number("temperature", temperature, low=0, low_open=True, prefix=PAIRS)
+        check_number("top_k", top_k, low=1, integer=True, allow_none="all tokens", prefix=PAIRS)
+        check_number("max_new_tokens", max_new_tokens, low=1, integer=True, prefix=PAIRS)
+        check_number("max_train_prompts", max_train_prompts, low=1, integer=True, allow_none="all", prefix=PAIRS)
+        check_number("max_val_prompts", max_val_prompts, low=1, integer=True, allow_none="all", prefix=PAIRS)
+        check_number("generation_batch_size", generation_batch_size, low=1, integer=True, prefix=PAIRS)
         self.policy_ckpt, self.samples_per_prompt, self.judge, self.tie_break = policy_ckpt, samples_per_prompt, judge, tie_break
         self.temperature, self.top_k, self.max_new_tokens = temperature, top_k, max_new_tokens
         self.max_train_prompts, self.max_val_prompts, self.generation_batch_size = max_train_prompts, max_val_prompts, generation_batch_size
@@ -410,6 +413,11 @@ class PreferenceDataModule(TokenizedDataModule):
             tokenizer, max_length: the module's, linked by `rlhf fit` (see `TokenizedDataModule`).
         """
         super().__init__(tokenizer, max_length)
+        check_choice("task", task, TASKS, prefix=DATA)
+        check_number("seed", seed, low=0, high=SEED_MAX, integer=True, prefix=DATA)
+        check_number("batch_size", batch_size, low=1, integer=True, prefix=DATA)
+        check_number("eval_batch_size", eval_batch_size, low=1, integer=True, prefix=DATA)
+        check_number("num_workers", num_workers, low=0, integer=True, prefix=DATA)
         self.save_hyperparameters(ignore=["tokenizer", "max_length", "pairs"])
         self.pairs = pairs
         self.hparams["pairs"] = {"class_path": f"{type(pairs).__module__}.{type(pairs).__qualname__}", "init_args": dict(vars(pairs))}

@@ -10,7 +10,8 @@ from rlhf_lightning.padding import right_pad
 from rlhf_lightning.data.jsonl import DataError, read_jsonl
 from rlhf_lightning.data.prompts import PromptDataset, load_prompts, read_group
 from rlhf_lightning.data.sampling import StratumWeightedSampler, check_stratum_weights, example_weights
-from rlhf_lightning.tasks.arithmetic import demonstration_problems, task_problems
+from rlhf_lightning.options import DATA, check_choice, check_number
+from rlhf_lightning.tasks.arithmetic import TASKS, demonstration_problems, task_problems
 from rlhf_lightning.tasks.strata import prompt_strata, task_strata_names
 from rlhf_lightning.tokenizer import Tokenizer
 
@@ -88,6 +89,12 @@ class SFTDataModule(TokenizedDataModule):
             tokenizer, max_length: the module's, linked by `rlhf fit` (see `TokenizedDataModule`).
         """
         super().__init__(tokenizer, max_length)
+        check_choice("task", task, TASKS, prefix=DATA)
+        check_number("demo_fraction", demo_fraction, low=0, high=1, low_open=True, prefix=DATA)
+        check_number("batch_size", batch_size, low=1, integer=True, prefix=DATA)
+        check_number("eval_batch_size", eval_batch_size, low=1, integer=True, prefix=DATA)
+        check_number("max_val_prompts", max_val_prompts, low=1, integer=True, allow_none="all", prefix=DATA)
+        check_number("num_workers", num_workers, low=0, integer=True, prefix=DATA)
         self.save_hyperparameters(ignore=["tokenizer", "max_length"])
         check_stratum_weights(stratum_weights, "data.init_args.stratum_weights")
 

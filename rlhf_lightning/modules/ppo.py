@@ -47,12 +47,12 @@ from rlhf_lightning.losses import (
     ppo_loss,
 )
 from rlhf_lightning.optim import adamw, warmup_cosine
-from rlhf_lightning.options import ConfigError, check_choice
+from rlhf_lightning.options import SEED_MAX, ConfigError, check_choice, check_lora, check_number
 from rlhf_lightning.padding import pad_columns
 from rlhf_lightning.models import enable_gradient_checkpointing
 from rlhf_lightning.lora import BaseOfAdapters, add_adapters, has_adapters, keep_trainable, lora_settings, merged, require_peft
 from rlhf_lightning.policy import base_record, context_length, load_policy
-from rlhf_lightning.rewards import RewardSettings, build_reward_source, checked_rewards
+from rlhf_lightning.rewards import REWARD_SOURCES, RewardSettings, build_reward_source, checked_rewards
 from rlhf_lightning.sampling import complete
 from rlhf_lightning.scoring import completion_kl, token_logprobs
 from rlhf_lightning.tasks.arithmetic import judge_scores
@@ -304,10 +304,38 @@ class PPOModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
+        check_choice("reward", reward, REWARD_SOURCES)
         check_choice("advantage", advantage, ADVANTAGE_ESTIMATORS)
         check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
         check_choice("loss_agg", loss_agg, LOSS_AGGREGATIONS)
         check_choice("ratio_level", ratio_level, RATIO_LEVELS)
+        check_choice("reference_dtype", reference_dtype, FROZEN_DTYPES)
+        check_choice("reward_dtype", reward_dtype, FROZEN_DTYPES)
+        for name, weight in (reward_weights or {}).items():
+            check_number(f"reward_weights.{name}", weight)
+        check_number("missing_eos_penalty", missing_eos_penalty, low=0)
+        check_number("samples_per_prompt", samples_per_prompt, low=1, integer=True)
+        check_number("max_new_tokens", max_new_tokens, low=1, integer=True)
+        check_number("temperature", temperature, low=0, low_open=True)
+        check_number("beta", beta, low=0)
+        check_number("target_kl", target_kl, low=0, low_open=True, allow_none="fixed beta")
+        check_number("kl_horizon", kl_horizon, low=0, low_open=True)
+        check_number("clip_eps", clip_eps, low=0, low_open=True)
+        check_number("clip_eps_low", clip_eps_low, low=0, low_open=True, allow_none="clip_eps")
+        check_number("clip_eps_high", clip_eps_high, low=0, low_open=True, allow_none="clip_eps")
+        check_number("clip_c", clip_c, low=1, low_open=True, allow_none="no dual clip")
+        check_number("ppo_epochs", ppo_epochs, low=1, integer=True)
+        check_number("num_minibatches", num_minibatches, low=1, integer=True)
+        check_number("lr", lr, low=0, low_open=True)
+        check_number("weight_decay", weight_decay, low=0)
+        check_number("max_grad_norm", max_grad_norm, low=0, low_open=True, allow_none="no clipping")
+        check_number("eval_every", eval_every, low=0, integer=True)
+        check_number("num_logged_samples", num_logged_samples, low=0, integer=True)
+        check_number("seed", seed, low=0, high=SEED_MAX, integer=True)
+        check_number("max_sampling_rounds", max_sampling_rounds, low=1, integer=True)
+        check_number("warmup_steps", warmup_steps, low=0, integer=True)
+        check_number("micro_batch_size", micro_batch_size, low=1, integer=True, allow_none="all rows at once")
+        check_number("generation_batch_size", generation_batch_size, low=1, integer=True, allow_none="all rows at once")
         low = clip_eps if clip_eps_low is None else clip_eps_low
         high = clip_eps if clip_eps_high is None else clip_eps_high
         if high < low:
@@ -316,17 +344,6 @@ class PPOModule(L.LightningModule):
                 f"allowed: clip_eps_high >= clip_eps_low (each defaults to clip_eps = {clip_eps})"
             )
         self.clip_range = (low, high)  # the ratio is clipped to [1 - low, 1 + high]
-        if clip_c is not None and not clip_c > 1:
-            raise ConfigError(f"model.init_args.clip_c: {clip_c} is not allowed; allowed: a number > 1, or null (no dual clip)")
-        if samples_per_prompt < 1 or ppo_epochs < 1 or num_minibatches < 1:
-            raise ValueError("samples_per_prompt, ppo_epochs and num_minibatches must be >= 1")
-        for name, value in (("micro_batch_size", micro_batch_size), ("generation_batch_size", generation_batch_size)):
-            if value is not None and value < 1:
-                raise ConfigError(f"model.init_args.{name}: {value} is not allowed; allowed: an integer >= 1, or null (all rows at once)")
-        if max_grad_norm is not None and not max_grad_norm > 0:
-            raise ConfigError(f"model.init_args.max_grad_norm: {max_grad_norm} is not allowed; allowed: a number > 0, or null (no clipping)")
-        if max_sampling_rounds < 1:
-            raise ConfigError(f"model.init_args.max_sampling_rounds: {max_sampling_rounds} is not allowed; allowed: an integer >= 1")
         if filter_groups and advantage not in GROUP_ESTIMATORS:
             raise ConfigError(
                 f"model.init_args.filter_groups: true needs an advantage with groups; advantage {advantage!r} has none "
@@ -336,9 +353,7 @@ class PPOModule(L.LightningModule):
             raise ConfigError(
                 f"model.init_args.filter_groups: true needs samples_per_prompt >= 2 (a group to compare), got {samples_per_prompt}"
             )
-
-        check_choice("reference_dtype", reference_dtype, FROZEN_DTYPES)
-        check_choice("reward_dtype", reward_dtype, FROZEN_DTYPES)
+        check_lora(lora)
         self.model, self.tokenizer, meta = load_policy(policy_ckpt, role="model.init_args.policy_ckpt")
         if compile and getattr(getattr(self.model, "config", None), "static_cache", True) is False:
             raise ConfigError("model.init_args.compile: true needs the policy's static KV cache; its hf model config has static_cache: false")

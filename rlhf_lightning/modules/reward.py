@@ -19,7 +19,7 @@ from rlhf_lightning.lora import add_reward_adapters, keep_trainable, lora_settin
 from rlhf_lightning.losses import bradley_terry_loss, masked_mean, pairwise_accuracy
 from rlhf_lightning.models.reward import RewardModel
 from rlhf_lightning.optim import adamw_warmup_cosine
-from rlhf_lightning.options import ConfigError
+from rlhf_lightning.options import ConfigError, check_lora, check_number
 from rlhf_lightning.policy import POLICY_STAGES, base_record, load_plain_policy
 from rlhf_lightning.tasks.arithmetic import ALPHABET
 from rlhf_lightning.tokenizer import CharTokenizer, Tokenizer, load_tokenizer
@@ -87,6 +87,12 @@ class RewardModule(L.LightningModule):
                 HF folder (`model.type: hf`). The checkpoint holds the trained tensors and the base's path and SHA-256.
         """
         super().__init__()
+        check_number("chosen_nll", chosen_nll, low=0)
+        check_number("lr", lr, low=0, low_open=True)
+        check_number("weight_decay", weight_decay, low=0)
+        check_number("warmup_steps", warmup_steps, low=0, integer=True)
+        check_number("min_lr_ratio", min_lr_ratio, low=0, high=1)
+        check_lora(lora)
         sft = read_checkpoint(sft_ckpt, POLICY_STAGES, "model.init_args.sft_ckpt") if sft_ckpt else None
         self.sft_sha256 = sha256_file(sft_ckpt) if sft_ckpt else None  # a resumed run must start from the same file
         self.tokenizer = self._resolve_tokenizer(tokenizer, sft)
@@ -112,7 +118,7 @@ class RewardModule(L.LightningModule):
             self.lora = {"lora": add_reward_adapters(self.model, lora_settings(lora)), "base": base}
         self.strict_loading = self.lora is None  # a checkpoint of adapters leaves the frozen base out
         if chosen_nll and not self.model.lm_feature:
-            raise ValueError("model.init_args.chosen_nll needs a reward model with the likelihood feature (model: {lm_feature: true})")
+            raise ConfigError("model.init_args.chosen_nll needs a reward model with the likelihood feature (model: {lm_feature: true})")
         self.save_hyperparameters()
         self.hparams.model = config  # resolved: the checkpoint rebuilds exactly this model
         self.hparams.tokenizer = self.tokenizer.to_dict()
@@ -128,7 +134,7 @@ class RewardModule(L.LightningModule):
             return load_tokenizer(tokenizer) if tokenizer else CharTokenizer(ALPHABET)
         sft_tokenizer = load_tokenizer(sft["rlhf"]["tokenizer"])
         if tokenizer and load_tokenizer(tokenizer) != sft_tokenizer:
-            raise ValueError("model.init_args.tokenizer differs from the tokenizer of model.init_args.sft_ckpt; leave it unset")
+            raise ConfigError("model.init_args.tokenizer differs from the tokenizer of model.init_args.sft_ckpt; leave it unset")
         return sft_tokenizer
 
     def _resolve_model(self, model: dict[str, Any] | None, sft: dict | None) -> dict[str, Any]:
@@ -137,13 +143,13 @@ class RewardModule(L.LightningModule):
             return {**config, "vocab_size": self.tokenizer.vocab_size}
         policy = sft["rlhf"]["model"]
         if config["type"] != "gpt" or policy.get("type", "gpt") != "gpt":
-            raise ValueError(
+            raise ConfigError(
                 f"model.init_args.init_from_sft needs a 'gpt' reward model and a 'gpt' policy, got "
                 f"{config['type']!r} and {policy.get('type')!r} (set init_from_sft: false)"
             )
         conflicts = sorted(k for k in config if k != "type" and k in policy and policy[k] != config[k])
         if conflicts:
-            raise ValueError(f"model.init_args.model: {conflicts} differ from the SFT policy's; with init_from_sft the sizes come from sft_ckpt")
+            raise ConfigError(f"model.init_args.model: {conflicts} differ from the SFT policy's; with init_from_sft the sizes come from sft_ckpt")
         return {**policy, "type": "gpt", **{k: config[k] for k in ("lm_feature",) if k in config}}
 
     def setup(self, stage: str) -> None:

@@ -12,7 +12,7 @@ from rlhf_lightning.callbacks import log_samples, log_step_metrics, write_step_m
 from rlhf_lightning.losses import masked_mean
 from rlhf_lightning.optim import adamw_warmup_cosine
 from rlhf_lightning.lora import add_adapters, keep_trainable, lora_settings, require_peft
-from rlhf_lightning.options import ConfigError
+from rlhf_lightning.options import ConfigError, check_lora, check_number
 from rlhf_lightning.policy import base_record, build_policy, context_length, load_plain_policy, load_policy
 from rlhf_lightning.sampling import complete
 from rlhf_lightning.scoring import token_logprobs
@@ -59,6 +59,13 @@ class SFTModule(L.LightningModule):
                 an exported folder; an HF model (`model.type: hf`) is its own base.
         """
         super().__init__()
+        check_number("lr", lr, low=0, low_open=True)
+        check_number("weight_decay", weight_decay, low=0)
+        check_number("warmup_steps", warmup_steps, low=0, integer=True)
+        check_number("min_lr_ratio", min_lr_ratio, low=0, high=1)
+        check_number("max_new_tokens", max_new_tokens, low=1, integer=True)
+        check_number("num_logged_samples", num_logged_samples, low=0, integer=True)
+        check_lora(lora)
         self.lora: dict[str, Any] | None = None  # resolved LoRA settings and the base's record, if adapters train
         if lora is not None:
             require_peft("model.init_args.lora")
