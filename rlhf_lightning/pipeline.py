@@ -1,18 +1,20 @@
-"""`rlhf pipeline`: SFT -> reward model -> PPO in one process, then a table on the `test` split.
+"""`rlhf pipeline`: SFT -> reward model -> PPO (or SFT -> DPO) in one process, then a table on the `test` split.
 
     rlhf pipeline                                   # the embedded toy task, configs/toy/pipeline.yaml
+    rlhf pipeline --method dpo                      # SFT -> DPO on pairs sampled from the SFT policy: no reward model
     rlhf pipeline --config configs/toy/pipeline.yaml --sft.trainer.max_epochs=2 --ppo.model.init_args.lr=1e-4
     rlhf pipeline --resume                          # after an interruption: skip done stages, continue the one cut off
 
 Each stage is the same `rlhf fit --config <stage yaml>` run in-process; `--<stage>.<option>=<value>`
 passes `--<option>=<value>` to that stage. Each stage's final checkpoint is passed to the next stage's options
 explicitly (`stage_inputs`): the reward stage gets `model.init_args.sft_ckpt` (and its pair sampler's
-`policy_ckpt`), PPO gets `policy_ckpt` and `reward_ckpt`.
+`policy_ckpt`), PPO gets `policy_ckpt` and `reward_ckpt`, DPO gets `policy_ckpt` (and its pair sampler's).
 The table (and `summary.json`, one row per stage: `stage`, `test_accuracy`, `test_reward`, `test_kl`,
 `wall_s`) reports for each policy its greedy accuracy on `test`, the learned reward's mean (normalized)
 on those answers, and `test_kl`: the per-token KL to the SFT reference on those answers, with `eval/kl`'s
 definition (`scoring.completion_kl`, at temperature 1); the reward row reports the reward model's pairwise
-accuracy against the judge on sampled `test` completions.
+accuracy against the judge on sampled `test` completions. With `--method dpo` there is no reward model: the rows are
+`sft` and `dpo`, and `test_reward` is empty.
 """
 
 from __future__ import annotations
@@ -22,12 +24,14 @@ import json
 import time
 import warnings
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from rlhf_lightning.files import atomic_write_text
 
-STAGES = ("sft", "reward", "ppo")
+STAGES = ("sft", "reward", "ppo", "dpo")  # every stage a pipeline YAML can name
+METHODS = {"ppo": ("sft", "reward", "ppo"), "dpo": ("sft", "dpo")}  # the stages each method runs, in order
 
 
 def default_config() -> Path:
@@ -39,9 +43,10 @@ def default_config() -> Path:
 def build_parser():
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    parser = ArgumentParser(prog="rlhf pipeline", description="SFT -> reward model -> PPO on one task, then a test-split table.")
+    parser = ArgumentParser(prog="rlhf pipeline", description="SFT -> reward model -> PPO (or SFT -> DPO) on one task, then a test-split table.")
     parser.add_argument("--config", action=ActionConfigFile, help="pipeline YAML (default: configs/toy/pipeline.yaml)")
     parser.add_argument("--task", type=str, default="toy", help="task whose test split is reported")
+    parser.add_argument("--method", type=Literal["ppo", "dpo"], default="ppo", help="ppo: SFT -> reward model -> PPO; dpo: SFT -> DPO")
     for stage in STAGES:
         parser.add_argument(f"--{stage}_config", type=str, default=f"{stage}.yaml", help=f"{stage} stage YAML, relative to the pipeline YAML")
         parser.add_argument(f"--{stage}_args", type=list[str], default=[], help=f"extra `rlhf fit` options for the {stage} stage")
@@ -65,8 +70,9 @@ def check_options(cfg) -> None:
 
 
 def split_stage_overrides(argv: list[str]) -> tuple[list[str], dict[str, list[str]]]:
-    """`--ppo.model.init_args.lr=1e-4` -> {"ppo": ["--model.init_args.lr=1e-4"]}; other args returned as they are."""
-    rest, overrides = [], {s: [] for s in STAGES}
+    """`--ppo.model.init_args.lr=1e-4` -> {"ppo": ["--model.init_args.lr=1e-4"]}; other args returned as they are.
+    The default method's stages are always keys; another stage's (`--dpo.`) only when it has overrides."""
+    rest, overrides = [], {s: [] for s in METHODS["ppo"]}
     it = iter(argv)
     for arg in it:
         stage = next((s for s in STAGES if arg.startswith(f"--{s}.")), None)
@@ -76,7 +82,7 @@ def split_stage_overrides(argv: list[str]) -> tuple[list[str], dict[str, list[st
         option = "--" + arg[len(stage) + 3 :]
         if "=" not in option:  # "--sft.trainer.max_epochs 3"
             option = f"{option}={next(it)}"
-        overrides[stage].append(option)
+        overrides.setdefault(stage, []).append(option)
     return rest, overrides
 
 
@@ -149,9 +155,9 @@ def repeat_rows(batch: dict, k: int) -> dict:
 
 
 @torch.no_grad()
-def policy_row(stage: str, ckpt: str, reference_ckpt: str, reward_ckpt: str, task: str, samples: int, seed: int) -> tuple[dict, dict]:
-    """Greedy test accuracy, mean normalized learned reward of those answers, KL to the reference; and the
-    accuracy and reward per stratum."""
+def policy_row(stage: str, ckpt: str, reference_ckpt: str, reward_ckpt: str | None, task: str, samples: int, seed: int) -> tuple[dict, dict]:
+    """Greedy test accuracy, mean normalized learned reward of those answers (None without a reward model), KL to
+    the reference; and the accuracy and reward per stratum."""
     from rlhf_lightning.losses import masked_mean
     from rlhf_lightning.policy import load_policy
     from rlhf_lightning.rewards import LearnedReward
@@ -162,14 +168,14 @@ def policy_row(stage: str, ckpt: str, reference_ckpt: str, reward_ckpt: str, tas
 
     policy, tokenizer, _ = load_policy(ckpt)
     reference, _, _ = load_policy(reference_ckpt)
-    reward = LearnedReward(reward_ckpt, normalize=True, policy_tokenizer=tokenizer, policy_ckpt=ckpt)
+    reward = LearnedReward(reward_ckpt, normalize=True, policy_tokenizer=tokenizer, policy_ckpt=ckpt) if reward_ckpt else None
     policy.eval(), reference.eval()
     batch = test_batch(tokenizer, policy, task)
     completions, gen = complete(policy, tokenizer, batch["prompt_ids"], batch["prompt_mask"], 6, greedy=True)
     scores = judge_scores(completions, batch["golds"], gen.finished)  # (B,)
     accuracy = scores.nanmean()
-    rewards = reward(batch["prompts"], completions, gen.finished, batch["golds"])  # (B,) normalized
-    strata = strata_metrics(scores.tolist(), batch["strata"], rewards.tolist(), task_strata_names(task))
+    rewards = reward(batch["prompts"], completions, gen.finished, batch["golds"]) if reward else None  # (B,) normalized
+    strata = strata_metrics(scores.tolist(), batch["strata"], None if rewards is None else rewards.tolist(), task_strata_names(task))
     ids, mask = gen.joined(batch["prompt_ids"], batch["prompt_mask"])  # (B, P + N) each
     kl = masked_mean(completion_kl(policy, reference, ids, mask, gen.completion_ids.size(1)), gen.completion_mask)  # eval/kl's definition
     repeated = repeat_rows(batch, samples)
@@ -177,7 +183,8 @@ def policy_row(stage: str, ckpt: str, reference_ckpt: str, reward_ckpt: str, tas
         policy, tokenizer, repeated["prompt_ids"], repeated["prompt_mask"], 6, generator=torch.Generator().manual_seed(seed)
     )
     gold = judge_scores(sampled_text, repeated["golds"], sampled.finished).nanmean()  # the judge on K samples per prompt
-    return {"stage": stage, "test_accuracy": float(accuracy), "test_reward": float(rewards.mean()), "test_kl": float(kl), "test_gold_reward": float(gold)}, strata
+    test_reward = None if rewards is None else float(rewards.mean())
+    return {"stage": stage, "test_accuracy": float(accuracy), "test_reward": test_reward, "test_kl": float(kl), "test_gold_reward": float(gold)}, strata
 
 
 @torch.no_grad()
@@ -244,14 +251,19 @@ def stage_inputs(stage: str, config: Path, ckpts: dict[str, str]) -> list[str]:
         return args
     if stage == "ppo":
         return [f"--model.init_args.policy_ckpt={ckpts['sft']}", f"--model.init_args.reward_ckpt={ckpts['reward']}"]
+    if stage == "dpo":
+        args = [f"--model.init_args.policy_ckpt={ckpts['sft']}"]
+        if samples_pairs(config):
+            args.append(f"--data.init_args.pairs.init_args.policy_ckpt={ckpts['sft']}")
+        return args
     return []
 
 
 def seed_args(stage: str, seed: int) -> list[str]:
-    """`--seed N` seeds every stage: the global seed, and the sampling seeds of the reward and PPO stages
+    """`--seed N` seeds every stage: the global seed, and the sampling seeds of the reward, PPO and DPO stages
     (the stage's own options and `--<stage>.` overrides come after, so they win)."""
     args = [f"--seed_everything={seed}"]
-    if stage in ("reward", "ppo"):
+    if stage in ("reward", "ppo", "dpo"):
         args.append(f"--data.init_args.seed={seed}")
     if stage == "ppo":
         args.append(f"--model.init_args.seed={seed}")
@@ -276,16 +288,20 @@ def main(argv: list[str]) -> int:
         cfg.samples_per_prompt = cfg.eval_samples
     base = Path(config).resolve().parent
     ckpts, walls = {}, {}
-    for stage in STAGES:
+    for stage in METHODS[cfg.method]:
         stage_config = base / cfg[f"{stage}_config"]
-        stage_args = [*stage_inputs(stage, stage_config, ckpts), *seed_args(stage, cfg.seed), *cfg[f"{stage}_args"], *overrides[stage]]
+        stage_args = [*stage_inputs(stage, stage_config, ckpts), *seed_args(stage, cfg.seed), *cfg[f"{stage}_args"], *overrides.get(stage, [])]
         records = Path(cfg.summary).with_name("pipeline_state.json")
         ckpts[stage], walls[stage] = run_recorded_stage(stage, stage_config, stage_args, list(ckpts.values()), records, cfg.resume)
     print("[pipeline] evaluating on the test split", flush=True)
-    sft_row, sft_strata = policy_row("sft", ckpts["sft"], ckpts["sft"], ckpts["reward"], cfg.task, cfg.samples_per_prompt, cfg.seed)
-    ppo_row, ppo_strata = policy_row("ppo", ckpts["ppo"], ckpts["sft"], ckpts["reward"], cfg.task, cfg.samples_per_prompt, cfg.seed)
-    rows = [sft_row, reward_row(ckpts["reward"], ckpts["sft"], cfg.task, cfg.samples_per_prompt, cfg.seed), ppo_row]
-    strata = {"sft": sft_strata, "ppo": ppo_strata}
+    reward = ckpts.get("reward")  # none with --method dpo
+    rows, strata = [], {}
+    for stage in METHODS[cfg.method]:
+        if stage == "reward":
+            rows.append(reward_row(reward, ckpts["sft"], cfg.task, cfg.samples_per_prompt, cfg.seed))
+            continue
+        row, strata[stage] = policy_row(stage, ckpts[stage], ckpts["sft"], reward, cfg.task, cfg.samples_per_prompt, cfg.seed)
+        rows.append(row)
     for row in rows:
         row["wall_s"] = round(walls[row["stage"]], 2)
     summary = Path(cfg.summary)

@@ -13,7 +13,7 @@ from rlhf_lightning.models import build_model
 from rlhf_lightning.tasks.arithmetic import ALPHABET
 from rlhf_lightning.tokenizer import CharTokenizer, Tokenizer, load_tokenizer
 
-POLICY_STAGES = ("sft", "ppo")
+POLICY_STAGES = ("sft", "ppo", "dpo")
 
 
 def build_policy(model: dict[str, Any] | None, tokenizer: dict[str, Any] | None) -> tuple[nn.Module, Tokenizer, dict[str, Any]]:

@@ -1,0 +1,420 @@
+"""Direct preference optimization: the policy learns from preference pairs directly, with no reward model.
+
+One training step, on a batch of B pairs from `PreferenceDataModule` (rows [0, B) chosen, [B, 2B) rejected):
+
+1. one forward of the policy over the 2B rows; each completion's log-probs summed over its completion tokens
+   (`scoring.token_logprobs`; prompt and padding never count);
+2. the frozen reference's sums of the same tokens: from the table computed once at fit start
+   (`precompute_ref_logprobs`), or one no-grad forward of the same rows; none for reference-free losses (simpo, orpo);
+3. `losses.dpo_loss`: the configured `loss_type`s (TRL's names), weighted by `loss_weights`, plus RPO's NLL term.
+
+Automatic optimization: a step is one loss and one optimizer step, as in SFT, so Lightning's gradient clipping
+(`trainer.gradient_clip_val`), gradient accumulation and precision plugins apply unchanged.
+
+On `val`: the implicit reward's pairwise accuracy on the held-out pairs (`eval/rm_accuracy`) and the greedy task
+accuracy on the `val` prompts (`eval/accuracy` and its strata), also once before the first update.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn as nn
+from torch.utils.data import Dataset
+from torchmetrics import MeanMetric
+
+from rlhf_lightning.callbacks import log_samples, log_step_metrics, logging_step, write_step_metrics
+from rlhf_lightning.checkpoints import CheckpointError, sha256_path
+from rlhf_lightning.data.prompts import PromptDataset, load_prompts, move_batch
+from rlhf_lightning.lora import BaseOfAdapters, add_adapters, has_adapters, keep_trainable, lora_settings, merged, require_peft
+from rlhf_lightning.losses import DPO_LOSSES, REFERENCE_FREE_LOSSES, PairLogps, dpo_loss, implicit_rewards, masked_sum
+from rlhf_lightning.modules.ppo import FROZEN_DTYPES, _reference_not_expected, _without_reference, disable_dropout
+from rlhf_lightning.optim import adamw_warmup_cosine
+from rlhf_lightning.options import ConfigError, check_choice
+from rlhf_lightning.policy import base_record, build_policy, context_length, load_policy
+from rlhf_lightning.sampling import complete
+from rlhf_lightning.scoring import token_logprobs
+from rlhf_lightning.tasks.arithmetic import judge_scores
+from rlhf_lightning.tasks.strata import strata_metrics
+
+__all__ = ["DPOModule", "WithReferenceLogps", "sequence_logps"]
+
+
+def sequence_logps(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs summed over each row's completion tokens (R,), the number of those tokens (R,)) of right-padded
+    prompt ++ completion rows (`input_ids`, `completion_mask` (R, T)), in one teacher-forced forward.
+
+    Right-padded rows need no attention mask: causal attention keeps real tokens from seeing the padding after
+    them (as SFT's step; the fused causal kernel is used)."""
+    logprobs = token_logprobs(model, batch["input_ids"], None)  # (R, T): [:, t] = log p(ids[t] | ids[:t])
+    mask = batch["completion_mask"]  # (R, T)
+    return masked_sum(logprobs, mask, dim=-1), mask.sum(-1).to(logprobs.dtype)  # (R,), (R,)
+
+
+class WithReferenceLogps(Dataset):
+    """A pair dataset whose batches also carry the reference's precomputed sums: `ref_chosen`, `ref_rejected` (B,)."""
+
+    def __init__(self, pairs: Dataset, table: torch.Tensor) -> None:
+        self.pairs, self.table = pairs, table  # table (N, 2): per pair the reference's (chosen, rejected) sums
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> tuple[int, Any]:
+        return i, self.pairs[i]
+
+    def collate(self, items: list[tuple[int, Any]]) -> dict:
+        rows = self.table[torch.tensor([i for i, _ in items])]  # (B, 2)
+        return {**self.pairs.collate([item for _, item in items]), "ref_chosen": rows[:, 0], "ref_rejected": rows[:, 1]}
+
+
+class DPOModule(L.LightningModule):
+    """Preference optimization of a policy on pairs; see the module docstring for one training step."""
+
+    def __init__(
+        self,
+        policy_ckpt: str | None = None,
+        model: dict[str, Any] | None = None,
+        tokenizer: dict[str, Any] | None = None,
+        loss_type: str | list[str] = "sigmoid",
+        loss_weights: list[float] | None = None,
+        beta: float = 0.1,
+        label_smoothing: float = 0.0,
+        gamma: float = 0.5,
+        nll_alpha: float = 0.0,
+        precompute_ref_logprobs: bool = False,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 1.0,
+        max_new_tokens: int = 6,
+        max_val_prompts: int | None = None,
+        inference_batch_size: int = 1024,
+        num_logged_samples: int = 8,
+        keep_best: bool = False,
+        lora: dict[str, Any] | None = None,
+        reference_dtype: str = "float32",
+    ) -> None:
+        """
+        Args:
+            policy_ckpt: SFT (or PPO, DPO) checkpoint or exported folder; the policy starts from it and the frozen
+                reference is it. Needed by every loss that reads a reference, unless `lora` puts adapters on an
+                HF model (`model.type: hf`), whose adapters-off self is then the reference.
+            model: plain config of the policy when there is no `policy_ckpt`: an HF folder (`{type: hf, path}`) or,
+                for reference-free losses only, a fresh model.
+            tokenizer: with `model`, its tokenizer (default: the HF folder's, or the toy alphabet).
+            loss_type: a name of `losses.DPO_LOSSES` (TRL's `loss_type` names: sigmoid, robust, ipo, hinge, simpo;
+                orpo) or a list of them, summed with `loss_weights`.
+            loss_weights: one weight per `loss_type` (default: 1 each).
+            beta: the KL strength of DPO (IPO's tau; SimPO's and ORPO's scale); a finite number > 0.
+            label_smoothing: eps, the assumed probability of a flipped label: cDPO's smoothing of `sigmoid`, the
+                noise rate of `robust`, SimPO's smoothing; 0 <= eps < 0.5.
+            gamma: SimPO's target reward margin.
+            nll_alpha: weight of the chosen completions' NLL per token added to the loss (RPO's alpha; ORPO
+                includes its own NLL).
+            precompute_ref_logprobs: compute the reference's log-probs of every training pair once, at fit start,
+                instead of a reference forward each step.
+            lr: peak AdamW learning rate.
+            weight_decay: AdamW weight decay on matrices (none on biases and norms).
+            warmup_steps: linear warm-up steps, then cosine decay to `min_lr_ratio * lr` (1.0: constant).
+            min_lr_ratio: final learning rate as a fraction of `lr`.
+            max_new_tokens: completion budget of greedy evaluation.
+            max_val_prompts: evaluate greedy accuracy on the first N `val` prompts only (None: all).
+            inference_batch_size: prompts per batch of greedy evaluation, and pairs per reference forward of the
+                precompute (the DataModule's `eval_batch_size` is its held-out pairs' batch).
+            num_logged_samples: evaluation completions written to TensorBoard as text.
+            keep_best: the final checkpoint holds the policy with the best `eval/accuracy` on `val` among the
+                evaluations (the latest on ties; the start counts). False: the last policy.
+            lora: train LoRA adapters on the policy instead of all of it: {r, alpha (default 2 r), dropout,
+                target_modules}; the reference is the same model with its adapters switched off (no copy). A
+                `policy_ckpt` holding adapters (LoRA SFT) continues them without this option; its reference is
+                then that SFT policy merged into one frozen copy.
+            reference_dtype: "float32" or "bfloat16" for a frozen reference copy.
+        """
+        super().__init__()
+        names = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+        if not names:
+            raise ConfigError(f"model.init_args.loss_type: an empty list; allowed: one or more of {', '.join(sorted(DPO_LOSSES))}")
+        for name in names:
+            check_choice("loss_type", name, DPO_LOSSES)
+        if loss_weights is not None and (len(loss_weights) != len(names) or not all(math.isfinite(w) for w in loss_weights)):
+            raise ConfigError(
+                f"model.init_args.loss_weights: {list(loss_weights)} does not fit loss_type {names}; "
+                f"allowed: {len(names)} finite number(s), one per loss type, or null (1 each)"
+            )
+        if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
+            raise ConfigError(f"model.init_args.beta: {beta} is not allowed; allowed: a finite number > 0")
+        if not 0.0 <= label_smoothing < 0.5:
+            raise ConfigError(f"model.init_args.label_smoothing: {label_smoothing} is not allowed; allowed: 0 <= label_smoothing < 0.5")
+        check_choice("reference_dtype", reference_dtype, FROZEN_DTYPES)
+        needs_reference = any(name not in REFERENCE_FREE_LOSSES for name in names)
+        if needs_reference and policy_ckpt is None and lora is None:
+            raise ConfigError(
+                f"model.init_args.policy_ckpt: loss_type {names} needs a reference model: set policy_ckpt (an SFT checkpoint: "
+                f"the policy starts from it and the frozen reference is it), add lora on an HF model, or use a reference-free "
+                f"loss ({', '.join(sorted(REFERENCE_FREE_LOSSES))})"
+            )
+        self.save_hyperparameters()
+        self.hparams.loss_type = names
+
+        meta: dict[str, Any] = {}
+        if policy_ckpt is not None:
+            if model is not None or tokenizer is not None:
+                raise ConfigError("model.init_args.model: the policy comes from policy_ckpt; leave model and tokenizer unset")
+            self.model, self.tokenizer, meta = load_policy(policy_ckpt, role="model.init_args.policy_ckpt")
+            model_config = meta["model"]
+        else:
+            self.model, self.tokenizer, model_config = build_policy(model, tokenizer)
+        self.policy_sha256 = sha256_path(policy_ckpt) if policy_ckpt is not None else None  # a resumed run must start from the same file
+        self.policy_meta = {"model": dict(model_config), "tokenizer": self.tokenizer.to_dict()}
+
+        self.lora: dict[str, Any] | None = None  # resolved LoRA settings and the base's record, if adapters train
+        reference: nn.Module | None = None
+        if lora is not None:
+            require_peft("model.init_args.lora")
+            if has_adapters(self.model):
+                raise ConfigError("model.init_args.lora: policy_ckpt already holds adapters; leave lora unset to continue training them")
+            if policy_ckpt is not None:
+                base = base_record(policy_ckpt, "checkpoint", self.policy_sha256)
+            elif model_config.get("type") == "hf":
+                base = base_record(model_config["path"], "hf")
+            else:
+                raise ConfigError(
+                    "model.init_args.lora: adapters need a trained base: set model.init_args.policy_ckpt (an SFT checkpoint) "
+                    "or use an HF model folder (model.type: hf)"
+                )
+            self.lora = {"lora": add_adapters(self.model, lora_settings(lora)), "base": base}
+            reference = BaseOfAdapters(self.model) if needs_reference else None
+        elif has_adapters(self.model):  # LoRA SFT: continue its adapters; the reference is that SFT policy
+            self.lora = {"lora": meta["lora"], "base": meta["base"]}
+            reference = merged(self.model).to(FROZEN_DTYPES[reference_dtype]) if needs_reference else None
+        elif needs_reference:
+            reference = copy.deepcopy(self.model).to(FROZEN_DTYPES[reference_dtype])
+        self.strict_loading = self.lora is None  # a checkpoint of adapters leaves the frozen base out
+        # Deterministic forwards: the reference's log-probs are the policy's own at the start (margins exactly 0).
+        disable_dropout(self.model)
+        if reference is not None and not isinstance(reference, BaseOfAdapters):
+            disable_dropout(reference)
+        # The frozen reference: a submodule (it moves with the module) without gradients or optimizer state (the
+        # optimizer holds `self.model`'s parameters only), left out of `state_dict` (rebuilt from `policy_ckpt`, whose
+        # SHA-256 is checked on resume). None for reference-free losses: no reference is loaded at all.
+        self.reference = None if reference is None else reference.eval().requires_grad_(False)
+        self.register_state_dict_post_hook(_without_reference)
+        self.register_load_state_dict_post_hook(_reference_not_expected)
+
+        self.val_pair_accuracy = MeanMetric()
+        self.val_margin = MeanMetric()
+        self.eval_history: list[dict[str, float]] = []
+        self._best: dict[str, Any] | None = None  # {step, accuracy, state} of the best policy on val
+        self.chosen: dict[str, float] | None = None  # what `finalize_policy` kept
+        self._val_prompts: PromptDataset | None = None
+
+    @property
+    def data_max_length(self) -> int:
+        """The longest prompt ++ completion its DataModule may produce: the policy's context."""
+        return context_length(self.model)
+
+    def frozen_models(self) -> list[nn.Module]:
+        """The frozen reference, if any (none with adapters off: it has no weights of its own)."""
+        return [] if self.reference is None else [self.reference]
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self, stage: str) -> None:
+        """The greedy evaluation's `val` prompts; with `precompute_ref_logprobs`, the reference's table.
+
+        The table is recomputed here at every fit start, resumed or not, rather than stored in the checkpoint:
+        it is a deterministic function of the pairs (seeded, so a resumed run loads the same ones) and of the
+        reference (`policy_ckpt`, whose SHA-256 a resume checks), computed in fixed chunks in dataset order with no
+        randomness, so on the same machine a resumed run uses bitwise the values of the uninterrupted one.
+        It runs after the DataModule's `setup` and before any training dataloader is built."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        task = getattr(datamodule, "hparams", {}).get("task", "toy") if datamodule is not None else "toy"
+        self._val_prompts = PromptDataset(self.tokenizer, load_prompts(task, "val", limit=self.hparams.max_val_prompts), context_length(self.model))
+        if stage != "fit" or not self.hparams.precompute_ref_logprobs or self.reference is None or datamodule is None:
+            return
+        pairs = datamodule.train_set
+        if isinstance(pairs, WithReferenceLogps):
+            pairs = pairs.pairs
+        device = self.trainer.strategy.root_device
+        self.to(device)
+        datamodule.train_set = WithReferenceLogps(pairs, self.reference_table(pairs).cpu())
+
+    @torch.no_grad()
+    def reference_table(self, pairs: Dataset) -> torch.Tensor:
+        """The reference's (chosen, rejected) log-prob sums (N, 2) of every pair, `inference_batch_size` pairs a forward,
+        in dataset order: the batches a training step would build from the same pairs."""
+        size = self.hparams.inference_batch_size
+        out = []
+        for start in range(0, len(pairs), size):
+            batch = move_batch(pairs.collate([pairs[i] for i in range(start, min(start + size, len(pairs)))]), self.device)
+            out.append(self.reference_logps(batch))
+        return torch.cat(out) if out else torch.zeros(0, 2)
+
+    def reference_logps(self, batch: dict) -> torch.Tensor:
+        """The frozen reference's (chosen, rejected) sums (B, 2) of a pair batch, in one no-grad forward."""
+        with torch.no_grad():
+            sums, _ = sequence_logps(self.reference, batch)  # (2B,)
+        return torch.stack(sums.chunk(2), dim=1)  # (B, 2)
+
+    def configure_optimizers(self):
+        return adamw_warmup_cosine(self, self.model)
+
+    # ------------------------------------------------------------------ training
+
+    def pair_logps(self, batch: dict) -> PairLogps:
+        """The policy's sums (with gradients) and the reference's, as the losses read them."""
+        sums, tokens = sequence_logps(self.model, batch)  # (2B,), (2B,)
+        chosen, rejected = sums.chunk(2)
+        chosen_tokens, rejected_tokens = tokens.chunk(2)
+        if self.reference is None:
+            return PairLogps(chosen, rejected, chosen_tokens, rejected_tokens)
+        if "ref_chosen" in batch:  # precomputed at fit start
+            ref = torch.stack([batch["ref_chosen"], batch["ref_rejected"]], dim=1)  # (B, 2)
+        else:
+            ref = self.reference_logps(batch)  # (B, 2)
+        return PairLogps(chosen, rejected, chosen_tokens, rejected_tokens, ref[:, 0], ref[:, 1])
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        hp = self.hparams
+        logps = self.pair_logps(batch)
+        out = dpo_loss(logps, hp.loss_type, hp.beta, hp.loss_weights, hp.label_smoothing, hp.gamma, hp.nll_alpha)
+        metrics = {
+            "dpo/loss": out.loss.detach(),
+            "dpo/rewards/chosen": out.chosen_rewards.mean(),
+            "dpo/rewards/rejected": out.rejected_rewards.mean(),
+            "dpo/rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float().mean(),
+            "dpo/rewards/margins": (out.chosen_rewards - out.rejected_rewards).mean(),
+            "dpo/logps/chosen": logps.chosen.detach().mean(),
+            "dpo/logps/rejected": logps.rejected.detach().mean(),
+            "dpo/nll": out.nll,
+        }
+        log_step_metrics(self, metrics, prog_bar={"loss": "dpo/loss", "acc": "dpo/rewards/accuracies"})  # rank 0's values
+        return out.loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        write_step_metrics(self)  # the loggers' part of this step's `log_step_metrics`
+
+    def on_train_start(self) -> None:
+        if self.global_step == 0 and not self.eval_history:  # the start, before any update (not on resume)
+            self.log_metrics_now(self.evaluate())
+
+    def on_train_end(self) -> None:
+        self.finalize_policy()
+
+    # ------------------------------------------------------------------ evaluation
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Held-out pairs: each completion's implicit reward, compared within its pairs."""
+        pairs = batch["pairs"]  # (M, 2) rows of (chosen, rejected)
+        if not len(pairs):
+            return
+        sums, tokens = sequence_logps(self.model, batch)  # (N,)
+        ref = sequence_logps(self.reference, batch)[0] if self.reference is not None else None
+        at = lambda t, k: None if t is None else t[pairs[:, k]]  # noqa: E731
+        logps = PairLogps(at(sums, 0), at(sums, 1), at(tokens, 0), at(tokens, 1), at(ref, 0), at(ref, 1))
+        chosen, rejected = implicit_rewards(logps, self.hparams.beta, reference_free=self.reference is None)
+        self.val_pair_accuracy.update((chosen > rejected).float())
+        self.val_margin.update(chosen - rejected)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_pair_accuracy.update_called:
+            self.log("eval/rm_accuracy", self.val_pair_accuracy.compute(), prog_bar=True)
+            self.log("eval/rewards/margins", self.val_margin.compute())
+        self.val_pair_accuracy.reset()
+        self.val_margin.reset()
+        if self._trainer is not None and self.trainer.sanity_checking:
+            return
+        for name, value in self.evaluate().items():
+            self.log(name, value, prog_bar=name == "eval/accuracy")
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Greedy task accuracy on the `val` prompts and per stratum, with the same calls as SFT's validation
+        (`sampling.complete` greedy, `tasks.arithmetic.judge_scores`, `tasks.strata.strata_metrics`); every rank
+        evaluates all prompts (deterministic). Recorded in `eval_history`; during fit, the best policy is kept."""
+        hp = self.hparams
+        data = self._val_prompts
+        if data is None:
+            data = self._val_prompts = PromptDataset(self.tokenizer, load_prompts("toy", "val", limit=hp.max_val_prompts), context_length(self.model))
+        was_training = self.model.training
+        self.model.eval()
+        scores, strata = [], []
+        for start in range(0, len(data), hp.inference_batch_size):
+            batch = move_batch(data.collate([data[i] for i in range(start, min(start + hp.inference_batch_size, len(data)))]), self.device)
+            completions, gen = complete(self.model, self.tokenizer, batch["prompt_ids"], batch["prompt_mask"], hp.max_new_tokens, greedy=True)
+            scores += judge_scores(completions, batch["golds"], gen.finished).tolist()
+            strata += batch["strata"]
+            if start == 0 and self._trainer is not None:
+                log_samples(self, "samples/val", batch["prompts"], completions, batch["golds"], hp.num_logged_samples)
+        self.model.train(was_training)
+        known = [s for s in scores if s == s]
+        metrics = {"eval/accuracy": sum(known) / len(known) if known else float("nan")}
+        for name, m in strata_metrics(scores, strata).items():
+            if m["accuracy"] is not None:
+                metrics[f"eval/accuracy/{name}"] = m["accuracy"]
+        self.eval_history.append({"step": self.global_step, **metrics})
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            self.remember_if_best(metrics["eval/accuracy"])
+        return metrics
+
+    def log_metrics_now(self, metrics: dict[str, float]) -> None:
+        """Write evaluation metrics outside a loop's logging hook (before the first update, at the end)."""
+        if self._trainer is not None and self.logger is not None and self.trainer.is_global_zero:
+            self.logger.log_metrics(metrics, step=logging_step(self))
+        if self._trainer is not None:
+            self.trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+
+    def remember_if_best(self, accuracy: float) -> None:
+        """Keep a CPU copy of the trained weights when `accuracy` on `val` is at least the best so far."""
+        if not self.hparams.keep_best or accuracy != accuracy:  # NaN: no gold answers to choose by
+            return
+        if self._best is None or accuracy >= self._best["accuracy"]:
+            state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items() if self.lora is None or "lora_" in k}
+            self._best = {"step": self.global_step, "accuracy": accuracy, "state": state}
+
+    def finalize_policy(self) -> None:
+        """With `keep_best`: evaluate the last policy if it has not been, then keep the best one on `val`.
+
+        Called by `FinalCheckpoint` before it writes the stage's checkpoint, and at the end of training."""
+        if self.chosen is not None or not self.hparams.keep_best or self.global_step == 0:
+            return
+        if not self.eval_history or self.eval_history[-1]["step"] != self.global_step:
+            self.log_metrics_now(self.evaluate())
+        best = self._best
+        if best is not None and best["step"] != self.global_step:
+            self.model.load_state_dict(best["state"], strict=self.lora is None)
+        self.chosen = {"step": best["step"], "eval/accuracy": best["accuracy"]} if best is not None else None
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the policy format of SFT and PPO checkpoints: `rlhf eval`, `rlhf export` and PPO's policy_ckpt read it
+        checkpoint["rlhf"] = {
+            "stage": "dpo",
+            "model": dict(self.policy_meta["model"]),
+            "tokenizer": dict(self.policy_meta["tokenizer"]),
+            "policy_ckpt": self.hparams.policy_ckpt,
+            "policy_sha256": self.policy_sha256,
+            "eval_history": [dict(h) for h in self.eval_history],
+            "best": None if self._best is None else dict(self._best),
+            "chosen": self.chosen,
+            **(self.lora or {}),
+        }
+        if self.lora is not None:
+            keep_trainable(checkpoint["state_dict"], self.model, "model.")
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint.get("rlhf", {})
+        if meta.get("policy_sha256") != self.policy_sha256:
+            raise CheckpointError(
+                f"model.init_args.policy_ckpt: {self.hparams.policy_ckpt!r} (sha256 {self.policy_sha256}) is not the file this "
+                f"DPO run started from (sha256 {meta.get('policy_sha256')}); refusing to resume against a different policy_ckpt"
+            )
+        self.eval_history = [dict(h) for h in meta.get("eval_history", [])]
+        self._best = meta.get("best")
+        self.chosen = meta.get("chosen")
