@@ -193,13 +193,14 @@ def test_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one(base, pair_files
 
 
 @pytest.mark.parametrize("extra, words", [
-    (["--model.init_args.beta=0"], ["model.init_args.beta: 0", "a finite number > 0"]),
-    (["--model.init_args.beta=.nan"], ["model.init_args.beta: nan", "a finite number > 0"]),
+    (["--model.init_args.beta=0"], ["model.init_args.beta: 0.0 is not allowed", "a number > 0"]),
+    (["--model.init_args.beta=.nan"], ["model.init_args.beta: nan is not allowed", "a number > 0"]),
     (["--model.init_args.beta=.inf"], ["model.init_args.beta: inf"]),
     (["--model.init_args.loss_type=[sigmoid, hinge]", "--model.init_args.loss_weights=[1.0]"], ["loss_weights: [1.0]", "2 finite number(s)"]),
     (["--model.init_args.loss_type=kto"], ["loss_type: unknown value 'kto'", "sigmoid", "simpo"]),
     (["--model.init_args.policy_ckpt=null"], ["policy_ckpt", "needs a reference model", "simpo"]),
-    (["--model.init_args.label_smoothing=0.5"], ["label_smoothing: 0.5"]),
+    (["--model.init_args.label_smoothing=0.5"], ["label_smoothing: 0.5 is not allowed", "[0, 0.5)"]),
+    (["--model.init_args.lr=-1"], ["model.init_args.lr: -1.0 is not allowed"]),
 ])
 def test_bad_options_give_one_line_and_exit_2(extra, words, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # no checkpoints here: each is refused before anything is read

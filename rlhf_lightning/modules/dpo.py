@@ -34,7 +34,7 @@ from rlhf_lightning.lora import BaseOfAdapters, add_adapters, has_adapters, keep
 from rlhf_lightning.losses import DPO_LOSSES, REFERENCE_FREE_LOSSES, PairLogps, dpo_loss, implicit_rewards, masked_sum
 from rlhf_lightning.modules.ppo import FROZEN_DTYPES, _reference_not_expected, _without_reference, disable_dropout
 from rlhf_lightning.optim import adamw_warmup_cosine
-from rlhf_lightning.options import ConfigError, check_choice
+from rlhf_lightning.options import ConfigError, check_choice, check_lora, check_number
 from rlhf_lightning.policy import base_record, build_policy, context_length, load_policy
 from rlhf_lightning.sampling import complete
 from rlhf_lightning.scoring import token_logprobs
@@ -110,7 +110,7 @@ class DPOModule(L.LightningModule):
             loss_type: a name of `losses.DPO_LOSSES` (TRL's `loss_type` names: sigmoid, robust, ipo, hinge, simpo;
                 orpo) or a list of them, summed with `loss_weights`.
             loss_weights: one weight per `loss_type` (default: 1 each).
-            beta: the KL strength of DPO (IPO's tau; SimPO's and ORPO's scale); a finite number > 0.
+            beta: the KL strength of DPO (IPO's tau; SimPO's and ORPO's scale); a number > 0.
             label_smoothing: eps, the assumed probability of a flipped label: cDPO's smoothing of `sigmoid`, the
                 noise rate of `robust`, SimPO's smoothing; 0 <= eps < 0.5.
             gamma: SimPO's target reward margin.
@@ -146,10 +146,19 @@ class DPOModule(L.LightningModule):
                 f"model.init_args.loss_weights: {list(loss_weights)} does not fit loss_type {names}; "
                 f"allowed: {len(names)} finite number(s), one per loss type, or null (1 each)"
             )
-        if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
-            raise ConfigError(f"model.init_args.beta: {beta} is not allowed; allowed: a finite number > 0")
-        if not 0.0 <= label_smoothing < 0.5:
-            raise ConfigError(f"model.init_args.label_smoothing: {label_smoothing} is not allowed; allowed: 0 <= label_smoothing < 0.5")
+        check_number("beta", beta, low=0, low_open=True)
+        check_number("label_smoothing", label_smoothing, low=0, high=0.5, high_open=True)  # eps < 0.5: a label is likelier right than flipped
+        check_number("gamma", gamma)
+        check_number("nll_alpha", nll_alpha, low=0)
+        check_number("lr", lr, low=0, low_open=True)
+        check_number("weight_decay", weight_decay, low=0)
+        check_number("warmup_steps", warmup_steps, low=0, integer=True)
+        check_number("min_lr_ratio", min_lr_ratio, low=0, high=1)
+        check_number("max_new_tokens", max_new_tokens, low=1, integer=True)
+        check_number("max_val_prompts", max_val_prompts, low=1, integer=True, allow_none="all")
+        check_number("inference_batch_size", inference_batch_size, low=1, integer=True)
+        check_number("num_logged_samples", num_logged_samples, low=0, integer=True)
+        check_lora(lora)
         check_choice("reference_dtype", reference_dtype, FROZEN_DTYPES)
         needs_reference = any(name not in REFERENCE_FREE_LOSSES for name in names)
         if needs_reference and policy_ckpt is None and lora is None:
