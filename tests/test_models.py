@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from rlhf_lightning.models import GPT, GPTConfig, build_model, positions_from_mask
+from tolerance import EPS32, FORWARD_ATOL, grad_atol
 
 
 def tiny_gpt(seed: int = 0) -> GPT:
@@ -23,7 +24,7 @@ def test_left_padding_does_not_change_a_rows_logits():
     padded = torch.tensor([[0, 0, 3, 4, 5]])
     mask = torch.tensor([[0, 0, 1, 1, 1]], dtype=torch.bool)
     with_pad = model(padded, mask)[:, 2:]
-    torch.testing.assert_close(with_pad, alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(with_pad, alone, atol=FORWARD_ATOL, rtol=0)
 
 
 def test_kv_cache_forward_equals_full_forward():
@@ -35,8 +36,8 @@ def test_kv_cache_forward_equals_full_forward():
     first = model(ids[:, :3], mask[:, :3], position_ids=positions_from_mask(mask[:, :3]), cache=cache)
     pos = positions_from_mask(mask)
     steps = [model(ids[:, t : t + 1], mask[:, : t + 1], position_ids=pos[:, t : t + 1], cache=cache) for t in (3, 4)]
-    torch.testing.assert_close(torch.cat([first, *steps], dim=1)[:, 1:], full[:, 1:], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(first[1], full[1, :3], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat([first, *steps], dim=1)[:, 1:], full[:, 1:], atol=FORWARD_ATOL, rtol=0)
+    torch.testing.assert_close(first[1], full[1, :3], atol=FORWARD_ATOL, rtol=0)
 
 
 def test_too_long_sequence_is_a_clear_error():
@@ -131,10 +132,12 @@ def _adamw_beside_the_loop(steps: int, **options) -> tuple[torch.optim.AdamW, li
 
 
 def test_adamw_is_fused_and_steps_like_the_reference_implementation():
-    ours, models = _adamw_beside_the_loop(3)
+    # one step (the tolerance policy's rule 3): both start from bitwise the same gradients, and the fused kernel
+    # evaluates the same update in another order; weights of magnitude <= ~1 then differ by a few roundings
+    ours, models = _adamw_beside_the_loop(1)
     assert all(group["fused"] for group in ours.param_groups)
     for a, b in zip(models[0].parameters(), models[1].parameters()):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)  # each step moves a weight by about lr = 1e-2
+        torch.testing.assert_close(a, b, atol=16 * EPS32, rtol=0)  # the step itself moves a weight by about lr = 1e-2
 
 
 def test_adamw_unfused_is_bitwise_the_per_parameter_loop():
@@ -160,7 +163,7 @@ def test_completion_logprobs_reach_the_lm_head_for_the_completion_positions_only
     part, logits = token_logprobs(model, ids, mask, temperature=0.7, completion_len=4, return_logits=True)
     assert widths == [9, 5]  # the completion's 4 positions and the last
     assert logits.shape == (3, 4, 11)
-    torch.testing.assert_close(part, full[:, -4:], atol=1e-6, rtol=0)
+    torch.testing.assert_close(part, full[:, -4:], atol=FORWARD_ATOL, rtol=0)
     # the same gradients as through the full logits
     grads = []
     for keep in (False, True):
@@ -168,7 +171,7 @@ def test_completion_logprobs_reach_the_lm_head_for_the_completion_positions_only
         lp = token_logprobs(model, ids, mask, 0.7, completion_len=4) if keep else token_logprobs(model, ids, mask, 0.7)[:, -4:]
         lp.sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
-    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(grads[1], grads[0], atol=grad_atol(grads[0], terms=3 * 9), rtol=0)
 
 
 def test_a_checkpoint_stored_in_bf16_loads_in_the_models_precision(sft_ckpt, tmp_path):

@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from rlhf_lightning.modules.ppo import PPOModule, Rollout
+from tolerance import EPS32, grad_atol
 
 WORLD = 2
 K = 2  # samples per prompt: 4 prompts x 2 = 8 rows, 4 per rank, groups never split
@@ -104,5 +105,9 @@ def test_two_process_update_equals_single_process_update(sft_ckpt, tmp_path):
     for rank in range(WORLD):
         results = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         for case, (grad, weights) in single.items():
-            torch.testing.assert_close(results[case]["grad"], grad, atol=1e-6, rtol=1e-5, msg=lambda m: f"{case}: {m}")
-            torch.testing.assert_close(results[case]["weights"], weights, atol=1e-6, rtol=0, msg=lambda m: f"{case}: {m}")
+            # two ranks' gradients of 4 rows each, summed by all_reduce, against one pass over the 8 rows
+            tol = grad_atol(grad, terms=8 * WORLD)
+            torch.testing.assert_close(results[case]["grad"], grad, atol=tol, rtol=0, msg=lambda m: f"{case}: {m}")
+            # one SGD step (lr 0.1) from the same weights: the gradients' bound times lr, plus one rounding of a weight
+            torch.testing.assert_close(results[case]["weights"], weights, atol=0.1 * tol + EPS32 * float(weights.abs().max()), rtol=0,
+                                       msg=lambda m: f"{case}: {m}")

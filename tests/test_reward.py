@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import CONFIGS, QUIET, run_cli
+from tolerance import FORWARD_ATOL
 from rlhf_lightning.checkpoints import CheckpointError, read_checkpoint, submodule_state
 from rlhf_lightning.padding import left_pad, right_pad
 from rlhf_lightning.data.jsonl import DataError, read_jsonl
@@ -56,13 +57,13 @@ def test_score_is_read_at_the_last_real_token_whatever_the_padding(config):
     left_ids, left_mask = left_pad(seqs, TOK.pad_id)
     with torch.no_grad():
         scores = model(right_ids, right_mask)  # (3,)
-        torch.testing.assert_close(model(left_ids, left_mask), scores, atol=1e-5, rtol=0)
+        torch.testing.assert_close(model(left_ids, left_mask), scores, atol=FORWARD_ATOL, rtol=0)
         # what sits in padded positions never matters
         noisy = right_ids.masked_fill(~right_mask, TOK.eos_id)
         torch.testing.assert_close(model(noisy, right_mask), scores, atol=1e-6, rtol=0)
         # each row alone scores the same as in the batch
         alone = torch.stack([model(*right_pad([s], TOK.pad_id)) for s in seqs]).squeeze(-1)
-        torch.testing.assert_close(alone, scores, atol=1e-5, rtol=0)
+        torch.testing.assert_close(alone, scores, atol=FORWARD_ATOL, rtol=0)
         torch.testing.assert_close(score_texts(model, TOK, PROMPTS, COMPLETIONS, torch.tensor(ENDED)), scores)
         # the EOS of an ended completion is scored: dropping it changes the score
         assert not torch.allclose(score_texts(model, TOK, PROMPTS, COMPLETIONS, [False] * 3), scores)
@@ -251,7 +252,7 @@ def test_lm_feature_adds_the_completions_log_likelihood_under_the_policy():
             ids = torch.tensor([encode_scored(TOK, p, c, e)])
             start = len(TOK.encode_prompt(p))  # the completion's first token
             expected = token_logprobs(policy, ids, torch.ones_like(ids, dtype=torch.bool))[0, start:].sum() + 0.5
-            torch.testing.assert_close(scores[i], expected, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(scores[i], expected, atol=FORWARD_ATOL, rtol=0)
     with pytest.raises(ValueError, match="completion_mask"):
         model(ids, torch.ones_like(ids, dtype=torch.bool))
 
@@ -282,6 +283,6 @@ def test_chosen_nll_adds_the_chosen_completions_mean_token_nll():
     with torch.no_grad():
         scores = module.model(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])  # (4,)
     expected = bradley_terry_loss(scores[:2], scores[2:]) + 0.5 * (-total / 4)
-    torch.testing.assert_close(loss.detach(), expected.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss.detach(), expected.detach(), atol=FORWARD_ATOL, rtol=0)
     with pytest.raises(ValueError, match="chosen_nll needs"):
         RewardModule(model={"type": "gpt", **sizes}, chosen_nll=1.0)
