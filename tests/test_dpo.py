@@ -137,10 +137,12 @@ def test_fit_on_sampled_pairs_trains_the_policy_logs_and_writes_a_policy_checkpo
 
     events = EventAccumulator(str(tmp_path / trainer.logger.log_dir)).Reload()
     assert DPO_METRICS | {"eval/accuracy", "eval/rm_accuracy"} <= set(events.Tags()["scalars"])
-    first = {tag: events.Scalars(tag)[0] for tag in ("dpo/rewards/margins", "dpo/rewards/chosen", "dpo/loss")}
+    first = {tag: events.Scalars(tag)[0] for tag in ("dpo/rewards/margins", "dpo/rewards/chosen", "dpo/loss", "dpo/nll")}
     assert all(e.step == 0 for e in first.values())
     assert first["dpo/rewards/margins"].value == 0.0 and first["dpo/rewards/chosen"].value == 0.0  # policy = reference
-    assert first["dpo/loss"].value == pytest.approx(math.log(2), abs=1e-6)
+    # -logsigmoid(0) plus the config's nll_alpha (1.0) times the chosen NLL
+    assert first["dpo/loss"].value == pytest.approx(math.log(2) + module.hparams.nll_alpha * first["dpo/nll"].value, abs=1e-6)
+    assert module.hparams.nll_alpha == 1.0
 
     final = tmp_path / "checkpoints" / "toy" / "dpo.ckpt"
     ckpt = torch.load(final, weights_only=True)
