@@ -168,6 +168,18 @@ def test_dynamic_sampling_bad_option_from_the_shell(sft_ckpt, tmp_path, capsys):
     assert err[0].startswith("rlhf: error: model.init_args.filter_groups: true needs an advantage with groups")
 
 
+def test_keep_best_replaces_the_kept_policy_only_by_the_minimum_gain(sft_ckpt):
+    module = PPOModule(policy_ckpt=str(sft_ckpt), reward="judge", keep_best_min_gain=0.25)  # binary fractions: exact
+    for rollout, accuracy in enumerate([0.25, 0.375, 0.5, 0.5, 0.875]):  # kept: 0.25, then 0.5 (+0.25), then 0.875
+        module._rollouts = rollout
+        module.remember_if_best(accuracy)
+        assert module._best["rollout"] == {0: 0, 1: 0, 2: 2, 3: 2, 4: 4}[rollout], rollout
+    module.hparams.keep_best_min_gain = 0.0  # the module's default: a tie replaces it (the latest of the best)
+    module._rollouts = 5
+    module.remember_if_best(0.875)
+    assert module._best["rollout"] == 5 and module._best["accuracy"] == 0.875
+
+
 @pytest.mark.parametrize("keep_best", [True, False])
 def test_final_checkpoint_is_the_best_policy_on_val(sft_ckpt, tmp_path, keep_best):
     """A learning rate that wrecks the policy: the final checkpoint is the best evaluation (here the SFT start),
@@ -184,7 +196,9 @@ def test_final_checkpoint_is_the_best_policy_on_val(sft_ckpt, tmp_path, keep_bes
     assert len(history) == 4 and max(history) > history[-1]  # the run did lose accuracy
     final = tmp_path / "checkpoints" / "toy" / "ppo.ckpt"
     summary, _ = evaluate_policy(str(final), split="val", limit=128, max_new_tokens=cli.model.hparams.max_new_tokens)
-    best = max(range(4), key=lambda i: (history[i], i))  # the latest of the best
+    best, gain = 0, cli.model.hparams.keep_best_min_gain  # the start, replaced only by a gain of at least `gain`
+    for i, accuracy in enumerate(history):
+        best = i if accuracy >= history[best] + gain else best
     chosen = torch.load(final, weights_only=True)["rlhf"]["chosen"]
     if keep_best:
         assert summary["accuracy"] == pytest.approx(history[best], abs=1e-6) and chosen["rollout"] == best

@@ -223,6 +223,7 @@ class PPOModule(L.LightningModule):
         filter_groups: bool = False,
         max_sampling_rounds: int = 4,
         keep_best: bool = True,
+        keep_best_min_gain: float = 0.0,
         warmup_steps: int = 0,
         lora: dict[str, Any] | None = None,
         reference_dtype: str = "float32",
@@ -279,6 +280,10 @@ class PPOModule(L.LightningModule):
             keep_best: the final policy is the one with the best `eval/accuracy` on `val` among the
                 evaluations (the latest on ties; the SFT start counts), so a reward that starts to be gamed
                 cannot lower the result. False: the last policy.
+            keep_best_min_gain: a later evaluation replaces the kept policy only if its `val` accuracy is at
+                least this much higher (0: any tie or gain, so the latest of the best). On a few hundred `val`
+                prompts one prompt is within one standard error of a high accuracy, so a small positive value keeps
+                the start unless PPO shows a gain `val` can resolve.
             warmup_steps: raise the learning rate linearly from lr / warmup_steps to lr over this many
                 optimizer steps (0: constant lr). Adam's first steps move every weight by about lr.
             lora: train LoRA adapters on the policy (`policy_ckpt` is their base): {r, alpha (default 2 r),
@@ -334,6 +339,7 @@ class PPOModule(L.LightningModule):
         check_number("seed", seed, low=0, high=SEED_MAX, integer=True)
         check_number("max_sampling_rounds", max_sampling_rounds, low=1, integer=True)
         check_number("warmup_steps", warmup_steps, low=0, integer=True)
+        check_number("keep_best_min_gain", keep_best_min_gain, low=0, high=1)
         check_number("micro_batch_size", micro_batch_size, low=1, integer=True, allow_none="all rows at once")
         check_number("generation_batch_size", generation_batch_size, low=1, integer=True, allow_none="all rows at once")
         low = clip_eps if clip_eps_low is None else clip_eps_low
@@ -738,10 +744,11 @@ class PPOModule(L.LightningModule):
         }
 
     def remember_if_best(self, accuracy: float) -> None:
-        """Keep a CPU copy of the policy's weights when `accuracy` on `val` is at least the best so far."""
+        """Keep a CPU copy of the policy's weights when `accuracy` on `val` is at least the best so far plus
+        `keep_best_min_gain`."""
         if not self.hparams.keep_best or accuracy != accuracy:  # NaN: no gold answers to choose by
             return
-        if self._best is None or accuracy >= self._best["accuracy"]:
+        if self._best is None or accuracy >= self._best["accuracy"] + self.hparams.keep_best_min_gain:
             state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items() if self.lora is None or "lora_" in k}
             self._best = {"rollout": self._rollouts, "accuracy": accuracy, "state": state}
 
