@@ -399,7 +399,7 @@ def test_judge_reward_rises_from_a_weak_start(sft_ckpt, tmp_path):
     # The quick SFT checkpoint is weak on the seed's 8 prompts; six judge-rewarded rollouts of 16 samples each
     # must get at least one more of them right (train = eval prompts: the seed preset has no split).
     history = short_run(sft_ckpt, tmp_path, "--data.init_args.task=seed", "--data.init_args.batch_size=8",
-                        "--trainer.max_epochs=6", "--model.init_args.lr=1e-5", "--model.init_args.samples_per_prompt=16",
+                        "--trainer.max_epochs=6", "--model.init_args.lr=5e-5", "--model.init_args.samples_per_prompt=16",
                         "--model.init_args.advantage=rloo", "--model.init_args.beta=0.0")
     before, after = history[0], history[-1]
     assert after["rollout"] == 6
