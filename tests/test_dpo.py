@@ -16,26 +16,17 @@ import yaml
 from torch.testing import assert_close
 
 from conftest import CONFIGS, QUIET, run_cli
+from test_reward import easy_pairs
 from rlhf_lightning.cli import main
 from rlhf_lightning.data.preferences import PairDataset, PreferencePair
 from rlhf_lightning.losses import dpo_loss
 from rlhf_lightning.modules.dpo import DPOModule, WithReferenceLogps
 from rlhf_lightning.policy import load_policy
-from rlhf_lightning.tasks.arithmetic import problems
 from tolerance import FORWARD_ATOL
 
 TINY = {"type": "gpt", "n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 24}
 DPO_METRICS = {"dpo/loss", "dpo/rewards/chosen", "dpo/rewards/rejected", "dpo/rewards/accuracies", "dpo/rewards/margins",
                "dpo/logps/chosen", "dpo/logps/rejected"}
-
-
-def easy_pairs(split: str, n: int) -> list[dict]:
-    """Gold answers preferred to the same answer cut off before EOS or followed by a stray '='."""
-    rows = []
-    for i, p in enumerate(problems(split)[::7][:n]):
-        bad = {"rejected": p.answer, "rejected_ended": False} if i % 2 else {"rejected": p.answer + "="}
-        rows.append({"prompt": p.prompt, "chosen": p.answer, **bad})
-    return rows
 
 
 def pair_dataset(tokenizer, n: int) -> PairDataset:
