@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import emit  # noqa: E402
+from pipeline import rlhf  # noqa: E402  (benchmarks/pipeline.py: `rlhf` in a child process, failures raised)
 
 COLUMNS = ("test_accuracy", "test_reward", "test_kl", "test_gold_reward", "wall_s")
 CAPABILITIES = ("default", "avx2", "avx512")
@@ -41,14 +41,12 @@ def supported_capabilities() -> list[str]:
 
 
 def run(seed: int, cap: str, threads: int, extra: list[str]) -> dict:
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=cap, OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
+    os.environ["ATEN_CPU_CAPABILITY"] = cap  # read by the child `rlhf` process that `rlhf()` starts
     with tempfile.TemporaryDirectory() as tmp:
         cwd = Path(tmp)
         start = time.perf_counter()
-        args = ["pipeline", f"--seed={seed}", *extra, *(f"--{s}.trainer.enable_progress_bar=false" for s in ("sft", "reward", "ppo"))]
-        proc = subprocess.run([sys.executable, "-m", "rlhf_lightning.cli", *args], cwd=cwd, env=env, text=True, capture_output=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"seed {seed}, {cap}: rlhf pipeline failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        rlhf(["pipeline", f"--seed={seed}", *extra, *(f"--{s}.trainer.enable_progress_bar=false" for s in ("sft", "reward", "ppo"))],
+             cwd, threads)
         wall = time.perf_counter() - start
         rows = {r["stage"]: r for r in json.loads((cwd / "lightning_logs" / "toy" / "summary.json").read_text())}
         meta = torch.load(cwd / "checkpoints" / "toy" / "ppo.ckpt", map_location="cpu", weights_only=True)["rlhf"]
