@@ -112,11 +112,14 @@ class LearnedReward:
 
     name = "learned"
 
-    def __init__(self, reward_ckpt: str, normalize: bool = True, policy_tokenizer: Tokenizer | None = None, policy_ckpt: str | None = None) -> None:
+    def __init__(
+        self, reward_ckpt: str, normalize: bool = True, policy_tokenizer: Tokenizer | None = None, policy_ckpt: str | None = None,
+        role: str = "model.init_args.reward_ckpt",
+    ) -> None:
         from rlhf_lightning.scoring import load_reward_model  # imported on use: only this source needs it
 
         self.reward_ckpt = reward_ckpt
-        self.model, self.tokenizer, meta = load_reward_model(reward_ckpt, role="model.init_args.reward_ckpt")
+        self.model, self.tokenizer, meta = load_reward_model(reward_ckpt, role=role)
         self.model.eval().requires_grad_(False)
         if hasattr(policy_tokenizer, "alphabet") and hasattr(self.tokenizer, "alphabet"):  # character tokenizers
             missing = [c for c in policy_tokenizer.alphabet if c not in self.tokenizer.alphabet]
@@ -128,7 +131,7 @@ class LearnedReward:
         self.mean = float(meta.get("reward_mean", 0.0)) if normalize else 0.0
         self.std = float(meta.get("reward_std", 1.0)) if normalize else 1.0
         if not self.std > 0:
-            raise CheckpointError(f"model.init_args.reward_ckpt: {reward_ckpt!r} records reward_std={self.std}; expected > 0")
+            raise CheckpointError(f"{role}: {reward_ckpt!r} records reward_std={self.std}; expected > 0")
 
     @classmethod
     def build(cls, settings: RewardSettings) -> "LearnedReward":

@@ -161,8 +161,12 @@ def sample_groups(
     top_k: int | None = None,
     batch_size: int = 256,
     seed: int = 0,
+    score: Callable[[list[str], list[str], torch.Tensor, list[str | None]], torch.Tensor] | None = None,
 ) -> list[SampleGroup]:
-    """Sample `samples_per_prompt` completions per prompt (batched, seeded), judge them, pair them up."""
+    """Sample `samples_per_prompt` completions per prompt (batched, seeded), judge them, pair them up.
+
+    `score`, a reward source (`rewards.RewardSource`: prompts, completions, EOS flags, golds -> scores (B,)),
+    replaces the judge named by `judge_name` (online DPO's learned reward)."""
     K = samples_per_prompt
     if judge_name not in JUDGES:
         raise ValueError(f"unknown judge {judge_name!r}; choose one of {sorted(JUDGES)}")
@@ -183,7 +187,10 @@ def sample_groups(
         ended = gen.finished.tolist()
         golds = [r.gold for r in chunk for _ in range(K)]
         wheres = [r.where for r in chunk for _ in range(K)]
-        scores = JUDGES[judge_name](texts, golds, ended, wheres, judge_generator)
+        if score is None:
+            scores = JUDGES[judge_name](texts, golds, ended, wheres, judge_generator)
+        else:
+            scores = score([r.prompt for r in chunk for _ in range(K)], texts, gen.finished, golds).tolist()
         labels = judge_scores(texts, golds, ended).tolist()  # the task judge, NaN without a gold answer
         for r, record in enumerate(chunk):
             k = slice(r * K, (r + 1) * K)

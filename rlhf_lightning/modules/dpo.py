@@ -13,12 +13,20 @@ Automatic optimization: a step is one loss and one optimizer step, as in SFT, so
 
 On `val`: the implicit reward's pairwise accuracy on the held-out pairs (`eval/rm_accuracy`) and the greedy task
 accuracy on the `val` prompts (`eval/accuracy` and its strata), also once before the first update.
+
+Online DPO (`online: {...}`, on `PromptDataModule`'s prompt batches): every `refresh_every` steps the *current*
+policy samples K completions per prompt of the step's batch through the offline pair sampler
+(`data.preferences.sample_groups`), the judge or a reward checkpoint scores them, and every two completions of a
+prompt whose scores differ become a pair; the reference's sums of those pairs are computed once, and the next
+`refresh_every` steps train on all of them. The sampler is seeded by (seed, refresh, rank) and the pairs are part
+of the checkpoint, so a resumed run continues bitwise. Greedy `val` accuracy every `eval_every` steps.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import lightning as L
@@ -28,20 +36,68 @@ from torch.utils.data import Dataset
 from torchmetrics import MeanMetric
 
 from rlhf_lightning.callbacks import log_samples, log_step_metrics, logging_step, write_step_metrics
-from rlhf_lightning.checkpoints import CheckpointError, sha256_path
-from rlhf_lightning.data.prompts import PromptDataset, load_prompts, move_batch
+from rlhf_lightning.checkpoints import CheckpointError, sha256_file, sha256_path
+from rlhf_lightning.data.jsonl import DataError
+from rlhf_lightning.data.preferences import JUDGES, PairDataset, group_pairs, sample_groups
+from rlhf_lightning.data.prompts import PromptDataset, PromptRecord, load_prompts, move_batch
 from rlhf_lightning.lora import BaseOfAdapters, add_adapters, has_adapters, keep_trainable, lora_settings, merged, require_peft
 from rlhf_lightning.losses import DPO_LOSSES, REFERENCE_FREE_LOSSES, PairLogps, dpo_loss, implicit_rewards, masked_sum
-from rlhf_lightning.modules.ppo import FROZEN_DTYPES, _reference_not_expected, _without_reference, disable_dropout
+from rlhf_lightning.modules.ppo import FROZEN_DTYPES, _reference_not_expected, _without_reference, disable_dropout, sum_over_ranks
 from rlhf_lightning.optim import adamw_warmup_cosine
-from rlhf_lightning.options import ConfigError, check_choice, check_lora, check_number
+from rlhf_lightning.options import SEED_MAX, ConfigError, check_choice, check_lora, check_number
 from rlhf_lightning.policy import base_record, build_policy, context_length, load_policy
+from rlhf_lightning.rewards import LearnedReward
 from rlhf_lightning.sampling import complete
 from rlhf_lightning.scoring import token_logprobs
 from rlhf_lightning.tasks.arithmetic import judge_scores
 from rlhf_lightning.tasks.strata import strata_metrics
 
-__all__ = ["DPOModule", "WithReferenceLogps", "sequence_logps"]
+__all__ = ["DPOModule", "OnlineConfig", "WithReferenceLogps", "sequence_logps"]
+
+ONLINE = "model.init_args.online."
+
+
+@dataclass
+class OnlineConfig:
+    """Online DPO: pairs sampled from the current policy and judged while it trains (`DPOModule(online=...)`)."""
+
+    refresh_every: int = 1
+    """Optimizer steps that train on one refresh's pairs (1: fresh pairs every step, as TRL's online DPO). The
+    prompt batches of the steps between two refreshes are not sampled."""
+    samples_per_prompt: int = 4
+    """Completions sampled per prompt (K >= 2); every two whose scores differ make a pair."""
+    judge: str = "auto"
+    """"auto" (the task's judge), "random" (noisy labels) or "learned" (the reward model of `reward_ckpt`)."""
+    reward_ckpt: str | None = None
+    """Reward-stage checkpoint that scores the completions with `judge: learned`."""
+    tie_break: str | None = None
+    """None (drop ties) or "length" (the longer completion wins a tie)."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    top_k: int | None = None
+    """Sample among the k most likely tokens only (None: all)."""
+    max_new_tokens: int = 6
+    """Completion budget of the samples; one without EOS within it gets 0 from the task's judge."""
+    eval_every: int = 10
+    """Greedy `val` evaluation every N optimizer steps (also at the start and the end); 0: start and end only."""
+    seed: int = 0
+    """Seed of the sampling (with the refresh's number and the rank)."""
+
+    def __post_init__(self) -> None:
+        check_number("refresh_every", self.refresh_every, low=1, integer=True, prefix=ONLINE)
+        check_number("samples_per_prompt", self.samples_per_prompt, low=2, integer=True, prefix=ONLINE)
+        check_choice("judge", self.judge, [*JUDGES, "learned"], prefix=ONLINE)
+        check_choice("tie_break", self.tie_break, [None, "length"], prefix=ONLINE)
+        check_number("temperature", self.temperature, low=0, low_open=True, prefix=ONLINE)
+        check_number("top_k", self.top_k, low=1, integer=True, allow_none="all tokens", prefix=ONLINE)
+        check_number("max_new_tokens", self.max_new_tokens, low=1, integer=True, prefix=ONLINE)
+        check_number("eval_every", self.eval_every, low=0, integer=True, prefix=ONLINE)
+        check_number("seed", self.seed, low=0, high=SEED_MAX, integer=True, prefix=ONLINE)
+        if (self.judge == "learned") != (self.reward_ckpt is not None):
+            raise ConfigError(
+                f"{ONLINE}reward_ckpt: {self.reward_ckpt!r} with judge {self.judge!r}; "
+                "allowed: a reward-stage checkpoint with judge 'learned', and null with 'auto' or 'random'"
+            )
 
 
 def sequence_logps(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,6 +154,7 @@ class DPOModule(L.LightningModule):
         keep_best: bool = False,
         lora: dict[str, Any] | None = None,
         reference_dtype: str = "float32",
+        online: OnlineConfig | None = None,
     ) -> None:
         """
         Args:
@@ -123,7 +180,8 @@ class DPOModule(L.LightningModule):
             warmup_steps: linear warm-up steps, then cosine decay to `min_lr_ratio * lr` (1.0: constant).
             min_lr_ratio: final learning rate as a fraction of `lr`.
             max_new_tokens: completion budget of greedy evaluation.
-            max_val_prompts: evaluate greedy accuracy on the first N `val` prompts only (None: all).
+            max_val_prompts: evaluate greedy accuracy on the first N `val` prompts only (None: all); online DPO
+                evaluates its `PromptDataModule`'s `val` prompts (`data.init_args.max_val_prompts`).
             inference_batch_size: prompts per batch of greedy evaluation, and pairs per reference forward of the
                 precompute (the DataModule's `eval_batch_size` is its held-out pairs' batch).
             num_logged_samples: evaluation completions written to TensorBoard as text.
@@ -134,6 +192,8 @@ class DPOModule(L.LightningModule):
                 `policy_ckpt` holding adapters (LoRA SFT) continues them without this option; its reference is
                 then that SFT policy merged into one frozen copy.
             reference_dtype: "float32" or "bfloat16" for a frozen reference copy.
+            online: online DPO (`OnlineConfig`): pairs sampled from the current policy every `refresh_every` steps
+                from `PromptDataModule`'s prompt batches, instead of `PreferenceDataModule`'s fixed pairs.
         """
         super().__init__()
         names = [loss_type] if isinstance(loss_type, str) else list(loss_type)
@@ -160,6 +220,21 @@ class DPOModule(L.LightningModule):
         check_number("num_logged_samples", num_logged_samples, low=0, integer=True)
         check_lora(lora)
         check_choice("reference_dtype", reference_dtype, FROZEN_DTYPES)
+        if isinstance(online, dict):  # a plain mapping (Python callers); the CLI builds the dataclass itself
+            try:
+                online = OnlineConfig(**online)
+            except TypeError as err:
+                raise ConfigError(f"model.init_args.online: {err}; allowed fields: {', '.join(OnlineConfig.__dataclass_fields__)}") from None
+        if online is not None and max_val_prompts is not None:
+            raise ConfigError(
+                "model.init_args.max_val_prompts: online DPO evaluates its PromptDataModule's val prompts; "
+                "set data.init_args.max_val_prompts instead"
+            )
+        if online is not None and precompute_ref_logprobs:
+            raise ConfigError(
+                "model.init_args.precompute_ref_logprobs: online DPO computes the reference's log-probs of each refresh's "
+                "pairs once, when they are sampled; leave it false"
+            )
         needs_reference = any(name not in REFERENCE_FREE_LOSSES for name in names)
         if needs_reference and policy_ckpt is None and lora is None:
             raise ConfigError(
@@ -167,7 +242,10 @@ class DPOModule(L.LightningModule):
                 f"the policy starts from it and the frozen reference is it), add lora on an HF model, or use a reference-free "
                 f"loss ({', '.join(sorted(REFERENCE_FREE_LOSSES))})"
             )
-        self.save_hyperparameters()
+        self.online = online
+        online = None if online is None else asdict(online)  # plain values in hparams.yaml
+        # online, the DataModule's `max_val_prompts` applies (Lightning refuses two hparams of one name that differ)
+        self.save_hyperparameters(ignore=["max_val_prompts"] if online is not None else [])
         self.hparams.loss_type = names
 
         meta: dict[str, Any] = {}
@@ -222,6 +300,15 @@ class DPOModule(L.LightningModule):
         self.chosen: dict[str, float] | None = None  # what `finalize_policy` kept
         self._val_prompts: PromptDataset | None = None
 
+        self.judge_source: LearnedReward | None = None  # online DPO with `judge: learned`
+        self.reward_sha256 = None
+        if self.online is not None and self.online.judge == "learned":
+            self.judge_source = LearnedReward(self.online.reward_ckpt, True, self.tokenizer, policy_ckpt, role=f"{ONLINE}reward_ckpt")
+            self.reward_sha256 = sha256_file(self.online.reward_ckpt)  # a resumed run must be judged by the same model
+        self._pairs: dict[str, Any] | None = None  # online: the current refresh's pair batch, reference sums included
+        self._refreshes = 0  # online: refreshes so far (seeds the next one's sampling)
+        self._steps_on_pairs = 0  # online: optimizer steps taken on the current pairs
+
     @property
     def data_max_length(self) -> int:
         """The longest prompt ++ completion its DataModule may produce: the policy's context."""
@@ -229,7 +316,8 @@ class DPOModule(L.LightningModule):
 
     def frozen_models(self) -> list[nn.Module]:
         """The frozen reference, if any (none with adapters off: it has no weights of its own)."""
-        return [] if self.reference is None else [self.reference]
+        frozen = [] if self.reference is None else [self.reference]
+        return frozen + ([self.judge_source.model] if self.judge_source is not None else [])
 
     # ------------------------------------------------------------------ setup
 
@@ -243,7 +331,18 @@ class DPOModule(L.LightningModule):
         It runs after the DataModule's `setup` and before any training dataloader is built."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         task = getattr(datamodule, "hparams", {}).get("task", "toy") if datamodule is not None else "toy"
-        self._val_prompts = PromptDataset(self.tokenizer, load_prompts(task, "val", limit=self.hparams.max_val_prompts), context_length(self.model))
+        self._val_prompts = PromptDataset(self.tokenizer, load_prompts(task, "val", limit=self.hparams.get("max_val_prompts")), context_length(self.model))
+        if self.online is not None and getattr(datamodule, "val_set", None) is not None:
+            self._val_prompts = datamodule.val_set  # PromptDataModule's `val` prompts (its val_file, max_val_prompts)
+        if stage == "fit" and datamodule is not None:
+            prompts = hasattr(datamodule, "draw_prompts")  # PromptDataModule
+            if prompts != (self.online is not None):
+                raise ConfigError(
+                    "data.class_path: online DPO samples its pairs from prompt batches: use rlhf_lightning.data.ppo.PromptDataModule"
+                    if self.online is not None else
+                    "data.class_path: DPO trains on preference pairs: use rlhf_lightning.data.preferences.PreferenceDataModule "
+                    "(or set model.init_args.online to sample pairs from prompts)"
+                )
         if stage != "fit" or not self.hparams.precompute_ref_logprobs or self.reference is None or datamodule is None:
             return
         pairs = datamodule.train_set
@@ -270,6 +369,10 @@ class DPOModule(L.LightningModule):
             sums, _ = sequence_logps(self.reference, batch)  # (2B,)
         return torch.stack(sums.chunk(2), dim=1)  # (B, 2)
 
+    def on_fit_start(self) -> None:
+        if self.judge_source is not None:
+            self.judge_source.to(self.device)
+
     def configure_optimizers(self):
         return adamw_warmup_cosine(self, self.model)
 
@@ -288,8 +391,20 @@ class DPOModule(L.LightningModule):
             ref = self.reference_logps(batch)  # (B, 2)
         return PairLogps(chosen, rejected, chosen_tokens, rejected_tokens, ref[:, 0], ref[:, 1])
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         hp = self.hparams
+        rollout: dict[str, torch.Tensor] = {}
+        scale = 1.0
+        if self.online is not None:
+            if self.online.eval_every and self.global_step % self.online.eval_every == 0 and self.eval_history[-1:] and self.eval_history[-1]["step"] != self.global_step:
+                self.log_metrics_now(self.evaluate())  # before this step's update, so a checkpoint of this step holds it
+            if self._pairs is None or self._steps_on_pairs >= self.online.refresh_every:
+                rollout = self.refresh_pairs(batch)
+            if self._pairs is None:  # every pair on every rank was a tie: nothing to learn from this batch
+                log_step_metrics(self, rollout)
+                return None
+            batch, scale = move_batch(self._pairs, self.device), self._pairs["scale"]
+            self._steps_on_pairs += 1
         logps = self.pair_logps(batch)
         out = dpo_loss(logps, hp.loss_type, hp.beta, hp.loss_weights, hp.label_smoothing, hp.gamma, hp.nll_alpha)
         metrics = {
@@ -301,9 +416,67 @@ class DPOModule(L.LightningModule):
             "dpo/logps/chosen": logps.chosen.detach().mean(),
             "dpo/logps/rejected": logps.rejected.detach().mean(),
             "dpo/nll": out.nll,
+            **rollout,
         }
         log_step_metrics(self, metrics, prog_bar={"loss": "dpo/loss", "acc": "dpo/rewards/accuracies"})  # rank 0's values
-        return out.loss
+        return out.loss * scale
+
+    # ------------------------------------------------------------------ online DPO
+
+    @torch.no_grad()
+    def refresh_pairs(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Sample and judge K completions per prompt of `batch` with the current policy, pair them, and hold the
+        pairs (with the reference's sums) for the next `refresh_every` steps; returns the `rollout/*` metrics.
+
+        Under DDP each rank pairs its own prompts; a rank's loss is scaled by its share of all ranks' pairs
+        (`scale` = n_rank * world / n_all), so DDP's mean of gradients is the gradient of the mean over every pair.
+        A rank with no pair while others have some trains on one placeholder pair at weight 0 (every rank must
+        join the gradient all-reduce); when no rank has a pair, the step is skipped."""
+        cfg = self.online
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self._trainer is not None else (1, 0)
+        task = getattr(getattr(self.trainer, "datamodule", None), "hparams", {}).get("task", "toy") if self._trainer is not None else "toy"
+        records = [PromptRecord(p, g, f"{task}:train", s) for p, g, s in zip(batch["prompts"], batch["golds"], batch["strata"])]
+        seed = ((cfg.seed * 1_000_003 + self._refreshes) * 1_009 + rank) % (2**62)
+        groups = sample_groups(
+            self.model, self.tokenizer, records, cfg.samples_per_prompt, cfg.judge if cfg.judge in JUDGES else "auto",
+            cfg.tie_break, cfg.max_new_tokens, cfg.temperature, cfg.top_k, len(records), seed,
+            score=self.judge_source,
+        )
+        self._refreshes += 1
+        self._steps_on_pairs = 0
+        pairs = group_pairs(groups)
+        K = cfg.samples_per_prompt
+        labels = torch.tensor([x for g in groups for x in g.labels], dtype=torch.float32)
+        known = ~labels.isnan()
+        totals = sum_over_ranks(torch.tensor(
+            [len(pairs), len(groups) * K * (K - 1) / 2, float(labels[known].sum()), float(known.sum()), len(groups)],
+            dtype=torch.float64, device=self.device,
+        )).tolist()  # every rank's: pairs, possible pairs, gold scores, completions with a gold answer, prompts
+        n_all = totals[0]
+        metrics = {
+            "rollout/pairs": torch.tensor(n_all),
+            "rollout/pairs_kept_frac": torch.tensor(n_all / max(totals[1], 1.0)),
+            "rollout/gold_reward": torch.tensor(totals[2] / totals[3] if totals[3] else float("nan")),
+            "rollout/refreshes": torch.tensor(float(self._refreshes)),
+        }
+        if n_all == 0:
+            self._pairs = None
+            return metrics
+        placeholder = not pairs
+        if placeholder:  # a pair of this rank's first two samples, weighted 0 below
+            g = groups[0]
+            pairs = group_pairs([type(g)(g.prompt, g.gold, g.completions, g.ended, g.scores, g.labels, g.where, [(0, 1)])])
+        try:
+            data = PairDataset(self.tokenizer, pairs, context_length(self.model))
+        except DataError as err:  # cannot happen for the policy's own samples within its context; say so if it does
+            raise RuntimeError(f"online DPO: a sampled pair does not fit the policy's context: {err}") from err
+        out = move_batch(data.collate([data[i] for i in range(len(data))]), self.device)
+        if self.reference is not None:
+            ref = self.reference_logps(out)  # (B, 2)
+            out["ref_chosen"], out["ref_rejected"] = ref[:, 0], ref[:, 1]
+        out["scale"] = 0.0 if placeholder else len(pairs) * world / n_all
+        self._pairs = out
+        return metrics
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         write_step_metrics(self)  # the loggers' part of this step's `log_step_metrics`
@@ -349,7 +522,7 @@ class DPOModule(L.LightningModule):
         hp = self.hparams
         data = self._val_prompts
         if data is None:
-            data = self._val_prompts = PromptDataset(self.tokenizer, load_prompts("toy", "val", limit=hp.max_val_prompts), context_length(self.model))
+            data = self._val_prompts = PromptDataset(self.tokenizer, load_prompts("toy", "val", limit=hp.get("max_val_prompts")), context_length(self.model))
         was_training = self.model.training
         self.model.eval()
         scores, strata = [], []
@@ -387,13 +560,16 @@ class DPOModule(L.LightningModule):
             self._best = {"step": self.global_step, "accuracy": accuracy, "state": state}
 
     def finalize_policy(self) -> None:
-        """With `keep_best`: evaluate the last policy if it has not been, then keep the best one on `val`.
+        """With `keep_best` (or online): evaluate the last policy if it has not been; with `keep_best`, keep the best
+        one on `val`.
 
         Called by `FinalCheckpoint` before it writes the stage's checkpoint, and at the end of training."""
-        if self.chosen is not None or not self.hparams.keep_best or self.global_step == 0:
+        if self.chosen is not None or self.global_step == 0 or not (self.hparams.keep_best or self.online is not None):
             return
         if not self.eval_history or self.eval_history[-1]["step"] != self.global_step:
-            self.log_metrics_now(self.evaluate())
+            self.log_metrics_now(self.evaluate())  # online DPO evaluates its last policy, kept or not
+        if not self.hparams.keep_best:
+            return
         best = self._best
         if best is not None and best["step"] != self.global_step:
             self.model.load_state_dict(best["state"], strict=self.lora is None)
@@ -414,6 +590,12 @@ class DPOModule(L.LightningModule):
             "chosen": self.chosen,
             **(self.lora or {}),
         }
+        if self.online is not None:  # the pairs in use and where the sampling stands: a resumed run continues bitwise
+            pairs = None if self._pairs is None else {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in self._pairs.items()}
+            checkpoint["rlhf"]["online"] = {
+                "pairs": pairs, "refreshes": self._refreshes, "steps_on_pairs": self._steps_on_pairs,
+                "reward_ckpt": self.online.reward_ckpt, "reward_sha256": self.reward_sha256,
+            }
         if self.lora is not None:
             keep_trainable(checkpoint["state_dict"], self.model, "model.")
 
@@ -424,6 +606,20 @@ class DPOModule(L.LightningModule):
                 f"model.init_args.policy_ckpt: {self.hparams.policy_ckpt!r} (sha256 {self.policy_sha256}) is not the file this "
                 f"DPO run started from (sha256 {meta.get('policy_sha256')}); refusing to resume against a different policy_ckpt"
             )
+        online = meta.get("online")
+        if (online is None) != (self.online is None):
+            raise CheckpointError(
+                f"model.init_args.online: this checkpoint is of an {'online' if online is not None else 'offline'} DPO run; "
+                "resume it with the same setting"
+            )
+        if online is not None:
+            if online.get("reward_sha256") != self.reward_sha256:
+                raise CheckpointError(
+                    f"{ONLINE}reward_ckpt: {self.online.reward_ckpt!r} (sha256 {self.reward_sha256}) is not the reward model this "
+                    f"online DPO run was judged by (sha256 {online.get('reward_sha256')}); refusing to resume"
+                )
+            self._pairs = online["pairs"]
+            self._refreshes, self._steps_on_pairs = int(online["refreshes"]), int(online["steps_on_pairs"])
         self.eval_history = [dict(h) for h in meta.get("eval_history", [])]
         self._best = meta.get("best")
         self.chosen = meta.get("chosen")
