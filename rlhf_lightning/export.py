@@ -46,7 +46,11 @@ def export_policy(ckpt: str, out: str, adapters: bool = False) -> Path:
             from rlhf_lightning.lora import merged
 
             plain = merged(model)
-        state = {k: v.contiguous() for k, v in plain.state_dict().items()}
+        state, seen = {}, set()
+        for k, v in plain.state_dict().items():  # a tied weight (an HF model's embedding and head) is one tensor twice:
+            shared = v.untyped_storage().data_ptr() in seen  # safetensors refuses shared memory, so each gets its own copy
+            seen.add(v.untyped_storage().data_ptr())
+            state[k] = v.detach().clone() if shared or not v.is_contiguous() else v
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / CONFIG).write_text(json.dumps({"stage": meta["stage"], "model": meta["model"]}, indent=2) + "\n")
         (tmp / TOKENIZER).write_text(json.dumps(tokenizer.to_dict(), indent=2) + "\n")

@@ -127,6 +127,20 @@ def test_sft_checkpoint_reloads_with_identical_logits(gpt2_dir, hf_sft):
     torch.testing.assert_close(again.eval()(ids), trained, atol=0, rtol=0)  # ...and the checkpoint holds them
 
 
+def test_export_of_a_policy_with_tied_embeddings_reads_back_identical(hf_sft, tmp_path):
+    from rlhf_lightning.export import export_policy
+    from rlhf_lightning.policy import load_policy
+
+    ckpt = str(hf_sft / "checkpoints" / "hf" / "sft.ckpt")
+    model, tok, _ = load_policy(ckpt)
+    lm = model.lm
+    assert lm.lm_head.weight.data_ptr() == lm.transformer.wte.weight.data_ptr()  # GPT-2 ties its head to the embedding
+    exported, _, _ = load_policy(str(export_policy(ckpt, str(tmp_path / "export"))))
+    ids = torch.tensor([tok.encode_prompt(PROMPTS[1]) + tok.encode_completion("7")])
+    torch.testing.assert_close(exported.eval()(ids), model.eval()(ids), atol=0, rtol=0)
+    assert exported.lm.lm_head.weight.data_ptr() == exported.lm.transformer.wte.weight.data_ptr()  # still one tensor
+
+
 def write_pairs(path: Path, items: list[tuple[int, int]]) -> str:
     lines = [{"prompt": format_prompt(a, "+", b), "chosen": str(a + b), "rejected": str(a + b + 1)} for a, b in items]
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
