@@ -299,3 +299,34 @@ def test_an_architecture_without_a_static_cache_names_the_option(tmp_path, monke
     ids = torch.tensor([[0, 3, 4]])
     out = generate(model, ids, torch.ones_like(ids, dtype=torch.bool), max_new_tokens=4, eos_id=-1, pad_id=0, greedy=True)
     assert out.completion_ids.shape == (1, 4)
+
+
+def test_dpo_on_the_hf_folder_with_lora_has_the_adapters_off_reference_and_round_trips_its_adapters(gpt2_dir, tmp_path):
+    from rlhf_lightning.export import export_policy
+    from rlhf_lightning.lora import BaseOfAdapters
+    from rlhf_lightning.models import build_model
+    from rlhf_lightning.policy import load_policy
+
+    pytest.importorskip("peft")
+    train = write_pairs(tmp_path / "train.jsonl", [(2, 3), (4, 1), (5, 2), (1, 1), (3, 3), (6, 2), (2, 2), (4, 4)])
+    val = write_pairs(tmp_path / "val.jsonl", [(1, 2), (3, 1)])
+    jsonl = ["--data.init_args.pairs=JsonlPairs", f"--data.init_args.pairs.train_file={train}", f"--data.init_args.pairs.val_file={val}",
+             "--data.init_args.batch_size=4", "--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.logger=false",
+             "--model.init_args.max_val_prompts=8", "--model.init_args.lr=0.01", "--model.init_args.warmup_steps=0"]
+    cli = run_cli(["fit", "--config", str(CONFIGS / "hf" / "dpo_lora.yaml"), *QUIET, *jsonl, "--model.init_args.policy_ckpt=null",
+                   f"--model.init_args.model={{type: hf, path: {gpt2_dir}}}"], tmp_path)
+    module = cli.model
+    assert isinstance(module.reference, BaseOfAdapters) and module.frozen_models() == [module.reference]  # no second copy
+    tok = module.tokenizer
+    base = build_model({"type": "hf", "path": str(gpt2_dir)}).eval()
+    ids = torch.tensor([tok.encode_prompt(PROMPTS[0]) + tok.encode_completion("5")])
+    torch.testing.assert_close(module.reference(ids, None), base(ids), atol=FORWARD_ATOL, rtol=0)  # adapters off: the folder
+    assert not torch.allclose(module.model.eval()(ids), base(ids))  # the adapters trained
+
+    saved = torch.load(tmp_path / "checkpoints" / "hf" / "dpo_lora.ckpt", weights_only=True)
+    assert saved["rlhf"]["stage"] == "dpo" and saved["rlhf"]["base"]["kind"] == "hf"
+    assert saved["state_dict"] and all("lora_" in k for k in saved["state_dict"])  # adapters only
+    read, _, _ = load_policy(str(tmp_path / "checkpoints" / "hf" / "dpo_lora.ckpt"))
+    torch.testing.assert_close(read.eval()(ids), module.model.eval()(ids), atol=0, rtol=0)
+    merged, _, _ = load_policy(str(export_policy(str(tmp_path / "checkpoints" / "hf" / "dpo_lora.ckpt"), str(tmp_path / "dpo_export"))))
+    torch.testing.assert_close(merged.eval()(ids), module.model.eval()(ids), atol=FORWARD_ATOL, rtol=0)  # merged adapters
