@@ -224,3 +224,15 @@ def test_pipeline_method_dpo_runs_sft_then_dpo_and_reports_a_dpo_row(tmp_path, m
     assert not (tmp_path / "checkpoints" / "toy" / "reward.ckpt").exists()
     dpo = torch.load(tmp_path / "checkpoints" / "toy" / "dpo.ckpt", weights_only=True)
     assert dpo["rlhf"]["policy_ckpt"] == "checkpoints/toy/sft.ckpt" and "dpo " in capsys.readouterr().out
+
+
+def test_a_pair_longer_than_the_context_names_its_file_line_and_field(base, pair_files, tmp_path, monkeypatch, capsys):
+    rows = easy_pairs("train", 4)
+    rows[2]["chosen"] = "1" * 40  # prompt + completion beyond the tiny policy's 24-token context
+    train = tmp_path / "long.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = jsonl_config(tmp_path, base, (train, pair_files[1]), {"precompute_ref_logprobs": False}, {"max_steps": 1})
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--config", str(config), *QUIET]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and f"{train}:3: field 'chosen': prompt + completion is" in lines[0] and "context is 24" in lines[0], lines

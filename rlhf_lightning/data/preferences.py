@@ -225,7 +225,7 @@ def _encode(tokenizer: Tokenizer, prompt: str, completion: str, ended: bool, whe
     """(ids, prompt length): where the completion starts, for reward models that score its likelihood."""
     ids, prompt_len = encode_scored_row(tokenizer, prompt, completion, ended, where, field_name)
     if len(ids) > max_len:
-        raise DataError(f"prompt + completion is {len(ids)} tokens, the reward model's context is {max_len}", path=where, field=field_name)
+        raise DataError(f"prompt + completion is {len(ids)} tokens, the model's context is {max_len}", path=where, field=field_name)
     return ids, prompt_len
 
 
