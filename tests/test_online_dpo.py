@@ -147,3 +147,75 @@ def test_online_dpo_on_preference_pairs_is_refused(base, tmp_path, monkeypatch, 
                  "--data.init_args.pairs.init_args.judge=random"]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and "data.class_path" in lines[0] and "PromptDataModule" in lines[0], lines
+
+
+# --------------------------------------------------------------------------- two processes
+
+WORLD = 2
+PROMPTS = ["Q: 1+2=\nA:", "Q: 3+4=\nA:", "Q: 5+1=\nA:", "Q: 2+2=\nA:"]  # rank r gets prompts 2r, 2r+1
+COMPLETIONS = ["3", "4", "17", "5"]
+# Per prompt, the judge's scores of its 4 samples. "uneven": rank 0 has 3 pairs, rank 1 has 6 (a mean over a
+# rank's own pairs would weight rank 0's pairs twice as much); "empty": rank 0 has none (a placeholder at weight 0).
+CASES = {
+    "uneven": [[1, 0, 0, 0], [0, 0, 0, 0], [1, 0, 1, 1], [0.5, 0, 0, 0]],
+    "empty": [[0, 0, 0, 0], [1, 1, 1, 1], [1, 0, 1, 1], [0.5, 0, 0, 0]],
+}
+
+
+def fixed_groups(case: str):
+    """A stand-in for `sample_groups`: the same 4 completions per prompt, scored by the case's table."""
+    from rlhf_lightning.data.preferences import SampleGroup
+
+    def sample(policy, tokenizer, records, *args, **kwargs):
+        groups = []
+        for r in records:
+            scores = [float(x) for x in CASES[case][PROMPTS.index(r.prompt)]]
+            groups.append(SampleGroup(r.prompt, r.gold, COMPLETIONS, [True] * 4, scores, [0.0] * 4, r.where, pairs_from_group(scores, COMPLETIONS)))
+        return groups
+
+    return sample
+
+
+def online_update(policy: str, case: str, prompts: list[str]) -> torch.Tensor:
+    """The gradient of one online DPO step on `prompts`, averaged over ranks like DDP."""
+    from rlhf_lightning.data.prompts import PromptDataset, PromptRecord
+
+    dpo_module.sample_groups = fixed_groups(case)
+    module = dpo_module.DPOModule(policy_ckpt=policy, beta=0.5, nll_alpha=1.0, online={"judge": "random", "eval_every": 0})
+    data = PromptDataset(module.tokenizer, [PromptRecord(p, None, "test") for p in prompts])
+    loss = module.training_step(data.collate([data[i] for i in range(len(data))]), 0)
+    loss.backward()
+    params = list(module.model.parameters())
+    if torch.distributed.is_initialized():
+        for p in params:
+            torch.distributed.all_reduce(p.grad)
+            p.grad /= WORLD
+    return torch.cat([p.grad.flatten() for p in params])
+
+
+def _online_worker(rank: int, policy: str, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        grads = {case: online_update(policy, case, PROMPTS[2 * rank : 2 * rank + 2]) for case in CASES}
+        torch.save(grads, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_with_uneven_pairs_take_the_single_process_step(base, tmp_path, monkeypatch):  # noqa: F811
+    import torch.multiprocessing as mp
+
+    from tolerance import grad_atol
+
+    monkeypatch.setattr(dpo_module, "sample_groups", dpo_module.sample_groups)  # restored after the test
+    single = {case: online_update(str(base), case, PROMPTS) for case in CASES}
+    assert all(g.abs().sum() > 0 for g in single.values())
+    assert (single["uneven"] - single["empty"]).abs().max() > 1e-4  # two different sets of pairs
+    mp.spawn(_online_worker, args=(str(base), str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        grads = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        for case, grad in single.items():
+            # every rank's pairs and chosen tokens summed over 2 ranks, against one pass over all 9 (6) pairs
+            torch.testing.assert_close(grads[case], grad, atol=grad_atol(grad, terms=18 * WORLD), rtol=0, msg=lambda m: f"{case}: {m}")

@@ -41,8 +41,16 @@ from rlhf_lightning.data.jsonl import DataError
 from rlhf_lightning.data.preferences import JUDGES, PairDataset, group_pairs, sample_groups
 from rlhf_lightning.data.prompts import PromptDataset, PromptRecord, load_prompts, move_batch
 from rlhf_lightning.lora import BaseOfAdapters, add_adapters, has_adapters, keep_trainable, lora_settings, merged, require_peft
-from rlhf_lightning.losses import DPO_LOSSES, REFERENCE_FREE_LOSSES, PairLogps, dpo_loss, implicit_rewards, masked_sum
-from rlhf_lightning.modules.ppo import FROZEN_DTYPES, _reference_not_expected, _without_reference, disable_dropout, sum_over_ranks
+from rlhf_lightning.losses import DPO_LOSSES, REFERENCE_FREE_LOSSES, PairLogps, chosen_nll, dpo_loss, implicit_rewards, masked_sum
+from rlhf_lightning.modules.ppo import (
+    FROZEN_DTYPES,
+    _rank,
+    _reference_not_expected,
+    _without_reference,
+    _world_size,
+    disable_dropout,
+    sum_over_ranks,
+)
 from rlhf_lightning.optim import adamw_warmup_cosine
 from rlhf_lightning.options import SEED_MAX, ConfigError, check_choice, check_lora, check_number
 from rlhf_lightning.policy import base_record, build_policy, context_length, load_policy
@@ -406,9 +414,12 @@ class DPOModule(L.LightningModule):
             batch, scale = move_batch(self._pairs, self.device), self._pairs["scale"]
             self._steps_on_pairs += 1
         logps = self.pair_logps(batch)
-        out = dpo_loss(logps, hp.loss_type, hp.beta, hp.loss_weights, hp.label_smoothing, hp.gamma, hp.nll_alpha)
+        out = dpo_loss(logps, hp.loss_type, hp.beta, hp.loss_weights, hp.label_smoothing, hp.gamma)  # the pairs' mean
+        loss = out.loss * scale  # online: this rank's share of every rank's pairs (1.0 offline: equal batches)
+        if hp.nll_alpha:  # RPO's NLL per chosen token over every rank's pairs
+            loss = loss + hp.nll_alpha * chosen_nll(logps) * self.token_share(logps.chosen_tokens.sum() if scale else None)
         metrics = {
-            "dpo/loss": out.loss.detach(),
+            "dpo/loss": (out.loss + hp.nll_alpha * out.nll).detach(),
             "dpo/rewards/chosen": out.chosen_rewards.mean(),
             "dpo/rewards/rejected": out.rejected_rewards.mean(),
             "dpo/rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float().mean(),
@@ -419,7 +430,17 @@ class DPOModule(L.LightningModule):
             **rollout,
         }
         log_step_metrics(self, metrics, prog_bar={"loss": "dpo/loss", "acc": "dpo/rewards/accuracies"})  # rank 0's values
-        return out.loss * scale
+        return loss
+
+    def token_share(self, tokens: torch.Tensor | None) -> float | torch.Tensor:
+        """world x this rank's count of `tokens` / every rank's (None: this rank's pairs are a placeholder, 0 tokens):
+        the weight that turns a per-rank token mean into its share of the global one under DDP's mean of gradients.
+        1.0 in one process."""
+        world = _world_size()
+        if world == 1:
+            return 0.0 if tokens is None else 1.0
+        local = torch.zeros((), device=self.device) if tokens is None else tokens.detach().float()
+        return local * world / sum_over_ranks(local).clamp(min=1)
 
     # ------------------------------------------------------------------ online DPO
 
@@ -429,11 +450,12 @@ class DPOModule(L.LightningModule):
         pairs (with the reference's sums) for the next `refresh_every` steps; returns the `rollout/*` metrics.
 
         Under DDP each rank pairs its own prompts; a rank's loss is scaled by its share of all ranks' pairs
-        (`scale` = n_rank * world / n_all), so DDP's mean of gradients is the gradient of the mean over every pair.
+        (`scale` = n_rank * world / n_all), so DDP's mean of gradients is the gradient of the mean over every pair
+        (the NLL term likewise by its share of every rank's chosen tokens, `token_share`).
         A rank with no pair while others have some trains on one placeholder pair at weight 0 (every rank must
         join the gradient all-reduce); when no rank has a pair, the step is skipped."""
         cfg = self.online
-        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self._trainer is not None else (1, 0)
+        world, rank = _world_size(), _rank()
         task = getattr(getattr(self.trainer, "datamodule", None), "hparams", {}).get("task", "toy") if self._trainer is not None else "toy"
         records = [PromptRecord(p, g, f"{task}:train", s) for p, g, s in zip(batch["prompts"], batch["golds"], batch["strata"])]
         seed = ((cfg.seed * 1_000_003 + self._refreshes) * 1_009 + rank) % (2**62)
