@@ -7,8 +7,8 @@ from pathlib import Path
 
 COMMANDS = {
     "pipeline": ("rlhf_lightning.pipeline", "SFT -> reward model -> PPO in one go, then a test-split table."),
-    "eval": ("rlhf_lightning.evaluate", "Answer held-out prompts with a checkpoint, report accuracy."),
-    "export": ("rlhf_lightning.export", "Write a policy as safetensors + JSON (no code can ride along)."),
+    "eval": ("rlhf_lightning.evaluate", "Answer held-out prompts with an SFT, PPO or DPO checkpoint, report accuracy."),
+    "export": ("rlhf_lightning.export", "Write the policy of an SFT, PPO or DPO checkpoint as safetensors + JSON (no code can ride along)."),
 }
 
 
