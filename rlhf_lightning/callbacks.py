@@ -110,6 +110,7 @@ class ResumeCheckpoint(ModelCheckpoint):
             loop = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict")
             if loop is not None and "_batches_that_stepped" in loop:
                 loop["_batches_that_stepped"] -= 1
+                checkpoint["resume"]["uncounted_step"] = True  # its logging step is still this step's
         super().on_save_checkpoint(trainer, pl_module, checkpoint)
 
     @staticmethod

@@ -140,8 +140,10 @@ def first_logged_step(checkpoint: dict) -> int:
     loop = checkpoint["loops"]["fit_loop"]
     stepped = loop["epoch_loop.state_dict"]["_batches_that_stepped"]
     progress = loop["epoch_loop.batch_progress"]["total"]
-    # saved at a batch's end (periodic checkpoints, signals): that batch has not counted yet
-    return stepped + int(progress["completed"] == progress["processed"] - 1)
+    # saved at a batch's end (periodic checkpoints, signals): that batch has not counted yet; saved after its
+    # validation, the step was uncounted on purpose (`ResumeCheckpoint.on_save_checkpoint`) and logs one later
+    uncounted = bool(checkpoint.get("resume", {}).get("uncounted_step", False))
+    return stepped + int(progress["completed"] == progress["processed"] - 1) + int(uncounted)
 
 
 def _project_error(err: BaseException) -> BaseException | None:

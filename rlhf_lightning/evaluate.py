@@ -78,7 +78,7 @@ def format_strata(strata: dict[str, dict]) -> str:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="rlhf eval", description=__doc__)
-    parser.add_argument("--ckpt", required=True, help="an SFT or PPO checkpoint")
+    parser.add_argument("--ckpt", required=True, help="an SFT, PPO or DPO checkpoint, or an exported folder")
     parser.add_argument("--task", default="toy", help="toy or seed (default: toy)")
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
     parser.add_argument("--prompts", default=None, help='JSONL of {"prompt"[, "completion" as gold]} lines')

@@ -60,7 +60,7 @@ def export_policy(ckpt: str, out: str, adapters: bool = False) -> Path:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="rlhf export", description=__doc__.splitlines()[0])
-    parser.add_argument("--ckpt", required=True, help="an SFT or PPO checkpoint")
+    parser.add_argument("--ckpt", required=True, help="an SFT, PPO or DPO checkpoint")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--adapters", action="store_true", help="LoRA adapters in PEFT's folder format instead of merged weights")
     args = parser.parse_args(argv)

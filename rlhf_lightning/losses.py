@@ -726,11 +726,12 @@ def log1mexp(x: Tensor) -> Tensor:
     return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
 
 
-def orpo_loss(logps: PairLogps, beta: float, label_smoothing: float = 0.0, gamma: float = 0.0) -> Tensor:
+def orpo_loss(logps: PairLogps, beta: float, label_smoothing: float = 0.0, gamma: float = 0.0, nll: bool = True) -> Tensor:
     """ORPO (Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference Model"; TRL's
     ORPOTrainer): reference-free; the chosen completions' NLL (token mean over the batch) plus beta times the odds
     ratio loss, ``-mean logsigmoid(log odds(chosen) - log odds(rejected))``, on length-normalized log-probs
-    ``l = logp / n`` with ``log odds = l - log(1 - exp(l))``.
+    ``l = logp / n`` with ``log odds = l - log(1 - exp(l))``. ``nll=False``: the odds ratio term alone (`dpo_loss`
+    weighs the NLL, a per-token mean, apart from the per-pair terms).
 
     >>> # chosen: l = log 0.5 (odds 1), 2 tokens summing to 2 log 0.5; rejected: l = log 0.2 (odds 1/4)
     >>> orpo_loss(_pair(2 * -0.6931472, -1.6094379, chosen_tokens=2), beta=1.0)  # NLL 0.6931 - logsigmoid(log 4) 0.2231
@@ -739,7 +740,8 @@ def orpo_loss(logps: PairLogps, beta: float, label_smoothing: float = 0.0, gamma
     chosen = logps.chosen.float() / logps.chosen_tokens.clamp(min=1)  # (B,) length-normalized
     rejected = logps.rejected.float() / logps.rejected_tokens.clamp(min=1)  # (B,)
     log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))  # (B,)
-    return chosen_nll(logps) - beta * F.logsigmoid(log_odds).mean()
+    odds = -beta * F.logsigmoid(log_odds).mean()
+    return chosen_nll(logps) + odds if nll else odds
 
 
 def chosen_nll(logps: PairLogps) -> Tensor:
@@ -776,6 +778,8 @@ class DPOLossOutput(NamedTuple):
     chosen_rewards: Tensor  # (B,) implicit rewards (see `implicit_rewards`)
     rejected_rewards: Tensor  # (B,)
     nll: Tensor  # () the chosen completions' NLL per token
+    pair_loss: Tensor | None = None  # () with the graph: the per-pair terms, a mean over the pairs
+    nll_weight: float = 0.0  # the NLL's weight in `loss` (nll_alpha, plus each orpo loss's weight)
 
 
 def implicit_rewards(logps: PairLogps, beta: float, reference_free: bool) -> tuple[Tensor, Tensor]:
@@ -815,9 +819,14 @@ def dpo_loss(
     unknown = [n for n in names if n not in DPO_LOSSES]
     if unknown:
         raise ValueError(f"unknown preference loss {unknown[0]!r}; valid: {sorted(DPO_LOSSES)}")
-    loss = sum(w * DPO_LOSSES[n](logps, beta, label_smoothing, gamma) for n, w in zip(names, weights))
+    # the per-pair terms (a mean over pairs) apart from the NLL (a mean over chosen tokens, ORPO's included), so a
+    # caller can weigh each by its own count under data parallelism (`DPOModule.training_step`)
+    pair_loss = sum(
+        w * (orpo_loss(logps, beta, nll=False) if n == "orpo" else DPO_LOSSES[n](logps, beta, label_smoothing, gamma))
+        for n, w in zip(names, weights)
+    )
+    nll_weight = nll_alpha + sum(w for n, w in zip(names, weights) if n == "orpo")
     nll = chosen_nll(logps)
-    if nll_alpha:
-        loss = loss + nll_alpha * nll
+    loss = pair_loss + nll_weight * nll if nll_weight else pair_loss
     chosen, rejected = implicit_rewards(logps, beta, reference_free=all(n in REFERENCE_FREE_LOSSES for n in names))
-    return DPOLossOutput(loss, chosen, rejected, nll.detach())
+    return DPOLossOutput(loss, chosen, rejected, nll.detach(), pair_loss, nll_weight)

@@ -37,7 +37,7 @@ def build_policy(model: dict[str, Any] | None, tokenizer: dict[str, Any] | None)
 
 
 def load_policy(path: str, role: str = "ckpt", stages: tuple[str, ...] = POLICY_STAGES) -> tuple[nn.Module, Tokenizer, dict[str, Any]]:
-    """Rebuild the policy stored in an SFT or PPO checkpoint, or in a folder written by `rlhf export`.
+    """Rebuild the policy stored in an SFT, PPO or DPO checkpoint, or in a folder written by `rlhf export`.
 
     A checkpoint of LoRA adapters (`rlhf.lora`, `rlhf.base`) rebuilds its base first, refusing a base whose
     SHA-256 differs from the recorded one, then adds and loads the adapters. Returns (model, tokenizer, rlhf metadata).

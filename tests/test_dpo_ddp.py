@@ -145,10 +145,7 @@ def test_normalizing_the_nll_per_rank_would_move_the_update_far_beyond_the_bound
     assert (per_rank - grad).abs().max() > 100 * grad_atol(grad, terms=2 * B * WORLD)
 
 
-@pytest.mark.parametrize("case", ["nll", pytest.param("orpo", marks=pytest.mark.xfail(strict=True, reason=(
-    "losses.orpo_loss adds chosen_nll(logps), a mean over the rank's own chosen tokens; DPOModule.training_step "
-    "weights only nll_alpha's NLL by token_share, so under DDP orpo's NLL term is a mean of the ranks' token means"
-)))])
+@pytest.mark.parametrize("case", ["nll", "orpo"])
 def test_two_process_update_with_a_chosen_nll_equals_single_process_update(case, single_and_ranks):
     single, ranks = single_and_ranks
     for results in ranks:

@@ -1,7 +1,7 @@
 """Crash-safe DPO: a run SIGKILLed mid-training, after a `last.ckpt` written at a validation step, and resumed
 with `--ckpt_path last` ends with the checkpoint of an uninterrupted run tensor for tensor (the policy, AdamW's
 state, keep_best's kept policy), with the same evaluations; the reference's table (`precompute_ref_logprobs`) is
-recomputed at the resume. TensorBoard's view of the resumed run folder loses one step now (xfail below)."""
+recomputed at the resume. TensorBoard's view of the resumed run folder shows each step once."""
 
 from __future__ import annotations
 
@@ -59,11 +59,6 @@ def test_dpo_killed_mid_training_resumes_bitwise_identical(full_and_killed):
     assert_same_checkpoint(final, expected)  # every tensor, the kept policy's (rlhf/best/state) too
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "cli.first_logged_step gives purge_step 3 for a last.ckpt written after step 4's validation (ResumeCheckpoint "
-    "saves _batches_that_stepped one lower there), so TensorBoard drops the points at 3, which the resumed run "
-    "does not log again: its first logged step is 4"
-))
 def test_tensorboard_shows_each_step_once_after_the_resume(full_and_killed):
     full, killed, _ = full_and_killed
     full_steps = event_steps(full / "lightning_logs" / "toy" / "dpo" / "version_0", "dpo/loss")

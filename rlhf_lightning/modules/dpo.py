@@ -414,12 +414,12 @@ class DPOModule(L.LightningModule):
             batch, scale = move_batch(self._pairs, self.device), self._pairs["scale"]
             self._steps_on_pairs += 1
         logps = self.pair_logps(batch)
-        out = dpo_loss(logps, hp.loss_type, hp.beta, hp.loss_weights, hp.label_smoothing, hp.gamma)  # the pairs' mean
-        loss = out.loss * scale  # online: this rank's share of every rank's pairs (1.0 offline: equal batches)
-        if hp.nll_alpha:  # RPO's NLL per chosen token over every rank's pairs
-            loss = loss + hp.nll_alpha * chosen_nll(logps) * self.token_share(logps.chosen_tokens.sum() if scale else None)
+        out = dpo_loss(logps, hp.loss_type, hp.beta, hp.loss_weights, hp.label_smoothing, hp.gamma, hp.nll_alpha)
+        loss = out.pair_loss * scale  # online: this rank's share of every rank's pairs (1.0 offline: equal batches)
+        if out.nll_weight:  # RPO's (and ORPO's) NLL per chosen token over every rank's pairs
+            loss = loss + out.nll_weight * chosen_nll(logps) * self.token_share(logps.chosen_tokens.sum() if scale else None)
         metrics = {
-            "dpo/loss": (out.loss + hp.nll_alpha * out.nll).detach(),
+            "dpo/loss": out.loss.detach(),
             "dpo/rewards/chosen": out.chosen_rewards.mean(),
             "dpo/rewards/rejected": out.rejected_rewards.mean(),
             "dpo/rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float().mean(),
