@@ -76,18 +76,22 @@ def test_first_step_margins_are_exactly_zero(base, tmp_path):  # noqa: F811
     assert float(metrics["dpo/loss"]) == pytest.approx(math.log(2) + float(metrics["dpo/nll"]), abs=1e-6)  # nll_alpha 1
 
 
-def test_online_resume_mid_refresh_is_bitwise_equal_to_an_uninterrupted_run(base, tmp_path):  # noqa: F811
-    from test_resume import assert_same_checkpoint
+def test_online_run_killed_mid_refresh_resumes_bitwise_equal_to_an_uninterrupted_run(base, tmp_path):  # noqa: F811
+    from test_resume import assert_same_checkpoint, kill_after_next_checkpoint, start
 
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
-    config = online_config(tmp_path, base, {"judge": "random", "refresh_every": 2, "eval_every": 2}, {"max_steps": 5})
+    config = online_config(tmp_path, base, {"judge": "random", "refresh_every": 3, "eval_every": 2}, {"max_steps": 6})
+    settings = yaml.safe_load(config.read_text())
+    settings["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 2  # step 2: one step before a refresh
+    config.write_text(yaml.safe_dump(settings))
     run_cli(["fit", "--config", str(config), *QUIET], tmp_path / "a")
-    run_cli(["fit", "--config", str(config), *QUIET, "--trainer.max_steps=3"], tmp_path / "b")  # stops one step into a refresh
-    saved = torch.load(tmp_path / "b" / "checkpoints" / "toy" / "online_dpo" / "last.ckpt", weights_only=True)
-    assert saved["global_step"] == 3 and saved["rlhf"]["online"]["steps_on_pairs"] == 1
+    last = tmp_path / "b" / "checkpoints" / "toy" / "online_dpo" / "last.ckpt"
+    kill_after_next_checkpoint(start(config, tmp_path / "b"), last)  # SIGKILL
+    saved = torch.load(last, weights_only=True)
+    assert saved["global_step"] in (2, 4) and saved["rlhf"]["online"]["steps_on_pairs"] in (2, 1)  # pairs in use
     resumed = run_cli(["fit", "--config", str(config), *QUIET, "--ckpt_path=last"], tmp_path / "b")
-    assert resumed.trainer.global_step == 5 and resumed.model._refreshes == 3
-    assert [h["step"] for h in resumed.model.eval_history] == [0, 2, 4, 5]
+    assert resumed.trainer.global_step == 6 and resumed.model._refreshes == 2
+    assert [h["step"] for h in resumed.model.eval_history] == [0, 2, 4, 6]
     final = Path("checkpoints") / "toy" / "online_dpo.ckpt"
     assert_same_checkpoint(tmp_path / "a" / final, tmp_path / "b" / final)
 
