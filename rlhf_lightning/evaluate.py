@@ -13,7 +13,7 @@ from rlhf_lightning.data.jsonl import write_jsonl
 from rlhf_lightning.data.prompts import PromptDataset, load_prompts
 from rlhf_lightning.options import SEED_MAX, check_choice, check_number
 from rlhf_lightning.policy import context_length, load_policy
-from rlhf_lightning.sampling import complete
+from rlhf_lightning.completions import complete
 from rlhf_lightning.tasks.arithmetic import TASKS, judge_scores
 from rlhf_lightning.tasks.strata import strata_metrics, task_strata_names
 

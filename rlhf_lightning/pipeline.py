@@ -161,7 +161,7 @@ def policy_row(stage: str, ckpt: str, reference_ckpt: str, reward_ckpt: str | No
     from rlhf_lightning.losses import masked_mean
     from rlhf_lightning.policy import load_policy
     from rlhf_lightning.rewards import LearnedReward
-    from rlhf_lightning.sampling import complete
+    from rlhf_lightning.completions import complete
     from rlhf_lightning.scoring import completion_kl
     from rlhf_lightning.tasks.arithmetic import judge_scores
     from rlhf_lightning.tasks.strata import strata_metrics, task_strata_names
@@ -191,7 +191,7 @@ def policy_row(stage: str, ckpt: str, reference_ckpt: str, reward_ckpt: str | No
 def reward_row(reward_ckpt: str, sft_ckpt: str, task: str, samples: int, seed: int) -> dict:
     """Pairwise accuracy of the reward model against the judge on sampled test completions of the SFT policy."""
     from rlhf_lightning.policy import load_policy
-    from rlhf_lightning.sampling import complete
+    from rlhf_lightning.completions import complete
     from rlhf_lightning.scoring import load_reward_model, score_texts
     from rlhf_lightning.tasks.arithmetic import judge_scores
 

@@ -55,7 +55,7 @@ from rlhf_lightning.optim import adamw_warmup_cosine
 from rlhf_lightning.options import SEED_MAX, ConfigError, check_choice, check_lora, check_number
 from rlhf_lightning.policy import base_record, build_policy, context_length, load_policy
 from rlhf_lightning.rewards import LearnedReward
-from rlhf_lightning.sampling import complete
+from rlhf_lightning.completions import complete
 from rlhf_lightning.scoring import token_logprobs
 from rlhf_lightning.tasks.arithmetic import judge_scores
 from rlhf_lightning.tasks.strata import strata_metrics

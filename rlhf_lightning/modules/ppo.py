@@ -53,7 +53,7 @@ from rlhf_lightning.models import enable_gradient_checkpointing
 from rlhf_lightning.lora import BaseOfAdapters, add_adapters, has_adapters, keep_trainable, lora_settings, merged, require_peft
 from rlhf_lightning.policy import base_record, context_length, load_policy
 from rlhf_lightning.rewards import REWARD_SOURCES, RewardSettings, build_reward_source, checked_rewards
-from rlhf_lightning.sampling import complete
+from rlhf_lightning.completions import complete
 from rlhf_lightning.scoring import completion_kl, token_logprobs
 from rlhf_lightning.tasks.arithmetic import judge_scores
 

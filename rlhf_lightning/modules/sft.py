@@ -14,7 +14,7 @@ from rlhf_lightning.optim import adamw_warmup_cosine
 from rlhf_lightning.lora import add_adapters, keep_trainable, lora_settings, require_peft
 from rlhf_lightning.options import ConfigError, check_lora, check_number
 from rlhf_lightning.policy import base_record, build_policy, context_length, load_plain_policy, load_policy
-from rlhf_lightning.sampling import complete
+from rlhf_lightning.completions import complete
 from rlhf_lightning.scoring import token_logprobs
 from rlhf_lightning.tasks.arithmetic import judge_scores
 from rlhf_lightning.tasks.strata import strata_metrics
