@@ -101,8 +101,8 @@ def test_pairs_drop_ties_unless_broken_by_length():
     assert pairs_from_group(scores, texts) == [(0, 1), (0, 2), (3, 1), (3, 2)]
     # tie-break by length: "44" beats "4"; "3" vs "3" has equal length and is still dropped
     assert pairs_from_group(scores, texts, tie_break="length") == [(0, 1), (0, 2), (2, 1), (3, 1), (3, 2)]
-    with pytest.raises(ValueError, match="tie_break"):
-        pairs_from_group(scores, texts, tie_break="random")
+    with pytest.raises(ValueError, match="tie_break: unknown value 'random'"):
+        sample_groups(None, None, [], samples_per_prompt=2, tie_break="random")  # refused before any sampling
 
 
 def test_held_out_groups_score_each_completion_once(tmp_path):
