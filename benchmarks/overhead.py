@@ -138,7 +138,7 @@ def lightning_ppo_arm(steps: int, cwd: Path) -> float:
 def plain_ppo_arm(steps: int, cwd: Path) -> float:
     import yaml
 
-    from rlhf_lightning.data.ppo import PromptDataModule
+    from rlhf_lightning.data.rollout_prompts import PromptDataModule
     from rlhf_lightning.modules.ppo import PPOModule
     from rlhf_lightning.optim import adamw
 

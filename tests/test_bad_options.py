@@ -220,7 +220,7 @@ LORA = [("r", AT_LEAST_1, (0, 2.5, "8")), ("alpha", POSITIVE, (0, -16.0)), ("dro
 
 def build(cls: str, **kwargs):
     """`cls` with `kwargs` and whatever else it must have to reach its checks (no file is read before them)."""
-    from rlhf_lightning.data.ppo import PromptDataModule
+    from rlhf_lightning.data.rollout_prompts import PromptDataModule
     from rlhf_lightning.data.preferences import JsonlPairs, PreferenceDataModule, SampledPairs
     from rlhf_lightning.data.sft import SFTDataModule
     from rlhf_lightning.modules.ppo import PPOModule

@@ -8,7 +8,7 @@ import torch
 
 from conftest import CONFIGS, QUIET, run_cli
 from rlhf_lightning.callbacks import log_step_metrics, write_step_metrics
-from rlhf_lightning.data.ppo import PromptStream
+from rlhf_lightning.data.rollout_prompts import PromptStream
 from rlhf_lightning.generation import Generation
 from rlhf_lightning.modules.ppo import PPOModule, Samples, informative_groups
 
