@@ -13,7 +13,7 @@ from conftest import CONFIGS, QUIET, run_cli
 from rlhf_lightning.cli import main as cli_main
 from rlhf_lightning.data.jsonl import DataError
 from rlhf_lightning.data.prompts import PromptDataset, load_prompts
-from rlhf_lightning.data.sampling import StratumWeightedSampler, check_stratum_weights, example_weights
+from rlhf_lightning.data.stratum_weights import StratumWeightedSampler, check_stratum_weights, example_weights
 from rlhf_lightning.tasks.arithmetic import problems
 from rlhf_lightning.tasks.strata import TOY_STRATA, arithmetic_strata, prompt_strata, strata_metrics, worst_stratum
 

@@ -9,7 +9,7 @@ from rlhf_lightning.data.base import TokenizedDataModule
 from rlhf_lightning.padding import right_pad
 from rlhf_lightning.data.jsonl import DataError, read_jsonl
 from rlhf_lightning.data.prompts import PromptDataset, load_prompts, read_group
-from rlhf_lightning.data.sampling import StratumWeightedSampler, check_stratum_weights, example_weights
+from rlhf_lightning.data.stratum_weights import StratumWeightedSampler, check_stratum_weights, example_weights
 from rlhf_lightning.options import DATA, check_choice, check_number
 from rlhf_lightning.tasks.arithmetic import TASKS, demonstration_problems, task_problems
 from rlhf_lightning.tasks.strata import prompt_strata, task_strata_names
