@@ -81,7 +81,7 @@ def ppo_iteration(module: PPOModule, batch: dict, eos: bool = True) -> tuple[dic
         times["reward"] = time.perf_counter() - t
         t = time.perf_counter()
         rollout = Rollout(*gen.joined(prompt_ids, prompt_mask), gen.completion_ids, gen.completion_mask, gen.logprobs, gen.logprobs, rewards, rewards)
-        ref = module.reference_logprobs(rollout.input_ids, rollout.attention_mask, gen.completion_mask)
+        ref = module.collector.reference_logprobs(rollout.input_ids, rollout.attention_mask, gen.completion_mask)
         times["reference"] = time.perf_counter() - t
         t = time.perf_counter()
         rollout = replace(rollout, ref_logprobs=ref, advantages=module.global_advantages(rewards))

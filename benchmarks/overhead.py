@@ -140,6 +140,7 @@ def plain_ppo_arm(steps: int, cwd: Path) -> float:
 
     from rlhf_lightning.data.rollout_prompts import PromptDataModule
     from rlhf_lightning.modules.ppo import PPOModule
+    from rlhf_lightning.rl.update import loss_counts
     from rlhf_lightning.optim import adamw
 
     files = peer_files(cwd)
@@ -159,7 +160,7 @@ def plain_ppo_arm(steps: int, cwd: Path) -> float:
             rollout, _ = module.make_rollout(batch)
             mb = rollout.select(torch.randperm(rollout.completion_ids.size(0), generator=generator))  # 1 epoch, 1 minibatch
             optimizer.zero_grad()
-            out, _, _ = module.minibatch_loss(mb, module.loss_counts(mb))
+            out, _, _ = module.minibatch_loss(mb, loss_counts(mb, module.cfg.loss))
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(module.model.parameters(), module.hparams.max_grad_norm)
             optimizer.step()

@@ -7,7 +7,7 @@ completion tokens; masked-out entries never contribute, even if NaN/inf.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -560,32 +560,33 @@ def ppo_loss(
     ref_logp: Tensor,
     advantages: Tensor,
     mask: Tensor,
-    clip_eps: float,
-    beta: float,
-    kl_estimator: str = "k1",
-    total_tokens: float | Tensor | None = None,
+    cfg: Any = None,
+    counts: Tensor | tuple[float, float] | None = None,
     *,
-    clip_eps_high: float | None = None,
-    clip_c: float | None = None,
-    ratio_level: str = "token",
-    loss_agg: str = "token_mean",
-    total_rows: float | Tensor | None = None,
+    beta: float = 0.0,
+    kl_estimator: str = "k1",
     max_new_tokens: int | None = None,
 ) -> PPOLossOutput:
     """``-agg(min(rho A, clip(rho) A)) + beta * agg(KL)``, ``agg`` a registered loss aggregation.
 
-    With the defaults ``agg`` is the token mean over the valid tokens of the whole batch (or a division
-    by ``total_tokens``), ``rho`` the per-token ratio and the clip range symmetric: the seed's loss.
-    ``loss_agg``, ``total_rows`` and ``max_new_tokens`` pick and scale the aggregation (see
-    ``LOSS_AGGREGATIONS``), ``ratio_level`` the ratio (``RATIO_LEVELS``), ``clip_eps_high`` and ``clip_c``
-    the clipping (``clipped_surrogate``). ``kl`` is always reported, also with ``beta=0`` (which is what the
-    caller passes when the KL is placed in the reward instead). ``clipfrac`` (fraction of valid tokens whose
-    objective was clipped) and ``approx_kl`` (k3 estimate of KL(old || new) per token: mean of
-    ``(rho-1) - log rho`` with the token ratio) are token means whatever the aggregation.
+    ``cfg`` is the loss's option group (`option_groups.LossConfig`: ``clip_range``, ``clip_c``, ``ratio_level``,
+    ``loss_agg``; None: its defaults, the seed's loss: the token mean over the valid tokens of the whole batch,
+    the per-token ratio, the symmetric clip 0.2). ``counts`` = (tokens, rows) the aggregation divides by (the
+    global minibatch's, under data parallelism; None: this batch's own), ``max_new_tokens`` the constant of
+    ``seq_mean_token_sum_norm`` (see ``LOSS_AGGREGATIONS``), ``clip_range`` and ``clip_c`` the clipping
+    (``clipped_surrogate``). ``kl`` is always reported, also with ``beta=0`` (which is what the caller passes when
+    the KL is placed in the reward instead). ``clipfrac`` (fraction of valid tokens whose objective was clipped)
+    and ``approx_kl`` (k3 estimate of KL(old || new) per token: mean of ``(rho-1) - log rho`` with the token
+    ratio) are token means whatever the aggregation.
 
     >>> # one token, rho = 1, A = 2, logp - ref = 0.1, beta = 0.5:
     >>> # loss = -(1 * 2) + 0.5 * 0.1 = -1.95
     """
+    clip_low, clip_high = cfg.clip_range if cfg is not None else (0.2, 0.2)
+    clip_c = cfg.clip_c if cfg is not None else None
+    ratio_level = cfg.ratio_level if cfg is not None else "token"
+    loss_agg = cfg.loss_agg if cfg is not None else "token_mean"
+    total_tokens, total_rows = (None, None) if counts is None else counts
     valid = mask.bool()  # (B, T)
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     # Zero out masked positions first so NaN/inf there cannot leak into gradients.
@@ -596,7 +597,7 @@ def ppo_loss(
         advantages = torch.where(valid, advantages, zero)  # (B, T)
 
     log_ratio = log_importance_ratio(ratio_level, logp, old_logp, valid)  # (B, T)
-    objective, ratio, clipped = clipped_surrogate(log_ratio, advantages, clip_eps, clip_eps_high, clip_c)
+    objective, ratio, clipped = clipped_surrogate(log_ratio, advantages, clip_low, clip_high, clip_c)
     counts = (total_tokens, total_rows, max_new_tokens)
     policy_loss = -aggregate_loss(loss_agg, objective, valid, *counts)
     kl = aggregate_loss(loss_agg, kl_penalty(kl_estimator, logp, ref_logp), valid, *counts)

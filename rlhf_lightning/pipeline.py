@@ -157,52 +157,44 @@ def repeat_rows(batch: dict, k: int) -> dict:
 @torch.no_grad()
 def policy_row(stage: str, ckpt: str, reference_ckpt: str, reward_ckpt: str | None, task: str, samples: int, seed: int) -> tuple[dict, dict]:
     """Greedy test accuracy, mean normalized learned reward of those answers (None without a reward model), KL to
-    the reference; and the accuracy and reward per stratum."""
-    from rlhf_lightning.losses import masked_mean
+    the reference (`evaluation.answer`); the judge on `samples` sampled answers per prompt; and the accuracy and
+    reward per stratum."""
+    from rlhf_lightning.evaluation import Evaluation, answer
     from rlhf_lightning.policy import load_policy
     from rlhf_lightning.rewards import LearnedReward
-    from rlhf_lightning.completions import complete
-    from rlhf_lightning.scoring import completion_kl
-    from rlhf_lightning.tasks.arithmetic import judge_scores
-    from rlhf_lightning.tasks.strata import strata_metrics, task_strata_names
+    from rlhf_lightning.tasks.arithmetic import EVAL_MAX_NEW_TOKENS
+    from rlhf_lightning.tasks.strata import task_strata_names
 
     policy, tokenizer, _ = load_policy(ckpt)
     reference, _, _ = load_policy(reference_ckpt)
     reward = LearnedReward(reward_ckpt, normalize=True, policy_tokenizer=tokenizer, policy_ckpt=ckpt) if reward_ckpt else None
     policy.eval(), reference.eval()
     batch = test_batch(tokenizer, policy, task)
-    completions, gen = complete(policy, tokenizer, batch["prompt_ids"], batch["prompt_mask"], 6, greedy=True)
-    scores = judge_scores(completions, batch["golds"], gen.finished)  # (B,)
-    accuracy = scores.nanmean()
-    rewards = reward(batch["prompts"], completions, gen.finished, batch["golds"]) if reward else None  # (B,) normalized
-    strata = strata_metrics(scores.tolist(), batch["strata"], None if rewards is None else rewards.tolist(), task_strata_names(task))
-    ids, mask = gen.joined(batch["prompt_ids"], batch["prompt_mask"])  # (B, P + N) each
-    kl = masked_mean(completion_kl(policy, reference, ids, mask, gen.completion_ids.size(1)), gen.completion_mask)  # eval/kl's definition
-    repeated = repeat_rows(batch, samples)
-    sampled_text, sampled = complete(
-        policy, tokenizer, repeated["prompt_ids"], repeated["prompt_mask"], 6, generator=torch.Generator().manual_seed(seed)
-    )
-    gold = judge_scores(sampled_text, repeated["golds"], sampled.finished).nanmean()  # the judge on K samples per prompt
-    test_reward = None if rewards is None else float(rewards.mean())
-    return {"stage": stage, "test_accuracy": float(accuracy), "test_reward": test_reward, "test_kl": float(kl), "test_gold_reward": float(gold)}, strata
+    greedy = Evaluation([answer(policy, tokenizer, batch, EVAL_MAX_NEW_TOKENS, score=reward, reference=reference)])
+    generator = torch.Generator().manual_seed(seed)
+    sampled = Evaluation([answer(policy, tokenizer, repeat_rows(batch, samples), EVAL_MAX_NEW_TOKENS, greedy=False, generator=generator)])
+    row = {
+        "stage": stage, "test_accuracy": greedy.accuracy(), "test_reward": greedy.reward(), "test_kl": greedy.kl(),
+        "test_gold_reward": sampled.accuracy(),  # the judge on K samples per prompt
+    }
+    return row, greedy.strata(task_strata_names(task))
 
 
 @torch.no_grad()
 def reward_row(reward_ckpt: str, sft_ckpt: str, task: str, samples: int, seed: int) -> dict:
     """Pairwise accuracy of the reward model against the judge on sampled test completions of the SFT policy."""
+    from rlhf_lightning.evaluation import answer
     from rlhf_lightning.policy import load_policy
-    from rlhf_lightning.completions import complete
     from rlhf_lightning.scoring import load_reward_model, score_texts
-    from rlhf_lightning.tasks.arithmetic import judge_scores
+    from rlhf_lightning.tasks.arithmetic import EVAL_MAX_NEW_TOKENS
 
     policy, tokenizer, _ = load_policy(sft_ckpt)
     reward_model, reward_tokenizer, _ = load_reward_model(reward_ckpt)
     repeated = repeat_rows(test_batch(tokenizer, policy, task), samples)
-    completions, gen = complete(
-        policy.eval(), tokenizer, repeated["prompt_ids"], repeated["prompt_mask"], 6, generator=torch.Generator().manual_seed(seed)
-    )
-    labels = judge_scores(completions, repeated["golds"], gen.finished).view(-1, samples)  # (prompts, K)
-    scores = score_texts(reward_model, reward_tokenizer, repeated["prompts"], completions, gen.finished).view(-1, samples)
+    score = lambda prompts, completions, ended, golds: score_texts(reward_model, reward_tokenizer, prompts, completions, ended)  # noqa: E731
+    answers = answer(policy.eval(), tokenizer, repeated, EVAL_MAX_NEW_TOKENS, greedy=False, generator=torch.Generator().manual_seed(seed), score=score)
+    labels = answers.scores.view(-1, samples)  # (prompts, K) the judge
+    scores = answers.rewards.view(-1, samples)  # (prompts, K) the reward model
     better = labels[:, :, None] > labels[:, None, :]  # (prompts, K, K): pair (i, j) where i is judged better
     agree = (scores[:, :, None] > scores[:, None, :]) & better
     accuracy = agree.sum() / better.sum().clamp_min(1)

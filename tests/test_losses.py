@@ -40,7 +40,6 @@ from rlhf_lightning.losses import (
     masked_mean,
     masked_sum,
     pairwise_accuracy,
-    ppo_loss,
     rloo,
     seq_mean_token_mean,
     seq_mean_token_sum_norm,
@@ -48,6 +47,16 @@ from rlhf_lightning.losses import (
     token_log_ratio,
     token_mean,
 )
+from rlhf_lightning import losses
+from rlhf_lightning.option_groups import LossConfig
+
+
+def ppo_loss(logp, old, ref, adv, mask, *, beta, kl_estimator="k1", total_tokens=None, total_rows=None, max_new_tokens=None, **loss):
+    """`losses.ppo_loss` with the loss group's fields (clip_eps, clip_eps_low/high, clip_c, ratio_level, loss_agg)
+    and the counts as keywords, as the hand examples below spell them."""
+    counts = None if total_tokens is None and total_rows is None else (total_tokens, total_rows)
+    return losses.ppo_loss(logp, old, ref, adv, mask, LossConfig(**loss), counts, beta=beta, kl_estimator=kl_estimator,
+                           max_new_tokens=max_new_tokens)
 
 NAN = float("nan")
 INF = float("inf")

@@ -43,7 +43,9 @@ def test_ratio_is_one_at_the_first_minibatch_at_temperature_not_one(sft_ckpt):
     assert (ratio - 1).abs().max().item() < RATIO_ATOL  # two kernel paths: the cached decode and one forward
     assert out.approx_kl.abs().item() < 1e-6  # ~ (ratio - 1)^2 / 2 <= 5e-9 and out.clipfrac.item() == 0.0
     # the same log-probs at temperature 1 differ: the update really uses the sampler's temperature
-    module.hparams.temperature = 1.0
+    from dataclasses import replace
+
+    module.cfg = replace(module.cfg, rollout=replace(module.cfg.rollout, temperature=1.0))
     _, at_one, _ = module.minibatch_loss(rollout)
     assert (at_one - rollout.old_logprobs)[rollout.completion_mask].abs().max().item() > 1e-2
 

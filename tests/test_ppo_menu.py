@@ -14,7 +14,8 @@ from conftest import CONFIGS, QUIET, run_cli
 from tolerance import RATIO_ATOL
 from rlhf_lightning.cli import main
 from rlhf_lightning.data.prompts import PromptDataset, load_prompts
-from rlhf_lightning.losses import drop_truncated, ppo_loss
+from rlhf_lightning.losses import drop_truncated
+from test_losses import ppo_loss
 from rlhf_lightning.modules.ppo import PPOModule, Rollout
 from rlhf_lightning.policy import load_policy
 

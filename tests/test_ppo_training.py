@@ -144,18 +144,19 @@ def test_dynamic_sampling_bad_options(sft_ckpt, options, message):
 def test_gold_reward_is_logged_beside_a_learned_reward(sft_ckpt, reward_ckpt, tmp_path):
     module = PPOModule(policy_ckpt=str(sft_ckpt), reward="learned", reward_ckpt=str(reward_ckpt), samples_per_prompt=4)
     from rlhf_lightning.data.prompts import PromptDataset, load_prompts
+    from rlhf_lightning.rl.rollout import Drawn, rollout_metrics
     from rlhf_lightning.tasks.arithmetic import judge_scores
 
     ds = PromptDataset(module.tokenizer, load_prompts("toy", "train", limit=16), module.data_max_length)
     batch = ds.collate([ds[i] for i in range(len(ds))])
     drawn = module.sample(batch)
-    metrics = module.rollout_metrics([drawn], rounds=1, kept_groups=None)
+    metrics = rollout_metrics(Drawn([drawn]), 4, False, module.gold_scores(Drawn([drawn])))
     gold = judge_scores(drawn.completions, drawn.golds, drawn.gen.finished).mean()
     assert float(metrics["rollout/gold_reward"]) == pytest.approx(float(gold))
     assert float(metrics["rollout/reward_mean"]) == pytest.approx(float(drawn.rewards.mean()))
     # the judge as the reward: no separate gold monitor
     judged = PPOModule(policy_ckpt=str(sft_ckpt), reward="judge", samples_per_prompt=4)
-    assert "rollout/gold_reward" not in judged.rollout_metrics([judged.sample(batch)], rounds=1, kept_groups=None)
+    assert judged.gold_scores(Drawn([judged.sample(batch)])) is None
 
 
 def test_dynamic_sampling_bad_option_from_the_shell(sft_ckpt, tmp_path, capsys):

@@ -24,7 +24,6 @@ of the checkpoint, so a resumed run continues bitwise. Greedy `val` accuracy eve
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -40,25 +39,16 @@ from rlhf_lightning.checkpoints import CheckpointError, sha256_file, sha256_path
 from rlhf_lightning.data.jsonl import DataError
 from rlhf_lightning.data.preferences import JUDGES, PairDataset, group_pairs, sample_groups
 from rlhf_lightning.data.prompts import PromptDataset, PromptRecord, load_prompts, move_batch
-from rlhf_lightning.lora import BaseOfAdapters, add_adapters, has_adapters, keep_trainable, lora_settings, merged, require_peft
+from rlhf_lightning.lora import keep_trainable
 from rlhf_lightning.losses import DPO_LOSSES, REFERENCE_FREE_LOSSES, PairLogps, chosen_nll, dpo_loss, implicit_rewards, masked_sum
-from rlhf_lightning.modules.ppo import (
-    FROZEN_DTYPES,
-    _rank,
-    _reference_not_expected,
-    _without_reference,
-    _world_size,
-    disable_dropout,
-    sum_over_ranks,
-)
+from rlhf_lightning.modules.frozen import FROZEN_DTYPES, hide_reference, policy_reference
+from rlhf_lightning.distributed import rank, sum_over_ranks, world_size
 from rlhf_lightning.optim import adamw_warmup_cosine
 from rlhf_lightning.options import SEED_MAX, ConfigError, check_choice, check_lora, check_number
 from rlhf_lightning.policy import base_record, build_policy, context_length, load_policy
 from rlhf_lightning.rewards import LearnedReward
-from rlhf_lightning.completions import complete
+from rlhf_lightning.evaluation import Evaluation, answer
 from rlhf_lightning.scoring import token_logprobs
-from rlhf_lightning.tasks.arithmetic import judge_scores
-from rlhf_lightning.tasks.strata import strata_metrics
 
 __all__ = ["DPOModule", "OnlineConfig", "WithReferenceLogps", "sequence_logps"]
 
@@ -267,39 +257,23 @@ class DPOModule(L.LightningModule):
         self.policy_sha256 = sha256_path(policy_ckpt) if policy_ckpt is not None else None  # a resumed run must start from the same file
         self.policy_meta = {"model": dict(model_config), "tokenizer": self.tokenizer.to_dict()}
 
-        self.lora: dict[str, Any] | None = None  # resolved LoRA settings and the base's record, if adapters train
-        reference: nn.Module | None = None
-        if lora is not None:
-            require_peft("model.init_args.lora")
-            if has_adapters(self.model):
-                raise ConfigError("model.init_args.lora: policy_ckpt already holds adapters; leave lora unset to continue training them")
+        def base() -> dict[str, Any]:  # the record of the adapters' base, when `lora` adds adapters
             if policy_ckpt is not None:
-                base = base_record(policy_ckpt, "checkpoint", self.policy_sha256)
-            elif model_config.get("type") == "hf":
-                base = base_record(model_config["path"], "hf")
-            else:
-                raise ConfigError(
-                    "model.init_args.lora: adapters need a trained base: set model.init_args.policy_ckpt (an SFT checkpoint) "
-                    "or use an HF model folder (model.type: hf)"
-                )
-            self.lora = {"lora": add_adapters(self.model, lora_settings(lora)), "base": base}
-            reference = BaseOfAdapters(self.model) if needs_reference else None
-        elif has_adapters(self.model):  # LoRA SFT: continue its adapters; the reference is that SFT policy
-            self.lora = {"lora": meta["lora"], "base": meta["base"]}
-            reference = merged(self.model).to(FROZEN_DTYPES[reference_dtype]) if needs_reference else None
-        elif needs_reference:
-            reference = copy.deepcopy(self.model).to(FROZEN_DTYPES[reference_dtype])
+                return base_record(policy_ckpt, "checkpoint", self.policy_sha256)
+            if model_config.get("type") == "hf":
+                return base_record(model_config["path"], "hf")
+            raise ConfigError(
+                "model.init_args.lora: adapters need a trained base: set model.init_args.policy_ckpt (an SFT checkpoint) "
+                "or use an HF model folder (model.type: hf)"
+            )
+
+        # resolved LoRA settings and the base's record if adapters train; the frozen reference (a submodule, so it
+        # moves with the module; no gradients or optimizer state, left out of `state_dict`, rebuilt from
+        # `policy_ckpt`), None for reference-free losses. Dropout is off: at the start the reference's log-probs are
+        # the policy's own (margins exactly 0).
+        self.lora, self.reference = policy_reference(self.model, meta, lora, base, reference_dtype, needs_reference)
         self.strict_loading = self.lora is None  # a checkpoint of adapters leaves the frozen base out
-        # Deterministic forwards: the reference's log-probs are the policy's own at the start (margins exactly 0).
-        disable_dropout(self.model)
-        if reference is not None and not isinstance(reference, BaseOfAdapters):
-            disable_dropout(reference)
-        # The frozen reference: a submodule (it moves with the module) without gradients or optimizer state (the
-        # optimizer holds `self.model`'s parameters only), left out of `state_dict` (rebuilt from `policy_ckpt`, whose
-        # SHA-256 is checked on resume). None for reference-free losses: no reference is loaded at all.
-        self.reference = None if reference is None else reference.eval().requires_grad_(False)
-        self.register_state_dict_post_hook(_without_reference)
-        self.register_load_state_dict_post_hook(_reference_not_expected)
+        hide_reference(self)
 
         self.val_pair_accuracy = MeanMetric()
         self.val_margin = MeanMetric()
@@ -436,7 +410,7 @@ class DPOModule(L.LightningModule):
         """world x this rank's count of `tokens` / every rank's (None: this rank's pairs are a placeholder, 0 tokens):
         the weight that turns a per-rank token mean into its share of the global one under DDP's mean of gradients.
         1.0 in one process."""
-        world = _world_size()
+        world = world_size()
         if world == 1:
             return 0.0 if tokens is None else 1.0
         local = torch.zeros((), device=self.device) if tokens is None else tokens.detach().float()
@@ -455,10 +429,10 @@ class DPOModule(L.LightningModule):
         A rank with no pair while others have some trains on one placeholder pair at weight 0 (every rank must
         join the gradient all-reduce); when no rank has a pair, the step is skipped."""
         cfg = self.online
-        world, rank = _world_size(), _rank()
+        world, this_rank = world_size(), rank()
         task = getattr(getattr(self.trainer, "datamodule", None), "hparams", {}).get("task", "toy") if self._trainer is not None else "toy"
         records = [PromptRecord(p, g, f"{task}:train", s) for p, g, s in zip(batch["prompts"], batch["golds"], batch["strata"])]
-        seed = ((cfg.seed * 1_000_003 + self._refreshes) * 1_009 + rank) % (2**62)
+        seed = ((cfg.seed * 1_000_003 + self._refreshes) * 1_009 + this_rank) % (2**62)
         groups = sample_groups(
             self.model, self.tokenizer, records, cfg.samples_per_prompt, cfg.judge if cfg.judge in JUDGES else "auto",
             cfg.tie_break, cfg.max_new_tokens, cfg.temperature, cfg.top_k, len(records), seed,
@@ -538,29 +512,23 @@ class DPOModule(L.LightningModule):
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Greedy task accuracy on the `val` prompts and per stratum, with the same calls as SFT's validation
-        (`sampling.complete` greedy, `tasks.arithmetic.judge_scores`, `tasks.strata.strata_metrics`); every rank
-        evaluates all prompts (deterministic). Recorded in `eval_history`; during fit, the best policy is kept."""
+        """Greedy task accuracy on the `val` prompts and per stratum (`evaluation.answer`, as SFT's validation);
+        every rank evaluates all prompts (deterministic). Recorded in `eval_history`; during fit, the best policy is kept."""
         hp = self.hparams
         data = self._val_prompts
         if data is None:
             data = self._val_prompts = PromptDataset(self.tokenizer, load_prompts("toy", "val", limit=hp.get("max_val_prompts")), context_length(self.model))
         was_training = self.model.training
         self.model.eval()
-        scores, strata = [], []
+        evaluation = Evaluation()
         for start in range(0, len(data), hp.inference_batch_size):
             batch = move_batch(data.collate([data[i] for i in range(start, min(start + hp.inference_batch_size, len(data)))]), self.device)
-            completions, gen = complete(self.model, self.tokenizer, batch["prompt_ids"], batch["prompt_mask"], hp.max_new_tokens, greedy=True)
-            scores += judge_scores(completions, batch["golds"], gen.finished).tolist()
-            strata += batch["strata"]
+            answers = answer(self.model, self.tokenizer, batch, hp.max_new_tokens)
+            evaluation.add(answers)
             if start == 0 and self._trainer is not None:
-                log_samples(self, "samples/val", batch["prompts"], completions, batch["golds"], hp.num_logged_samples)
+                log_samples(self, "samples/val", answers.prompts, answers.completions, answers.golds, hp.num_logged_samples)
         self.model.train(was_training)
-        known = [s for s in scores if s == s]
-        metrics = {"eval/accuracy": sum(known) / len(known) if known else float("nan")}
-        for name, m in strata_metrics(scores, strata).items():
-            if m["accuracy"] is not None:
-                metrics[f"eval/accuracy/{name}"] = m["accuracy"]
+        metrics = evaluation.metrics()
         self.eval_history.append({"step": self.global_step, **metrics})
         if self._trainer is not None and self.trainer.state.fn == "fit":
             self.remember_if_best(metrics["eval/accuracy"])

@@ -6,7 +6,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from torchmetrics import MeanMetric
 
 from rlhf_lightning.callbacks import log_samples, log_step_metrics, write_step_metrics
 from rlhf_lightning.losses import masked_mean
@@ -14,10 +13,8 @@ from rlhf_lightning.optim import adamw_warmup_cosine
 from rlhf_lightning.lora import add_adapters, keep_trainable, lora_settings, require_peft
 from rlhf_lightning.options import ConfigError, check_lora, check_number
 from rlhf_lightning.policy import base_record, build_policy, context_length, load_plain_policy, load_policy
-from rlhf_lightning.completions import complete
+from rlhf_lightning.evaluation import Evaluation, answer
 from rlhf_lightning.scoring import token_logprobs
-from rlhf_lightning.tasks.arithmetic import judge_scores
-from rlhf_lightning.tasks.strata import strata_metrics
 
 
 class SFTModule(L.LightningModule):
@@ -93,8 +90,7 @@ class SFTModule(L.LightningModule):
         self.save_hyperparameters()
         self.hparams.model = model_config  # resolved: the checkpoint rebuilds exactly this model
         self.hparams.tokenizer = self.tokenizer.to_dict()
-        self.val_accuracy = MeanMetric()
-        self.val_rows: list[tuple[float, tuple[str, ...]]] = []  # (score, strata) per `val` prompt, for per-stratum accuracy
+        self.val_answers = Evaluation()  # this validation's answers so far
 
     @property
     def data_max_length(self) -> int:
@@ -121,28 +117,17 @@ class SFTModule(L.LightningModule):
         write_step_metrics(self)  # the loggers' part of this step's `log_step_metrics`
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        completions, gen = complete(self.model, self.tokenizer, batch["prompt_ids"], batch["prompt_mask"], self.hparams.max_new_tokens, greedy=True)
-        scores = judge_scores(completions, batch["golds"], gen.finished)
-        known = ~scores.isnan()
-        if known.any():
-            self.val_accuracy.update(scores[known])
-        self.val_rows.extend(zip(scores.tolist(), batch.get("strata", [()] * len(scores))))
+        answers = answer(self.model, self.tokenizer, batch, self.hparams.max_new_tokens)  # greedy, judged
+        self.val_answers.add(answers)
         if batch_idx == 0:
-            log_samples(self, "samples/val", batch["prompts"], completions, batch["golds"], self.hparams.num_logged_samples)
+            log_samples(self, "samples/val", answers.prompts, answers.completions, answers.golds, self.hparams.num_logged_samples)
 
     def on_validation_epoch_end(self) -> None:
-        if self.val_accuracy.update_called:
-            self.log("eval/accuracy", self.val_accuracy.compute(), prog_bar=True)
-        self.val_accuracy.reset()
-        rows = self.val_rows
-        if torch.distributed.is_available() and torch.distributed.is_initialized():  # every rank's prompts
-            gathered = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, rows)
-            rows = [row for rank_rows in gathered for row in rank_rows]
-        for name, m in strata_metrics([s for s, _ in rows], [names for _, names in rows]).items():
-            if m["accuracy"] is not None:
-                self.log(f"eval/accuracy/{name}", m["accuracy"])
-        self.val_rows = []
+        evaluation, self.val_answers = self.val_answers.gather(), Evaluation()  # every rank's prompts
+        if not evaluation.parts:
+            return
+        for name, value in evaluation.metrics().items():
+            self.log(name, value, prog_bar=name == "eval/accuracy")
 
     def configure_optimizers(self):
         return adamw_warmup_cosine(self, self.model)

@@ -25,6 +25,7 @@ import torch
 __all__ = [
     "ALPHABET",
     "DEFAULT_MAX_OPERAND",
+    "EVAL_MAX_NEW_TOKENS",
     "Problem",
     "SEED_PROBLEMS",
     "SPLITS",
@@ -41,6 +42,9 @@ __all__ = [
 DEFAULT_MAX_OPERAND = 99
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 TASKS: tuple[str, ...] = ("toy", "seed")
+#: The completion budget the tasks are evaluated with: the longest answer (3 digits, 99+99) and EOS, and two
+#: tokens to spare, so a wrong longer answer is still read to its end.
+EVAL_MAX_NEW_TOKENS = 6
 
 #: Every character a toy prompt or answer uses (sorted, unique).
 ALPHABET: str = "".join(sorted(set("0123456789" + "Q: +-=\nA")))

@@ -1,0 +1,48 @@
+"""Cross-rank helpers over `torch.distributed`, the identity in one process: every stage's global statistics
+(PPO's advantages and loss counts, DPO's pair and token shares) go through these.
+
+>>> world_size(), rank(), float(sum_over_ranks(torch.tensor(3.0)))
+(1, 0, 3.0)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["gather_rows", "max_over_ranks", "min_over_ranks", "rank", "sum_over_ranks", "world_size"]
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows concatenated (rank 0 first); equal row counts per rank. Identity in one process."""
+    if world_size() == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    return _reduce(t, dist.ReduceOp.SUM) if world_size() > 1 else t
+
+
+def max_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    return _reduce(t, dist.ReduceOp.MAX) if world_size() > 1 else t
+
+
+def min_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    return _reduce(t, dist.ReduceOp.MIN) if world_size() > 1 else t
+
+
+def _reduce(t: torch.Tensor, op) -> torch.Tensor:
+    t = t.clone()
+    dist.all_reduce(t, op=op)
+    return t

@@ -1,0 +1,135 @@
+"""PPO's update over plain models: `ppo_epochs` passes of shuffled minibatches over a rollout, each minibatch one
+optimizer step, its micro-batches' gradients summed before it.
+
+`ppo_update(policy, optimizer, rollout, cfg, beta, generator, backward, clip)` takes the backward and the
+clipping as functions, so `PPOModule` passes Lightning's (`manual_backward`, its precision-aware clipping) and a
+test passes `Tensor.backward` and a plain norm clip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from rlhf_lightning.distributed import sum_over_ranks, world_size
+from rlhf_lightning.losses import PPOLossOutput, drop_truncated, masked_mean, ppo_loss
+from rlhf_lightning.option_groups import KLConfig, LossConfig, OptimConfig, RolloutConfig
+from rlhf_lightning.rl.rollout import Rollout, row_slices
+
+__all__ = ["UpdateConfig", "loss_counts", "loss_mask", "masked_abs_max", "minibatch_loss", "ppo_update"]
+
+METRICS = ("ppo/loss", "ppo/policy_loss", "ppo/kl", "ppo/clipfrac", "ppo/approx_kl")  # `PPOLossOutput`'s fields, named
+
+
+@dataclass(frozen=True)
+class UpdateConfig:
+    """The option groups the update reads."""
+
+    rollout: RolloutConfig
+    loss: LossConfig
+    kl: KLConfig
+    optim: OptimConfig
+
+
+def masked_abs_max(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The largest |value| where `mask` is set (0 where none is).
+
+    >>> masked_abs_max(torch.tensor([0.5, -2.0, 9.0]), torch.tensor([True, True, False]))
+    tensor(2.)
+    """
+    return torch.where(mask, values.abs(), torch.zeros_like(values)).max()
+
+
+def loss_mask(mb: Rollout, cfg: LossConfig) -> torch.Tensor:
+    """(B, N) bool: the tokens that get a loss (with `mask_truncated`, none of a completion without EOS)."""
+    return drop_truncated(mb.completion_mask, mb.finished) if cfg.mask_truncated else mb.completion_mask
+
+
+def loss_counts(mb: Rollout, cfg: LossConfig) -> torch.Tensor:
+    """(valid tokens, sequences with a valid token) of a minibatch over all ranks, each at least 1: what its loss
+    divides by."""
+    mask = loss_mask(mb, cfg)
+    return sum_over_ranks(torch.stack([mask.sum(), mask.any(-1).sum()]).float()).clamp(min=1)
+
+
+def minibatch_loss(
+    policy: nn.Module, mb: Rollout, cfg: UpdateConfig, beta: float, counts: torch.Tensor | None = None
+) -> tuple[PPOLossOutput, torch.Tensor, torch.Tensor]:
+    """(loss output, new log-probs (B, N), entropy) of a minibatch, from one policy forward.
+
+    The loss divides by `counts` (`loss_counts` of the minibatch this is part of; None: of `mb` itself) and is
+    scaled by the world size because DDP averages gradients, so summing the parts' gradients (over micro-batches
+    and ranks) gives the gradient of the loss on the global minibatch. With `mask_truncated`, completions without
+    EOS have no valid token."""
+    mask = loss_mask(mb, cfg.loss)  # (B, N)
+    counts = loss_counts(mb, cfg.loss) if counts is None else counts
+    logprobs, entropy = mb.logprobs(policy, cfg.rollout.temperature, return_entropy=True)  # (B, N), (B, N) no gradient
+    out = ppo_loss(
+        logprobs, mb.old_logprobs, mb.ref_logprobs, mb.advantages, mask, cfg.loss, counts,
+        beta=0.0 if cfg.kl.kl_in_reward else beta, kl_estimator=cfg.kl.kl_estimator, max_new_tokens=cfg.rollout.max_new_tokens,
+    )
+    world = world_size()
+    if world > 1:
+        out = PPOLossOutput(*(v * world for v in out))
+    with torch.no_grad():
+        entropy = masked_mean(entropy, mask, total=counts[0]) * world
+    return out, logprobs, entropy
+
+
+def ppo_update(
+    policy: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    rollout: Rollout,
+    cfg: UpdateConfig,
+    beta: float,
+    generator: torch.Generator,
+    backward: Callable[[torch.Tensor], None],
+    clip: Callable[[torch.Tensor], None],
+    scheduler=None,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """`ppo_epochs` x shuffled minibatches of backward / clip / step: (mean metrics over the optimizer steps, the
+    largest |ratio - 1| of the first minibatch before any step: 0 when the update's log-probs are generation's).
+
+    `backward(loss)` back-propagates one micro-batch's loss; `clip(loss)` clips the minibatch's summed gradients
+    (and may refuse a non-finite loss or norm) before `optimizer.step()`; `scheduler`, if any, steps after it.
+    The minibatches' order comes from `generator`."""
+    B = rollout.completion_ids.size(0)
+    chunks = max(1, min(cfg.optim.num_minibatches, B))
+    sums: dict[str, torch.Tensor] = {}
+    first_ratio_error = None
+    steps = 0
+    for _ in range(cfg.optim.ppo_epochs):
+        perm = torch.randperm(B, generator=generator, device=rollout.completion_ids.device)
+        parts = list(perm.chunk(chunks))  # at most `chunks` parts (5 rows in 4 chunks: 3 parts)
+        steps += len(parts)
+        for idx in parts:
+            mb = rollout.select(idx)
+            counts = loss_counts(mb, cfg.loss)
+            optimizer.zero_grad()
+            step: dict[str, torch.Tensor] = {}
+            ratio_error = None
+            for rows in row_slices(idx.numel(), cfg.rollout.micro_batch_size):
+                micro = mb.select(rows)
+                out, logprobs, entropy = minibatch_loss(policy, micro, cfg, beta, counts)
+                if first_ratio_error is None:  # before any step: must be 1 (same log-probs as generation)
+                    error = masked_abs_max(torch.exp(logprobs.detach() - micro.old_logprobs) - 1, micro.completion_mask)
+                    ratio_error = error if ratio_error is None else torch.maximum(ratio_error, error)
+                backward(out.loss)
+                for name, value in zip(METRICS, out):
+                    step[name] = step.get(name, 0.0) + value.detach()
+                step["ppo/entropy"] = step.get("ppo/entropy", 0.0) + entropy
+            if first_ratio_error is None:
+                first_ratio_error = ratio_error
+            clip(step["ppo/loss"])
+            optimizer.step()
+            if scheduler is not None:  # manual optimization: the warm-up is stepped here
+                scheduler.step()
+            for name, value in step.items():
+                sums[name] = sums.get(name, 0.0) + value
+    metrics = {k: v / steps for k, v in sums.items()}  # means over the optimizer steps taken
+    if rollout.kl is None:  # no reference forward (beta = 0): the loss's KL term measured nothing
+        metrics.pop("ppo/kl")
+    return metrics, first_ratio_error
