@@ -236,3 +236,36 @@ def test_a_pair_longer_than_the_context_names_its_file_line_and_field(base, pair
     assert main(["fit", "--config", str(config), *QUIET]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and f"{train}:3: field 'chosen': prompt + completion is" in lines[0] and "context is 24" in lines[0], lines
+
+
+def test_gradient_checkpointing_gives_the_same_gradient_and_bf16_mixed_starts_at_zero_margins(base, pair_files, tmp_path):
+    from tolerance import grad_atol
+
+    grads = []
+    for checkpointing in (False, True):
+        module = DPOModule(policy_ckpt=str(base), beta=0.5, nll_alpha=1.0, gradient_checkpointing=checkpointing)
+        assert module.model.config.gradient_checkpointing is checkpointing and not module.reference.config.gradient_checkpointing
+        data = pair_dataset(module.tokenizer, 8)
+        module.training_step(data.collate([data[i] for i in range(8)]), 0).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in module.model.parameters()]))
+    # the blocks' forwards recomputed in backward: the same operations again, so the same gradient to rounding
+    assert_close(grads[1], grads[0], atol=grad_atol(grads[0], terms=8), rtol=0)
+
+    # bf16 autocast on CPU: the policy and its per-step reference run the same bf16 forward, so margins start at 0
+    import rlhf_lightning.modules.dpo as dpo
+
+    config = jsonl_config(tmp_path, base, pair_files, {"precompute_ref_logprobs": False, "keep_best": False},
+                          {"max_steps": 2, "val_check_interval": 2, "precision": "bf16-mixed"})
+    calls = []
+    original = dpo.dpo_loss
+
+    def recording(logps, *args):
+        calls.append((logps.chosen.dtype, torch.is_autocast_enabled("cpu"), logps.chosen - logps.ref_chosen))
+        return original(logps, *args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dpo, "dpo_loss", recording)
+        cli = run_cli(["fit", "--config", str(config), *QUIET], tmp_path)
+    assert cli.trainer.global_step == 2 and len(calls) == 2
+    assert calls[0][1] and torch.equal(calls[0][2], torch.zeros_like(calls[0][2]))  # under autocast; policy = reference
+    assert calls[1][2].abs().max() > 0  # the first step moved the policy

@@ -41,6 +41,7 @@ from rlhf_lightning.data.preferences import JUDGES, PairDataset, group_pairs, sa
 from rlhf_lightning.data.prompts import PromptDataset, PromptRecord, load_prompts, move_batch
 from rlhf_lightning.lora import keep_trainable
 from rlhf_lightning.losses import DPO_LOSSES, REFERENCE_FREE_LOSSES, PairLogps, chosen_nll, dpo_loss, implicit_rewards, masked_sum
+from rlhf_lightning.models import enable_gradient_checkpointing
 from rlhf_lightning.modules.frozen import FROZEN_DTYPES, hide_reference, policy_reference
 from rlhf_lightning.distributed import rank, sum_over_ranks, world_size
 from rlhf_lightning.optim import adamw_warmup_cosine
@@ -152,6 +153,7 @@ class DPOModule(L.LightningModule):
         keep_best: bool = False,
         lora: dict[str, Any] | None = None,
         reference_dtype: str = "float32",
+        gradient_checkpointing: bool = False,
         online: OnlineConfig | None = None,
     ) -> None:
         """
@@ -190,6 +192,8 @@ class DPOModule(L.LightningModule):
                 `policy_ckpt` holding adapters (LoRA SFT) continues them without this option; its reference is
                 then that SFT policy merged into one frozen copy.
             reference_dtype: "float32" or "bfloat16" for a frozen reference copy.
+            gradient_checkpointing: recompute the policy's activations in backward instead of keeping them (less
+                memory for about one more forward per step).
             online: online DPO (`OnlineConfig`): pairs sampled from the current policy every `refresh_every` steps
                 from `PromptDataModule`'s prompt batches, instead of `PreferenceDataModule`'s fixed pairs.
         """
@@ -273,6 +277,8 @@ class DPOModule(L.LightningModule):
         # the policy's own (margins exactly 0).
         self.lora, self.reference = policy_reference(self.model, meta, lora, base, reference_dtype, needs_reference)
         self.strict_loading = self.lora is None  # a checkpoint of adapters leaves the frozen base out
+        if gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
         hide_reference(self)
 
         self.val_pair_accuracy = MeanMetric()
