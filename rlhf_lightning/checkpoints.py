@@ -1,7 +1,8 @@
-"""Reading our checkpoints safely and writing final checkpoints atomically.
+"""Reading our checkpoints and exported folders safely, hashing them, and checking a run to resume.
 
 Every stage's checkpoint carries `checkpoint["rlhf"] = {"stage", "model", "tokenizer", ...}` in plain values,
 so it is read with `weights_only=True` (no pickled code can run) and rebuilds its model with no config file.
+`read_policy` reads a policy's file once; `policy.load_policy` and `scoring.load_reward_model` build from it.
 """
 
 from __future__ import annotations
@@ -9,8 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -19,16 +21,51 @@ class CheckpointError(ValueError):
     pass
 
 
+class FileVersion(NamedTuple):
+    """What changes when a file is written: in place, its mtime and ctime; replaced (a rename over it, as
+    `files.atomic_write` does), its inode and ctime."""
+
+    path: str  # real path
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, path: str | os.PathLike[str]) -> FileVersion:
+        stat = os.stat(path)
+        return cls(os.path.realpath(path), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
+# SHA-256 of every file version this process has hashed. A checkpoint of adapters checks its base at each load,
+# and the base of a 7B model is 14 GB to read: an unchanged file is hashed once.
+_SHA256_OF_VERSION: dict[FileVersion, str] = {}
+# Two writes within the resolution of a file system's timestamps (a clock tick on Linux, 2 s on FAT) can leave a
+# file the same times: a hash is kept only for a file last changed longer ago than this (git's "racy" rule), so
+# any later write gets later times.
+SETTLED_NS = 2 * 10**9
+
+
 def sha256_file(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a file's bytes, read once per version of the file (`FileVersion`) in this process; a file changed
+    in the last `SETTLED_NS` is read at every call."""
+    version = FileVersion.of(path)
+    if version in _SHA256_OF_VERSION:
+        return _SHA256_OF_VERSION[version]
+    settled = time.time_ns() - max(version.mtime_ns, version.ctime_ns) > SETTLED_NS
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
+    if settled and FileVersion.of(path) == version:  # and not written while it was read
+        _SHA256_OF_VERSION[version] = digest.hexdigest()
     return digest.hexdigest()
 
 
 def sha256_path(path: str | Path) -> str:
-    """SHA-256 of a checkpoint file, or of a model folder (every file's name and content, in name order)."""
+    """SHA-256 of a checkpoint file, or of a model folder (every file's name and content, in name order); each
+    file is hashed once per version (`sha256_file`)."""
     path = Path(path)
     if path.is_file():
         return sha256_file(path)
@@ -70,6 +107,26 @@ def submodule_state(checkpoint: dict[str, Any], prefix: str) -> dict[str, torch.
 # An exported policy folder (`rlhf export`): plain weights, or PEFT's adapter files plus our record.
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
 ADAPTERS = "rlhf_adapters.json"  # beside PEFT's files in an `--adapters` export
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # PEFT's name for the adapter tensors
+
+
+def read_policy(path: str | os.PathLike[str], stages: tuple[str, ...], role: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(metadata, the model's tensors) of a policy, its file read once: a checkpoint of one of `stages`
+    (`checkpoint["rlhf"]`; tensors memory-mapped, see `read_checkpoint`), a folder written by `rlhf export`
+    ({"stage", "model", "tokenizer"}) or by `rlhf export --adapters` (its record; the adapter tensors under PEFT's
+    key names). `role` names the option the path came from, for the error message.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        checkpoint = read_checkpoint(path, stages, role)
+        return checkpoint["rlhf"], submodule_state(checkpoint, "model")
+    record = read_adapter_export(path)
+    if record is not None:
+        from safetensors.torch import load_file
+
+        return record, load_file(str(path / ADAPTER_WEIGHTS))
+    state, config, tokenizer = read_export(path)
+    return {**config, "tokenizer": tokenizer}, state
 
 
 def read_adapter_export(path: Path) -> dict | None:

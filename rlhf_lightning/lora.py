@@ -1,8 +1,9 @@
 """LoRA adapters on a trained base (the `peft` library, extra `[peft]`): add, switch off, save, merge, export.
 
 A policy with adapters is the base model whose projections `peft` wrapped: `W x + (alpha / r) B A x`, where only
-A and B train. Its checkpoint keeps the adapter tensors and `{"lora": settings, "base": {"path", "sha256"}}`;
-reading it rebuilds the base from `path`, refuses a base whose SHA-256 differs, and loads the adapters.
+A and B train. Its checkpoint keeps the adapter tensors and `{"lora": settings, "base": {"kind", "path", "sha256"}}`;
+reading it (`policy.load_policy`, `scoring.load_reward_model`) rebuilds the base from `path`, refuses a base whose
+SHA-256 differs, and adds and loads the adapters with the functions here.
 
     >>> from rlhf_lightning.models import build_model
     >>> model = build_model({"type": "gpt", "n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 8, "vocab_size": 12})
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from rlhf_lightning.checkpoints import CheckpointError
+from rlhf_lightning.checkpoints import ADAPTER_WEIGHTS, CheckpointError
 from rlhf_lightning.options import ConfigError
 
 PEFT_HINT = "pip install 'rlhf-lightning[peft]'"
@@ -185,7 +186,7 @@ def save_peft_folder(model: nn.Module, settings: dict[str, Any], out: Path, base
     )
     config.save_pretrained(str(out))
     state = {f"base_model.model.{k}": v.detach().contiguous() for k, v in adapter_state(model).items()}
-    save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_file(state, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
 
 
 def add_reward_adapters(model: nn.Module, settings: dict[str, Any], option: str = "model.init_args.lora") -> dict[str, Any]:

@@ -1,4 +1,10 @@
-"""A policy = a causal LM + its tokenizer, built from plain values or read back from a checkpoint."""
+"""A policy = a causal LM + its tokenizer, built from plain values (`build_policy`) or read back (`load_policy`).
+
+`load_policy` is the one way a policy is read: by every stage's `policy_ckpt`, `rlhf eval` and `rlhf export`.
+The file is read once (`checkpoints.read_policy`) and the model is built holding the stored tensors. A policy of
+LoRA adapters is built on its base, refused unless the base has the recorded SHA-256 (`check_base`; a file is
+hashed once per version, `checkpoints.sha256_file`). `scoring.load_reward_model` reads its base the same way.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from rlhf_lightning.checkpoints import CheckpointError, read_adapter_export, read_checkpoint, read_export, sha256_path, submodule_state
+from rlhf_lightning.checkpoints import CheckpointError, read_policy, sha256_path
+from rlhf_lightning.lora import add_adapters, has_adapters, load_adapter_state, load_trainable, merged
 from rlhf_lightning.models import build_model
 from rlhf_lightning.tasks.arithmetic import ALPHABET
 from rlhf_lightning.tokenizer import CharTokenizer, Tokenizer, load_tokenizer
@@ -37,35 +44,35 @@ def build_policy(model: dict[str, Any] | None, tokenizer: dict[str, Any] | None)
 
 
 def load_policy(path: str, role: str = "ckpt", stages: tuple[str, ...] = POLICY_STAGES) -> tuple[nn.Module, Tokenizer, dict[str, Any]]:
-    """Rebuild the policy stored in an SFT, PPO or DPO checkpoint, or in a folder written by `rlhf export`.
+    """(model, tokenizer, rlhf metadata) of an SFT, PPO or DPO checkpoint, or of a folder written by `rlhf export`.
 
-    A checkpoint of LoRA adapters (`rlhf.lora`, `rlhf.base`) rebuilds its base first, refusing a base whose
-    SHA-256 differs from the recorded one, then adds and loads the adapters. Returns (model, tokenizer, rlhf metadata).
+    The file is read once; a plain policy's model holds the stored tensors (`model_with_state`). A policy of LoRA
+    adapters (`rlhf.lora`, `rlhf.base`) is its base, refused unless it has the recorded SHA-256 (an HF folder, or a
+    policy read by this function with its own adapters merged in), with the adapters added and loaded. `role`
+    names the option the path came from, for errors.
     """
-    if Path(path).is_dir():
-        record = read_adapter_export(Path(path))
-        if record is not None:  # PEFT's folder format
-            from safetensors.torch import load_file
-
-            from rlhf_lightning.lora import load_adapter_state
-
-            model, tokenizer = base_with_adapters(record, f"{role}: {str(path)!r}")
-            load_adapter_state(model, load_file(str(Path(path) / "adapter_model.safetensors")), str(path))
-            return model, tokenizer, record
-        state, meta, tokenizer = read_export(Path(path))
-        model = model_with_state(meta["model"], state)
-        return model, load_tokenizer(tokenizer), {**meta, "tokenizer": tokenizer}
-    checkpoint = read_checkpoint(path, stages, role)
-    meta = checkpoint["rlhf"]
-    state = submodule_state(checkpoint, "model")
-    if meta.get("lora"):
-        from rlhf_lightning.lora import load_trainable
-
-        model, tokenizer = base_with_adapters(meta, f"{role}: {str(path)!r}")
-        load_trainable(model, state, f"{role}: {str(path)!r}")
-        return model, tokenizer, meta
-    model = model_with_state(meta["model"], state)
+    where = f"{role}: {str(path)!r}"
+    meta, state = read_policy(path, stages, role)
+    if not meta.get("lora"):
+        return model_with_state(meta["model"], state), load_tokenizer(meta["tokenizer"]), meta
+    base = meta["base"]
+    check_base(base, where)
+    if base["kind"] == "hf":
+        model = build_model(meta["model"])  # the folder's weights
+    else:
+        model, _, _ = load_plain_policy(base["path"], role=f"{where} base")
+    add_adapters(model, meta["lora"])
+    if Path(path).is_dir():  # an `--adapters` export: PEFT's key names
+        load_adapter_state(model, state, str(path))
+    else:
+        load_trainable(model, state, where)
     return model, load_tokenizer(meta["tokenizer"]), meta
+
+
+def load_plain_policy(path: str, role: str) -> tuple[nn.Module, Tokenizer, dict[str, Any]]:
+    """`load_policy`, with the adapters of a LoRA checkpoint merged in: a plain model (a base to put adapters on)."""
+    model, tokenizer, meta = load_policy(path, role=role)
+    return (merged(model) if has_adapters(model) else model), tokenizer, meta
 
 
 def model_with_state(config: dict[str, Any], state: dict[str, torch.Tensor]) -> nn.Module:
@@ -88,49 +95,22 @@ def model_with_state(config: dict[str, Any], state: dict[str, torch.Tensor]) -> 
     return model
 
 
+def check_base(base: dict[str, str], where: str) -> None:
+    """Refuse the base of an adapter checkpoint that is missing or whose SHA-256 differs from the recorded one,
+    before anything is built (`where` names the option and the path)."""
+    if not Path(base["path"]).exists():
+        raise CheckpointError(f"{where}: its base {base['path']!r} (sha256 {base['sha256']}) does not exist; nothing was loaded")
+    actual = sha256_path(base["path"])
+    if actual != base["sha256"]:
+        raise CheckpointError(
+            f"{where}: its base {base['path']!r} has sha256 {actual}, the adapters were trained on sha256 {base['sha256']}; nothing was loaded"
+        )
+
+
 def base_record(path: str, kind: str, sha256: str | None = None) -> dict[str, str]:
     """What a checkpoint of adapters records of its base: `kind` "checkpoint" (ours, or an exported folder) or
     "hf" (a model folder), the absolute path and the SHA-256 (computed unless given)."""
     return {"kind": kind, "path": str(Path(path).resolve()), "sha256": sha256 or sha256_path(path)}
-
-
-def load_plain_policy(path: str, role: str) -> tuple[nn.Module, Tokenizer, dict[str, Any]]:
-    """`load_policy`, with the adapters of a LoRA checkpoint merged in: a plain model to put new adapters on."""
-    from rlhf_lightning.lora import has_adapters, merged
-
-    model, tokenizer, meta = load_policy(path, role=role)
-    return (merged(model) if has_adapters(model) else model), tokenizer, meta
-
-
-def base_with_adapters(meta: dict[str, Any], role: str) -> tuple[nn.Module, Tokenizer]:
-    """The base recorded in `meta["base"]`, checked against its SHA-256, with `meta["lora"]`'s adapters added
-    (their weights still to be loaded)."""
-    from rlhf_lightning.lora import add_adapters
-
-    model, tokenizer = load_base(meta["base"], meta, role)
-    add_adapters(model, meta["lora"])
-    return model, tokenizer
-
-
-def load_base(base: dict[str, str], meta: dict[str, Any], role: str) -> tuple[nn.Module, Tokenizer]:
-    """The base model of an adapter checkpoint, checked against its recorded SHA-256; its own adapters, if it
-    has any, merged in (a base is always a plain model)."""
-    check_base(base, role)
-    if base["kind"] == "hf":
-        return build_model(meta["model"]), load_tokenizer(meta["tokenizer"])
-    model, tokenizer, _ = load_plain_policy(base["path"], role=f"{role} base")
-    return model, tokenizer
-
-
-def check_base(base: dict[str, str], role: str) -> None:
-    """Refuse the base of an adapter checkpoint that is missing or whose SHA-256 differs from the recorded one."""
-    if not Path(base["path"]).exists():
-        raise CheckpointError(f"{role}: its base {base['path']!r} (sha256 {base['sha256']}) does not exist; nothing was loaded")
-    actual = sha256_path(base["path"])
-    if actual != base["sha256"]:
-        raise CheckpointError(
-            f"{role}: its base {base['path']!r} has sha256 {actual}, the adapters were trained on sha256 {base['sha256']}; nothing was loaded"
-        )
 
 
 def context_length(model: nn.Module) -> int:

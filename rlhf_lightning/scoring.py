@@ -1,5 +1,5 @@
-"""Scoring engines on models and text: token log-probs of a causal LM, the KL between two of them, and the
-reward model's score of (prompt, completion) strings.
+"""Scoring engines on models and text: token log-probs of a causal LM, the KL between two of them, the reward
+model's score of (prompt, completion) strings, and reading a reward checkpoint (`load_reward_model`).
 
 Every teacher-forced log-prob of a token under a policy or reference (SFT's loss, PPO's new and reference
 log-probs) goes through `token_logprobs`: one forward for the whole batch, float32, at the sampling temperature,
@@ -17,9 +17,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rlhf_lightning.checkpoints import read_checkpoint, submodule_state
+from rlhf_lightning.lora import add_reward_adapters, load_trainable
 from rlhf_lightning.losses import token_logprobs_and_entropy
 from rlhf_lightning.models.reward import RewardModel
 from rlhf_lightning.padding import right_pad
+from rlhf_lightning.policy import check_base, load_plain_policy
 from rlhf_lightning.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = ["completion_kl", "completion_mask", "encode_scored", "encode_scored_row", "load_reward_model", "pad_scored", "score_texts", "token_logprobs"]
@@ -153,30 +155,24 @@ def score_texts(
 
 
 def load_reward_model(path: str, role: str = "reward_ckpt") -> tuple[RewardModel, Tokenizer, dict[str, Any]]:
-    """(model in eval mode, its tokenizer, the checkpoint's "rlhf" metadata) of a reward checkpoint.
+    """(model in eval mode, its tokenizer, the checkpoint's "rlhf" metadata) of a reward checkpoint, read once.
 
-    The metadata holds "stage" ("reward"), "model", "tokenizer", "reward_mean" and "reward_std".
+    The metadata holds "stage" ("reward"), "model", "tokenizer", "reward_mean" and "reward_std". A reward model of
+    LoRA adapters ("lora", "base") is built on its base, refused unless it has the recorded SHA-256
+    (`policy.check_base`): an SFT checkpoint's transformer (read by `policy.load_plain_policy`) or an HF folder
+    (read by the model's own config); the adapters are added, then the trained tensors (adapters, head) loaded.
     """
     checkpoint = read_checkpoint(path, ("reward",), role)
-    meta = checkpoint["rlhf"]
-    if meta.get("lora"):
-        return reward_model_with_adapters(meta, submodule_state(checkpoint, "model"), f"{role}: {str(path)!r}"), load_tokenizer(meta["tokenizer"]), meta
-    model = RewardModel(meta["model"])
-    model.load_state_dict(submodule_state(checkpoint, "model"))
-    return model.eval(), load_tokenizer(meta["tokenizer"]), meta
-
-
-def reward_model_with_adapters(meta: dict[str, Any], state: dict[str, torch.Tensor], role: str) -> RewardModel:
-    """A reward model of LoRA adapters: its base (an SFT checkpoint's transformer, or an HF folder) checked against
-    its SHA-256 and rebuilt, the adapters added, then the trained tensors (adapters, head) loaded."""
-    from rlhf_lightning.lora import add_reward_adapters, load_trainable
-    from rlhf_lightning.policy import check_base, load_plain_policy
-
-    base = meta["base"]
-    check_base(base, role)
+    meta, state = checkpoint["rlhf"], submodule_state(checkpoint, "model")
+    if not meta.get("lora"):
+        model = RewardModel(meta["model"])
+        model.load_state_dict(state)
+        return model.eval(), load_tokenizer(meta["tokenizer"]), meta
+    base, where = meta["base"], f"{role}: {str(path)!r}"
+    check_base(base, where)
     model = RewardModel(meta["model"])  # an HF backbone loads its folder's weights here
     if base["kind"] == "checkpoint":
-        model.load_backbone(load_plain_policy(base["path"], role=f"{role} base")[0].state_dict())
+        model.load_backbone(load_plain_policy(base["path"], role=f"{where} base")[0].state_dict())
     add_reward_adapters(model, meta["lora"])
-    load_trainable(model, state, role)
-    return model.eval()
+    load_trainable(model, state, where)
+    return model.eval(), load_tokenizer(meta["tokenizer"]), meta
