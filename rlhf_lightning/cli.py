@@ -99,16 +99,17 @@ def check_output_paths(trainer) -> None:
                 raise NotADirectoryError(f"{option}: {str(p)!r} is an existing file, not a folder (output goes under {str(folder)!r})")
 
 
-def prepare_resume(trainer, model, datamodule, ckpt_path: str) -> str:
+def prepare_resume(trainer, model, datamodule, ckpt_path: str, logger_config=None) -> str:
     """The checkpoint `--ckpt_path` names (`last`: the checkpoint folder's last.ckpt), checked before any training.
 
     Refused with one line: no last.ckpt, a file that does not load (e.g. truncated), another stage's checkpoint,
     or one written with a different config (the first differing field is named); never a silent fresh start.
     A TensorBoard logger continues the run folder the checkpoint was logging to, from the first step the
-    resumed run logs (TensorBoard drops the interrupted run's points from that step on: no duplicates).
+    resumed run logs (TensorBoard drops the interrupted run's points from that step on: no duplicates): it is
+    built again with `version=` and `purge_step=` (`logger_config`: the config's `trainer.logger`, whose
+    `class_path`, `init_args` and `dict_kwargs` built it).
     """
-    from lightning.pytorch.loggers import TensorBoardLogger
-
+    from rlhf_lightning.callbacks.lightning_internals import first_logged_step
     from rlhf_lightning.checkpoints import CheckpointError, check_resume
 
     if ckpt_path == "last":
@@ -122,28 +123,45 @@ def prepare_resume(trainer, model, datamodule, ckpt_path: str) -> str:
     expected = {"hyper_parameters": dict(model.hparams), "state_dict": {}}
     model.on_save_checkpoint(expected)  # what this run would write: stage, model, tokenizer, input hashes
     checkpoint = check_resume(ckpt_path, expected, dict(datamodule.hparams) if datamodule is not None else {})
-    version = checkpoint.get("resume", {}).get("logger_version")
-    if isinstance(trainer.logger, TensorBoardLogger) and version is not None:
-        trainer.logger._version = version
-        trainer.logger._kwargs["purge_step"] = first_logged_step(checkpoint)
+    resume = checkpoint.get("resume", {})
+    if resume.get("logger_version") is not None:
+        purge_step = first_logged_step(checkpoint, uncounted=bool(resume.get("uncounted_step", False)))
+        loggers = list(trainer.loggers)  # the version recorded is the first logger's (`trainer.logger`)
+        if loggers:
+            entry = logger_config[0] if isinstance(logger_config, list) and logger_config else logger_config
+            trainer.loggers = [continued_logger(loggers[0], entry, resume["logger_version"], purge_step), *loggers[1:]]
     return ckpt_path
+
+
+def continued_logger(logger, entry, version, purge_step: int):
+    """A TensorBoard logger built as `logger` was, writing into run folder `version` from step `purge_step` on
+    (TensorBoard drops the folder's earlier events at or after that step); any other logger as it is.
+
+    `entry`: the config's `trainer.logger` entry that built `logger` (`class_path`, `init_args`, `dict_kwargs`);
+    without one (Lightning's default logger), it is built from `logger`'s save folder, name and sub-folder.
+    """
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    if not isinstance(logger, TensorBoardLogger):
+        return logger
+    class_path = entry.get("class_path") if hasattr(entry, "get") else None
+    if class_path is not None and class_path.rsplit(".", 1)[-1] == type(logger).__name__:
+        kwargs = {**_as_dict(entry.get("init_args")), **_as_dict(entry.get("dict_kwargs"))}
+    else:
+        kwargs = {"save_dir": logger.save_dir, "name": logger.name, "sub_dir": logger.sub_dir, "log_graph": logger.log_graph}
+    return type(logger)(**{**kwargs, "version": version, "purge_step": purge_step})
+
+
+def _as_dict(options) -> dict:
+    if options is None:
+        return {}
+    return options.as_dict() if hasattr(options, "as_dict") else dict(options)
 
 
 def last_checkpoint(trainer) -> Path | None:
     """`last.ckpt` in the folder of the first checkpoint callback that has one."""
     folders = [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
     return next((f / "last.ckpt" for f in folders if (f / "last.ckpt").is_file()), None)
-
-
-def first_logged_step(checkpoint: dict) -> int:
-    """The logging step of the first batch a run resumed from `checkpoint` trains."""
-    loop = checkpoint["loops"]["fit_loop"]
-    stepped = loop["epoch_loop.state_dict"]["_batches_that_stepped"]
-    progress = loop["epoch_loop.batch_progress"]["total"]
-    # saved at a batch's end (periodic checkpoints, signals): that batch has not counted yet; saved after its
-    # validation, the step was uncounted on purpose (`ResumeCheckpoint.on_save_checkpoint`) and logs one later
-    uncounted = bool(checkpoint.get("resume", {}).get("uncounted_step", False))
-    return stepped + int(progress["completed"] == progress["processed"] - 1) + int(uncounted)
 
 
 def _project_error(err: BaseException) -> BaseException | None:
@@ -181,6 +199,17 @@ def lightning_cli(args: list[str] | None = None, run: bool = True, cli_class: ty
         def parse_arguments(self, parser, args) -> None:
             # `args` is always this command's own argv (resolved): no warning about also having sys.argv
             self.config = parser.parse_args(args)
+            # LightningCLI reads the hyperparameters of a checkpoint `ckpt_path` names into the config once the
+            # arguments are parsed; a resumed run keeps this run's config instead (`prepare_resume` refuses a
+            # checkpoint of another one), so the path is set aside until the classes are built
+            self.resume_from = None
+            subcommand = self.config.get("subcommand")
+            if subcommand and self.config[subcommand].get("ckpt_path"):
+                self.resume_from, self.config[subcommand]["ckpt_path"] = self.config[subcommand]["ckpt_path"], None
+
+        def before_instantiate_classes(self) -> None:
+            if self.resume_from is not None:
+                self.config[self.subcommand]["ckpt_path"] = self.resume_from
 
         def instantiate_classes(self) -> None:
             try:
@@ -191,12 +220,12 @@ def lightning_cli(args: list[str] | None = None, run: bool = True, cli_class: ty
         def instantiate_trainer(self, **kwargs):
             from rlhf_lightning.callbacks import steady_progress_bar
 
+            config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+            given = config.get("trainer", {}).get("callbacks") or []  # (the Trainer adds its defaults to this list)
+            given = [*(given if isinstance(given, list) else [given]), *(kwargs.get("callbacks") or [])]
             trainer = super().instantiate_trainer(**kwargs)
-            steady_progress_bar(trainer)  # Lightning's default Rich bar, updated at most every 0.1 s
+            steady_progress_bar(trainer, given)  # Lightning's default Rich bar, updated at most every 0.1 s
             return trainer
-
-        def _parse_ckpt_path(self) -> None:
-            pass  # a resumed run keeps this run's config: `prepare_resume` refuses a checkpoint of another one
 
         def before_fit(self) -> None:
             from rlhf_lightning.callbacks import StageLog
@@ -207,7 +236,8 @@ def lightning_cli(args: list[str] | None = None, run: bool = True, cli_class: ty
             if resume_last and not config.get("ckpt_path") and last_checkpoint(self.trainer) is not None:
                 config["ckpt_path"] = "last"
             if config.get("ckpt_path"):
-                config["ckpt_path"] = prepare_resume(self.trainer, self.model, self.datamodule, config["ckpt_path"])
+                logger_config = self.config[self.subcommand].get("trainer", {}).get("logger")
+                config["ckpt_path"] = prepare_resume(self.trainer, self.model, self.datamodule, config["ckpt_path"], logger_config)
 
     return (cli_class or RLHFCLI)(
         L.LightningModule,

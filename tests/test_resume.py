@@ -207,6 +207,36 @@ def test_sigterm_and_ctrl_c_stop_after_the_step_with_a_last_checkpoint(tmp_path,
     assert_same_checkpoint(cwd / "checkpoints" / "toy" / "sft.ckpt", expected)
 
 
+def test_a_resumed_tensorboard_logger_is_the_configured_one_in_the_checkpoints_run_folder(tmp_path):
+    from jsonargparse import Namespace
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from rlhf_lightning.callbacks.lightning_internals import tensorboard_prefix
+    from rlhf_lightning.cli import continued_logger
+
+    entry = Namespace(class_path="lightning.pytorch.loggers.TensorBoardLogger",
+                      init_args=Namespace(save_dir=str(tmp_path), name="toy/sft", version=None, prefix="stage"), dict_kwargs={"flush_secs": 7})
+    logger = continued_logger(TensorBoardLogger(str(tmp_path), name="toy/sft", prefix="stage", flush_secs=7), entry, version=2, purge_step=17)
+    assert type(logger) is TensorBoardLogger and logger.log_dir == str(tmp_path / "toy" / "sft" / "version_2")
+    assert (logger.experiment.flush_secs, tensorboard_prefix(logger), purged_from(logger)) == (7, "stage", 17)
+    # Lightning's default logger (no class_path in the config): its folder and name
+    default = continued_logger(TensorBoardLogger(str(tmp_path)), True, version=0, purge_step=3)
+    assert default.log_dir == str(tmp_path / "lightning_logs" / "version_0") and purged_from(default) == 3
+
+
+def purged_from(logger) -> int | None:
+    """The step of the session-start event a SummaryWriter with `purge_step` writes first (TensorBoard drops the run
+    folder's earlier events at or after it)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    logger.experiment.flush()
+    for path in Path(logger.log_dir).glob("events.out.tfevents.*"):
+        for event in EventFileLoader(str(path)).Load():
+            if event.HasField("session_log") and event.session_log.status == event.session_log.START:
+                return event.step
+    return None
+
+
 # ---------------------------------------------------------------- bad resumes: one line, exit 2
 
 
