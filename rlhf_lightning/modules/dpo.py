@@ -28,21 +28,20 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 from torchmetrics import MeanMetric
 
-from rlhf_lightning.callbacks import log_samples, log_step_metrics, logging_step, write_step_metrics
+from rlhf_lightning.callbacks import log_samples, log_step_metrics, logging_step
 from rlhf_lightning.checkpoints import CheckpointError, sha256_file, sha256_path
 from rlhf_lightning.data.jsonl import DataError
 from rlhf_lightning.data.preferences import JUDGES, PairDataset, group_pairs, sample_groups
 from rlhf_lightning.data.prompts import PromptDataset, PromptRecord, load_prompts, move_batch
-from rlhf_lightning.lora import keep_trainable
 from rlhf_lightning.losses import DPO_LOSSES, REFERENCE_FREE_LOSSES, PairLogps, chosen_nll, dpo_loss, implicit_rewards, masked_sum
 from rlhf_lightning.models import enable_gradient_checkpointing
 from rlhf_lightning.modules.frozen import FROZEN_DTYPES, hide_reference, policy_reference
+from rlhf_lightning.modules.stage import StageModule
 from rlhf_lightning.distributed import rank, sum_over_ranks, world_size
 from rlhf_lightning.optim import adamw_warmup_cosine
 from rlhf_lightning.options import SEED_MAX, ConfigError, check_choice, check_lora, check_number
@@ -127,8 +126,10 @@ class WithReferenceLogps(Dataset):
         return {**self.pairs.collate([item for _, item in items]), "ref_chosen": rows[:, 0], "ref_rejected": rows[:, 1]}
 
 
-class DPOModule(L.LightningModule):
+class DPOModule(StageModule):
     """Preference optimization of a policy on pairs; see the module docstring for one training step."""
+
+    stage = "dpo"
 
     def __init__(
         self,
@@ -275,8 +276,8 @@ class DPOModule(L.LightningModule):
         # moves with the module; no gradients or optimizer state, left out of `state_dict`, rebuilt from
         # `policy_ckpt`), None for reference-free losses. Dropout is off: at the start the reference's log-probs are
         # the policy's own (margins exactly 0).
-        self.lora, self.reference = policy_reference(self.model, meta, lora, base, reference_dtype, needs_reference)
-        self.strict_loading = self.lora is None  # a checkpoint of adapters leaves the frozen base out
+        record, self.reference = policy_reference(self.model, meta, lora, base, reference_dtype, needs_reference)
+        self.train_adapters(record)
         if gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
         hide_reference(self)
@@ -480,9 +481,6 @@ class DPOModule(L.LightningModule):
         self._pairs = out
         return metrics
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        write_step_metrics(self)  # the loggers' part of this step's `log_step_metrics`
-
     def on_train_start(self) -> None:
         if self.global_step == 0 and not self.eval_history:  # the start, before any update (not on resume)
             self.log_metrics_now(self.evaluate())
@@ -552,8 +550,7 @@ class DPOModule(L.LightningModule):
         if not self.hparams.keep_best or accuracy != accuracy:  # NaN: no gold answers to choose by
             return
         if self._best is None or accuracy >= self._best["accuracy"]:
-            state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items() if self.lora is None or "lora_" in k}
-            self._best = {"step": self.global_step, "accuracy": accuracy, "state": state}
+            self._best = {"step": self.global_step, "accuracy": accuracy, "state": self.trainable_state()}
 
     def finalize_policy(self) -> None:
         """With `keep_best` (or online): evaluate the last policy if it has not been; with `keep_best`, keep the best
@@ -568,15 +565,14 @@ class DPOModule(L.LightningModule):
             return
         best = self._best
         if best is not None and best["step"] != self.global_step:
-            self.model.load_state_dict(best["state"], strict=self.lora is None)
+            self.load_trainable_state(best["state"])
         self.chosen = {"step": best["step"], "eval/accuracy": best["accuracy"]} if best is not None else None
 
     # ------------------------------------------------------------------ checkpoints
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+    def checkpoint_meta(self) -> dict[str, Any]:
         # the policy format of SFT and PPO checkpoints: `rlhf eval`, `rlhf export` and PPO's policy_ckpt read it
-        checkpoint["rlhf"] = {
-            "stage": "dpo",
+        meta = {
             "model": dict(self.policy_meta["model"]),
             "tokenizer": dict(self.policy_meta["tokenizer"]),
             "policy_ckpt": self.hparams.policy_ckpt,
@@ -584,16 +580,14 @@ class DPOModule(L.LightningModule):
             "eval_history": [dict(h) for h in self.eval_history],
             "best": None if self._best is None else dict(self._best),
             "chosen": self.chosen,
-            **(self.lora or {}),
         }
         if self.online is not None:  # the pairs in use and where the sampling stands: a resumed run continues bitwise
             pairs = None if self._pairs is None else {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in self._pairs.items()}
-            checkpoint["rlhf"]["online"] = {
+            meta["online"] = {
                 "pairs": pairs, "refreshes": self._refreshes, "steps_on_pairs": self._steps_on_pairs,
                 "reward_ckpt": self.online.reward_ckpt, "reward_sha256": self.reward_sha256,
             }
-        if self.lora is not None:
-            keep_trainable(checkpoint["state_dict"], self.model, "model.")
+        return meta
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get("rlhf", {})

@@ -20,19 +20,18 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import lightning as L
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 import torch
 import torch.nn as nn
 
-from rlhf_lightning.callbacks import log_samples, log_step_metrics, logging_step, write_step_metrics
+from rlhf_lightning.callbacks import log_samples, log_step_metrics, logging_step
 from rlhf_lightning.checkpoints import CheckpointError, sha256_file
 from rlhf_lightning.data.prompts import move_batch
 from rlhf_lightning.distributed import gather_rows, rank, world_size
 from rlhf_lightning.kl_control import make_kl_controller
-from rlhf_lightning.lora import keep_trainable
 from rlhf_lightning.models import enable_gradient_checkpointing
 from rlhf_lightning.modules.frozen import FROZEN_DTYPES, hide_reference, policy_reference
+from rlhf_lightning.modules.stage import StageModule
 from rlhf_lightning.option_groups import EvalConfig, KLConfig, LossConfig, OptimConfig, RolloutConfig
 from rlhf_lightning.optim import adamw, warmup_cosine
 from rlhf_lightning.options import ConfigError, check_choice, check_lora, check_number
@@ -46,8 +45,10 @@ from rlhf_lightning.tasks.arithmetic import judge_scores
 __all__ = ["PPOModule", "Rollout", "Samples", "informative_groups"]
 
 
-class PPOModule(L.LightningModule):
+class PPOModule(StageModule):
     """Critic-free PPO with a frozen SFT reference; see the module docstring for one training step."""
+
+    stage = "ppo"
 
     def __init__(
         self,
@@ -194,8 +195,8 @@ class PPOModule(L.LightningModule):
         base = lambda: base_record(policy_ckpt, "checkpoint", self.policy_sha256)  # noqa: E731
         # resolved LoRA settings and the base's record if adapters train; the frozen reference (a submodule, so it
         # moves with the module; no gradients, no optimizer state, left out of `state_dict`)
-        self.lora, self.reference = policy_reference(self.model, meta, lora, base, reference_dtype)
-        self.strict_loading = self.lora is None  # a checkpoint of adapters leaves the frozen base out
+        record, self.reference = policy_reference(self.model, meta, lora, base, reference_dtype)
+        self.train_adapters(record)
         if gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
         hide_reference(self)
@@ -370,9 +371,6 @@ class PPOModule(L.LightningModule):
         if hp.eval_every and self._rollouts % hp.eval_every == 0:
             self.evaluate()
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        write_step_metrics(self)  # the loggers' part of this step's `log_step_metrics`
-
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         """A prompt batch's tensors to the device; its text lists stay as they are (Lightning's default walks every
         string of them: 0.45 ms of a 16 ms peer step on CPU)."""
@@ -392,7 +390,7 @@ class PPOModule(L.LightningModule):
             self.evaluate()
         best = self._best
         if self.hparams.keep_best and best is not None and best["rollout"] != self._rollouts:
-            self.model.load_state_dict(best["state"], strict=self.lora is None)
+            self.load_trainable_state(best["state"])
         chosen = best if self.hparams.keep_best and best is not None else None
         self.chosen = {
             "rollout": chosen["rollout"] if chosen else self._rollouts,
@@ -405,8 +403,7 @@ class PPOModule(L.LightningModule):
         if not self.hparams.keep_best or accuracy != accuracy:  # NaN: no gold answers to choose by
             return
         if self._best is None or accuracy >= self._best["accuracy"] + self.hparams.keep_best_min_gain:
-            state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items() if self.lora is None or "lora_" in k}
-            self._best = {"rollout": self._rollouts, "accuracy": accuracy, "state": state}
+            self._best = {"rollout": self._rollouts, "accuracy": accuracy, "state": self.trainable_state()}
 
     # ------------------------------------------------------------------ evaluation
 
@@ -446,9 +443,8 @@ class PPOModule(L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["rlhf"] = {
-            "stage": "ppo",
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {
             "model": dict(self.policy_meta["model"]),
             "tokenizer": dict(self.policy_meta["tokenizer"]),
             "policy_ckpt": self.hparams.policy_ckpt,
@@ -462,10 +458,7 @@ class PPOModule(L.LightningModule):
             "skipped_updates": self._skipped_updates,
             "best": None if self._best is None else {"rollout": self._best["rollout"], "accuracy": self._best["accuracy"], "state": self._best["state"]},
             "chosen": self.chosen,
-            **(self.lora or {}),
         }
-        if self.lora is not None:
-            keep_trainable(checkpoint["state_dict"], self.model, "model.")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get("rlhf", {})

@@ -7,15 +7,15 @@ from typing import Any
 
 from pathlib import Path
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import CatMetric, MeanMetric
 
-from rlhf_lightning.callbacks import log_step_metrics, write_step_metrics
+from rlhf_lightning.callbacks import log_step_metrics
 from rlhf_lightning.checkpoints import read_checkpoint, sha256_file, submodule_state
-from rlhf_lightning.lora import add_reward_adapters, keep_trainable, lora_settings, require_peft
+from rlhf_lightning.lora import add_reward_adapters, lora_settings, require_peft
+from rlhf_lightning.modules.stage import StageModule
 from rlhf_lightning.losses import bradley_terry_loss, masked_mean, pairwise_accuracy
 from rlhf_lightning.models.reward import RewardModel
 from rlhf_lightning.optim import adamw_warmup_cosine
@@ -47,8 +47,10 @@ def binary_auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     return u / (n_pos * n_neg)
 
 
-class RewardModule(L.LightningModule):
+class RewardModule(StageModule):
     """Trains a `RewardModel` on preference pairs; chosen and rejected are scored in one forward."""
+
+    stage = "reward"
 
     def __init__(
         self,
@@ -103,7 +105,7 @@ class RewardModule(L.LightningModule):
                 self.model.load_backbone(load_plain_policy(sft_ckpt, role="model.init_args.sft_ckpt")[0].state_dict())
             else:
                 self.model.load_backbone(submodule_state(sft, "model"))
-        self.lora: dict[str, Any] | None = None  # resolved LoRA settings and the base's record, if adapters train
+        record: dict[str, Any] | None = None  # resolved LoRA settings and the base's record, if adapters train
         if lora is not None:
             require_peft("model.init_args.lora")
             if sft is not None and init_from_sft:
@@ -115,8 +117,8 @@ class RewardModule(L.LightningModule):
                     "model.init_args.lora: adapters need a trained base: model.init_args.sft_ckpt with init_from_sft "
                     "(the SFT policy's transformer), or an HF folder (model.type: hf)"
                 )
-            self.lora = {"lora": add_reward_adapters(self.model, lora_settings(lora)), "base": base}
-        self.strict_loading = self.lora is None  # a checkpoint of adapters leaves the frozen base out
+            record = {"lora": add_reward_adapters(self.model, lora_settings(lora)), "base": base}
+        self.train_adapters(record)
         if chosen_nll and not self.model.lm_feature:
             raise ConfigError("model.init_args.chosen_nll needs a reward model with the likelihood feature (model: {lm_feature: true})")
         self.save_hyperparameters()
@@ -191,9 +193,6 @@ class RewardModule(L.LightningModule):
         log_step_metrics(self, metrics, prog_bar={"rm/loss": "rm/loss", "rm/accuracy": "rm/accuracy"})
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        write_step_metrics(self)  # the loggers' part of this step's `log_step_metrics`
-
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         scores = self.model(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])  # (N,) held-out completions
         pairs = batch["pairs"]  # (M, 2) rows of (chosen, rejected)
@@ -223,19 +222,19 @@ class RewardModule(L.LightningModule):
     def configure_optimizers(self):
         return adamw_warmup_cosine(self, self.model)
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["rlhf"] = {
-            "stage": "reward",
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {
             "model": dict(self.hparams.model),
             "tokenizer": dict(self.hparams.tokenizer),
             "reward_mean": float(self.reward_mean),
             "reward_std": float(self.reward_std),
             "sft_ckpt": self.hparams.sft_ckpt,
             "sft_sha256": self.sft_sha256,
-            **(self.lora or {}),
         }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)  # `rlhf` metadata; the adapters alone under LoRA
         if self.lora is not None:
-            keep_trainable(checkpoint["state_dict"], self.model, "model.")
             return
         # Self-describing: `load_from_checkpoint` rebuilds from the resolved model and tokenizer above and
         # never needs the SFT file again (its weights are in the state dict).

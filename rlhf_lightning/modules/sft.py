@@ -4,21 +4,23 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning as L
 import torch
 
-from rlhf_lightning.callbacks import log_samples, log_step_metrics, write_step_metrics
+from rlhf_lightning.callbacks import log_samples, log_step_metrics
 from rlhf_lightning.losses import masked_mean
 from rlhf_lightning.optim import adamw_warmup_cosine
-from rlhf_lightning.lora import add_adapters, keep_trainable, lora_settings, require_peft
+from rlhf_lightning.lora import add_adapters, lora_settings, require_peft
+from rlhf_lightning.modules.stage import StageModule
 from rlhf_lightning.options import ConfigError, check_lora, check_number
 from rlhf_lightning.policy import base_record, build_policy, context_length, load_plain_policy, load_policy
 from rlhf_lightning.evaluation import Evaluation, answer
 from rlhf_lightning.scoring import token_logprobs
 
 
-class SFTModule(L.LightningModule):
+class SFTModule(StageModule):
     """Negative log-likelihood of completion tokens (optionally prompt tokens too), mean over real tokens."""
+
+    stage = "sft"
 
     def __init__(
         self,
@@ -63,7 +65,7 @@ class SFTModule(L.LightningModule):
         check_number("max_new_tokens", max_new_tokens, low=1, integer=True)
         check_number("num_logged_samples", num_logged_samples, low=0, integer=True)
         check_lora(lora)
-        self.lora: dict[str, Any] | None = None  # resolved LoRA settings and the base's record, if adapters train
+        record: dict[str, Any] | None = None  # resolved LoRA settings and the base's record, if adapters train
         if lora is not None:
             require_peft("model.init_args.lora")
             settings = lora_settings(lora)
@@ -78,7 +80,7 @@ class SFTModule(L.LightningModule):
                     "model.init_args.lora: adapters need a trained base: set model.init_args.base_ckpt "
                     "(an SFT or PPO checkpoint) or use an HF model folder (model.type: hf)"
                 )
-            self.lora = {"lora": add_adapters(self.model, settings), "base": base}
+            record = {"lora": add_adapters(self.model, settings), "base": base}
         elif base_ckpt is not None:
             raise ConfigError("model.init_args.base_ckpt: is the base of LoRA adapters and needs model.init_args.lora (continued full SFT: init_ckpt)")
         elif init_ckpt is not None:
@@ -86,7 +88,7 @@ class SFTModule(L.LightningModule):
             model_config = meta["model"]
         else:
             self.model, self.tokenizer, model_config = build_policy(model, tokenizer)
-        self.strict_loading = self.lora is None  # a checkpoint of adapters leaves the frozen base out
+        self.train_adapters(record)
         self.save_hyperparameters()
         self.hparams.model = model_config  # resolved: the checkpoint rebuilds exactly this model
         self.hparams.tokenizer = self.tokenizer.to_dict()
@@ -113,9 +115,6 @@ class SFTModule(L.LightningModule):
         log_step_metrics(self, metrics, prog_bar={name: name for name in metrics})  # rank 0's values, as self.log without sync_dist
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        write_step_metrics(self)  # the loggers' part of this step's `log_step_metrics`
-
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         answers = answer(self.model, self.tokenizer, batch, self.hparams.max_new_tokens)  # greedy, judged
         self.val_answers.add(answers)
@@ -132,7 +131,5 @@ class SFTModule(L.LightningModule):
     def configure_optimizers(self):
         return adamw_warmup_cosine(self, self.model)
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["rlhf"] = {"stage": "sft", "model": dict(self.hparams.model), "tokenizer": dict(self.hparams.tokenizer), **(self.lora or {})}
-        if self.lora is not None:
-            keep_trainable(checkpoint["state_dict"], self.model, "model.")
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {"model": dict(self.hparams.model), "tokenizer": dict(self.hparams.tokenizer)}

@@ -1,0 +1,55 @@
+"""What every training stage shares: `StageModule`, the base of SFT, reward, PPO and DPO (and the stages to come).
+
+- step metrics: a stage's `training_step` hands its scalars to `callbacks.log_step_metrics`; the base writes them to
+  the loggers after the step (`on_train_batch_end`);
+- LoRA: `train_adapters(record)` records the adapters' settings and base; a checkpoint then holds the adapters
+  only (the frozen base is rebuilt from the record) and loads without the base's tensors;
+- checkpoint metadata: `checkpoint["rlhf"]` is ``{"stage", **checkpoint_meta(), **LoRA record}``, which `rlhf eval`,
+  `rlhf export` and the next stage read;
+- the trainable state: `trainable_state()` copies what trains (the adapters only under LoRA), for `keep_best`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+
+from rlhf_lightning.callbacks import write_step_metrics
+from rlhf_lightning.lora import keep_trainable
+
+__all__ = ["StageModule"]
+
+
+class StageModule(L.LightningModule):
+    """The base of the training stages; a stage names itself in `stage` and describes its checkpoint in
+    `checkpoint_meta`. It holds its trained model as `self.model`."""
+
+    stage: str = ""
+    lora: dict[str, Any] | None = None  # {"lora": settings, "base": record} while adapters train
+
+    def train_adapters(self, record: dict[str, Any] | None) -> None:
+        """Record the adapters that train (None: the whole model trains)."""
+        self.lora = record
+        self.strict_loading = record is None  # a checkpoint of adapters leaves the frozen base out
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """The stage's part of `checkpoint["rlhf"]` (besides "stage" and the LoRA record)."""
+        return {}
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        write_step_metrics(self)  # the loggers' part of this step's `log_step_metrics`
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rlhf"] = {"stage": self.stage, **self.checkpoint_meta(), **(self.lora or {})}
+        if self.lora is not None:
+            keep_trainable(checkpoint["state_dict"], self.model, "model.")
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """A CPU copy of what trains: every weight of the model, or its adapters under LoRA."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items() if self.lora is None or "lora_" in k}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Put back a `trainable_state` copy."""
+        self.model.load_state_dict(state, strict=self.lora is None)
