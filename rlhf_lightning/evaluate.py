@@ -13,9 +13,9 @@ from rlhf_lightning.data.jsonl import write_jsonl
 from rlhf_lightning.data.prompts import PromptDataset, load_prompts
 from rlhf_lightning.options import SEED_MAX, check_choice, check_number
 from rlhf_lightning.policy import context_length, load_policy
-from rlhf_lightning.completions import complete
-from rlhf_lightning.tasks.arithmetic import TASKS, judge_scores
-from rlhf_lightning.tasks.strata import strata_metrics, task_strata_names
+from rlhf_lightning.evaluation import Evaluation, answer
+from rlhf_lightning.tasks.arithmetic import EVAL_MAX_NEW_TOKENS, TASKS
+from rlhf_lightning.tasks.strata import task_strata_names
 
 
 def evaluate_policy(
@@ -26,7 +26,7 @@ def evaluate_policy(
     greedy: bool = True,
     temperature: float = 1.0,
     top_k: int | None = None,
-    max_new_tokens: int = 6,
+    max_new_tokens: int = EVAL_MAX_NEW_TOKENS,
     batch_size: int = 1024,
     seed: int = 0,
     limit: int | None = None,
@@ -37,28 +37,24 @@ def evaluate_policy(
     records = load_prompts(task, split, prompts, limit)
     dataset = PromptDataset(tokenizer, records, context_length(model))
     generator = torch.Generator().manual_seed(seed)
-    rows, scores, strata = [], [], []
+    evaluation = Evaluation()
     for start in range(0, len(dataset), batch_size):
         batch = dataset.collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        completions, gen = complete(
-            model, tokenizer, batch["prompt_ids"], batch["prompt_mask"], max_new_tokens,
-            greedy=greedy, temperature=temperature, top_k=top_k, generator=generator,
-        )
-        batch_scores = judge_scores(completions, batch["golds"], gen.finished)
-        for p, c, g, e, s in zip(batch["prompts"], completions, batch["golds"], gen.finished.tolist(), batch_scores.tolist()):
-            rows.append({"prompt": p, "completion": c, "gold": g, "eos": e, "correct": None if g is None else bool(s)})
-        scores.append(batch_scores)
-        strata.extend(batch["strata"])
-    all_scores = torch.cat(scores)
-    known = ~all_scores.isnan()
+        evaluation.add(answer(model, tokenizer, batch, max_new_tokens, greedy=greedy, temperature=temperature, top_k=top_k, generator=generator))
+    rows = [
+        {"prompt": p, "completion": c, "gold": g, "eos": e, "correct": None if g is None else bool(s)}
+        for a in evaluation.parts
+        for p, c, g, e, s in zip(a.prompts, a.completions, a.golds, a.finished.tolist(), a.scores.tolist())
+    ]
+    accuracy = evaluation.accuracy()
     summary = {
         "ckpt": ckpt,
         "source": prompts or f"{task}:{split}",
         "num_prompts": len(rows),
-        "num_with_gold": int(known.sum()),
-        "accuracy": float(all_scores[known].mean()) if known.any() else None,
+        "num_with_gold": int((~evaluation.scores.isnan()).sum()),
+        "accuracy": None if accuracy != accuracy else accuracy,
         "eos_rate": sum(r["eos"] for r in rows) / len(rows),
-        "strata": strata_metrics(all_scores.tolist(), strata, names=task_strata_names(task) if prompts is None else ()),
+        "strata": evaluation.strata(task_strata_names(task) if prompts is None else ()),
     }
     return summary, rows
 
@@ -85,7 +81,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top_k", type=int, default=None)
-    parser.add_argument("--max_new_tokens", type=int, default=6)
+    parser.add_argument("--max_new_tokens", type=int, default=EVAL_MAX_NEW_TOKENS)
     parser.add_argument("--batch_size", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, default=None, help="the first N prompts only")

@@ -49,6 +49,7 @@ from rlhf_lightning.policy import base_record, build_policy, context_length, loa
 from rlhf_lightning.rewards import LearnedReward
 from rlhf_lightning.evaluation import Evaluation, answer
 from rlhf_lightning.scoring import token_logprobs
+from rlhf_lightning.tasks.arithmetic import EVAL_MAX_NEW_TOKENS
 
 __all__ = ["DPOModule", "OnlineConfig", "WithReferenceLogps", "sequence_logps"]
 
@@ -147,7 +148,7 @@ class DPOModule(StageModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
         min_lr_ratio: float = 1.0,
-        max_new_tokens: int = 6,
+        max_new_tokens: int = EVAL_MAX_NEW_TOKENS,
         max_val_prompts: int | None = None,
         inference_batch_size: int = 1024,
         num_logged_samples: int = 8,

@@ -15,6 +15,7 @@ from rlhf_lightning.options import ConfigError, check_lora, check_number
 from rlhf_lightning.policy import base_record, build_policy, context_length, load_plain_policy, load_policy
 from rlhf_lightning.evaluation import Evaluation, answer
 from rlhf_lightning.scoring import token_logprobs
+from rlhf_lightning.tasks.arithmetic import EVAL_MAX_NEW_TOKENS
 
 
 class SFTModule(StageModule):
@@ -31,7 +32,7 @@ class SFTModule(StageModule):
         weight_decay: float = 0.1,
         warmup_steps: int = 50,
         min_lr_ratio: float = 0.1,
-        max_new_tokens: int = 6,
+        max_new_tokens: int = EVAL_MAX_NEW_TOKENS,
         num_logged_samples: int = 8,
         init_ckpt: str | None = None,
         lora: dict[str, Any] | None = None,
