@@ -390,7 +390,7 @@ def token_mean(
     rows: float | Tensor | None = None,
     max_new_tokens: int | None = None,
 ) -> Tensor:
-    """Mean over every valid token of the batch: ``sum of values / tokens`` (the seed's).
+    """Mean over every valid token of the batch: ``sum of values / tokens`` (the default ``loss_agg``).
 
     >>> token_mean(torch.tensor([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0]]), torch.tensor([[1, 1, 1], [1, 0, 0]]))
     tensor(2.5000)
@@ -570,8 +570,8 @@ def ppo_loss(
     """``-agg(min(rho A, clip(rho) A)) + beta * agg(KL)``, ``agg`` a registered loss aggregation.
 
     ``cfg`` is the loss's option group (`option_groups.LossConfig`: ``clip_range``, ``clip_c``, ``ratio_level``,
-    ``loss_agg``; None: its defaults, the seed's loss: the token mean over the valid tokens of the whole batch,
-    the per-token ratio, the symmetric clip 0.2). ``counts`` = (tokens, rows) the aggregation divides by (the
+    ``loss_agg``; None: its defaults, the plain clipped surrogate: the token mean over the valid tokens of the whole
+    batch, the per-token ratio, the symmetric clip 0.2). ``counts`` = (tokens, rows) the aggregation divides by (the
     global minibatch's, under data parallelism; None: this batch's own), ``max_new_tokens`` the constant of
     ``seq_mean_token_sum_norm`` (see ``LOSS_AGGREGATIONS``), ``clip_range`` and ``clip_c`` the clipping
     (``clipped_surrogate``). ``kl`` is always reported, also with ``beta=0`` (which is what the caller passes when

@@ -88,7 +88,7 @@ class PromptDataModule(TokenizedDataModule):
     ) -> None:
         """
         Args:
-            task: "toy" (two-digit arithmetic with hash splits) or "seed" (the seed's 8 prompts).
+            task: "toy" (two-digit arithmetic with hash splits) or "seed" (the seed task's 8 prompts).
             train_file: JSONL of {"prompt"[, "completion" as gold]} lines; replaces the task's `train` prompts.
             val_file: JSONL of {"prompt"[, "completion"]} lines for evaluation; default: the task's `val`.
             batch_size: prompts per rollout (per rank under DDP); each gets `samples_per_prompt` completions.

@@ -74,7 +74,7 @@ class SFTDataModule(TokenizedDataModule):
     ) -> None:
         """
         Args:
-            task: "toy" (two-digit arithmetic with hash splits) or "seed" (the seed's 8 prompts).
+            task: "toy" (two-digit arithmetic with hash splits) or "seed" (the seed task's 8 prompts).
             train_file: JSONL of {"prompt", "completion"[, "group"]} lines; replaces the task's demonstrations.
             val_file: JSONL of {"prompt"[, "completion"]} lines for evaluation; default: the task's `val`.
             demo_fraction: fraction of `train` prompts that have a demonstration (toy task only).

@@ -1,7 +1,7 @@
 """The seed's bigram language model, kept for parity (`configs/seed/`).
 
 Each next-token distribution depends on the current token only, so it cannot see the question: on the
-seed's 8 prompts its best is to answer "5" everywhere (7 of 8). Same interface as `GPT`.
+seed task's 8 prompts its best is to answer "5" everywhere (7 of 8). Same interface as `GPT`.
 """
 
 from __future__ import annotations

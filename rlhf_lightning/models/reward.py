@@ -42,7 +42,7 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class _MeanEmbedding(nn.Module):
-    """The seed's encoder: mean of the real tokens' embeddings (padding excluded, unlike the seed)."""
+    """The mean-embedding encoder: mean of the real tokens' embeddings (the seed averaged over padding too)."""
 
     def __init__(self, vocab_size: int, n_embd: int) -> None:
         super().__init__()

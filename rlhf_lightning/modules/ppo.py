@@ -10,8 +10,9 @@ One training step is one rollout (manual optimization); this module orchestrates
    beta * KL, `manual_backward`, clipping, optimizer step;
 3. the adaptive KL controller, the step's metrics, and every `eval_every` rollouts an evaluation on `val`.
 
-Loss (the seed's, the default): ``-token_mean(min(rho A, clip(rho, 1-eps, 1+eps) A)) + beta * token_mean(KL)``;
-`loss_agg`, `clip_eps_low` / `clip_eps_high`, `clip_c`, `ratio_level` and `mask_truncated` vary it (`losses.ppo_loss`).
+Loss (the default: the plain clipped surrogate with a token-mean KL):
+``-token_mean(min(rho A, clip(rho, 1-eps, 1+eps) A)) + beta * token_mean(KL)``; `loss_agg`, `clip_eps_low` /
+`clip_eps_high`, `clip_c`, `ratio_level` and `mask_truncated` vary it (`losses.ppo_loss`).
 The options are read through their groups (`option_groups`: rollout, loss, KL, optimizer, evaluation).
 """
 
@@ -106,8 +107,8 @@ class PPOModule(StageModule):
             samples_per_prompt: K completions per prompt (the group of the group estimators).
             max_new_tokens: completion budget of rollouts and evaluation.
             temperature: sampling temperature; log-probs (old, new, reference) all use it.
-            advantage: "batch_mean" (R - mean R, the seed's), "batch_whiten", "group_mean", "group_whiten", "rloo".
-            kl_estimator: "k1" (log p - log p_ref, the seed's) or "k3".
+            advantage: "batch_mean" (R - mean R), "batch_whiten", "group_mean", "group_whiten", "rloo".
+            kl_estimator: "k1" (log p - log p_ref) or "k3".
             kl_in_reward: subtract beta * the sequence's summed KL from the reward instead of adding it to the loss.
             beta: KL coefficient (the initial one when `target_kl` is set).
             target_kl: adapt beta toward this per-token KL (None: fixed beta).
@@ -121,7 +122,7 @@ class PPOModule(StageModule):
             ratio_level: "token" (rho per token) or "sequence" (GSPO: a sequence's ratio is the exponential of
                 the mean of its tokens' log-ratios; TRL `importance_sampling_level`).
             loss_agg: how per-token terms (policy and KL) become the loss: "token_mean" (over every valid token
-                of the minibatch, the seed's), "seq_mean_token_mean" (mean over sequences of their token
+                of the minibatch), "seq_mean_token_mean" (mean over sequences of their token
                 means), "seq_mean_token_sum_norm" (token sums / `max_new_tokens`, mean over sequences; Dr. GRPO)
                 (verl `loss_agg_mode`, TRL `loss_type`).
             mask_truncated: completions that hit `max_new_tokens` without EOS get no loss; they still count in

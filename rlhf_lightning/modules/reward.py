@@ -69,7 +69,7 @@ class RewardModule(StageModule):
         """
         Args:
             model: plain config of the reward model, e.g. {"type": "gpt", "n_layer": 2, "n_embd": 64} or
-                {"type": "mean_embedding", "n_embd": 64} (the seed's model); `vocab_size` comes from the
+                {"type": "mean_embedding", "n_embd": 64} (the seed's model, for parity); `vocab_size` comes from the
                 tokenizer. With `init_from_sft`, the transformer's sizes come from the SFT checkpoint.
             tokenizer: `CharTokenizer.to_dict()` output; default: the SFT checkpoint's, else the toy alphabet.
             sft_ckpt: SFT checkpoint: its tokenizer and its weights (with `init_from_sft`). Sampled preference

@@ -58,7 +58,7 @@ class PreferenceDataModule(TokenizedDataModule):
         Args:
             pairs: the pair source, by class_path: `rlhf_lightning.data.preferences.JsonlPairs` (files) or
                 `rlhf_lightning.data.preferences.SampledPairs` (sampled from a policy checkpoint and judged).
-            task: prompts to sample from: "toy" (hash splits) or "seed" (the seed's 8 prompts).
+            task: prompts to sample from: "toy" (hash splits) or "seed" (the seed task's 8 prompts).
             seed: seed of the sampling and of the prompt subsets (independent of the global seed, so a resumed
                 run sees the same pairs).
             batch_size: pairs per optimizer step.
