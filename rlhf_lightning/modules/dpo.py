@@ -36,7 +36,7 @@ from torchmetrics import MeanMetric
 from rlhf_lightning.callbacks import log_samples, log_step_metrics, logging_step
 from rlhf_lightning.checkpoints import CheckpointError, sha256_file, sha256_path
 from rlhf_lightning.data.jsonl import DataError
-from rlhf_lightning.data.preferences import JUDGES, PairDataset, group_pairs, sample_groups
+from rlhf_lightning.data.preferences import JUDGES, PairDataset, check_pair_options, group_pairs, sample_groups
 from rlhf_lightning.data.prompts import PromptDataset, PromptRecord, load_prompts, move_batch
 from rlhf_lightning.losses import DPO_LOSSES, REFERENCE_FREE_LOSSES, PairLogps, chosen_nll, dpo_loss, implicit_rewards, masked_sum
 from rlhf_lightning.models import enable_gradient_checkpointing
@@ -84,9 +84,7 @@ class OnlineConfig:
 
     def __post_init__(self) -> None:
         check_number("refresh_every", self.refresh_every, low=1, integer=True, prefix=ONLINE)
-        check_number("samples_per_prompt", self.samples_per_prompt, low=2, integer=True, prefix=ONLINE)
-        check_choice("judge", self.judge, [*JUDGES, "learned"], prefix=ONLINE)
-        check_choice("tie_break", self.tie_break, [None, "length"], prefix=ONLINE)
+        check_pair_options(self.samples_per_prompt, self.judge, self.tie_break, prefix=ONLINE, judges=[*JUDGES, "learned"])
         check_number("temperature", self.temperature, low=0, low_open=True, prefix=ONLINE)
         check_number("top_k", self.top_k, low=1, integer=True, allow_none="all tokens", prefix=ONLINE)
         check_number("max_new_tokens", self.max_new_tokens, low=1, integer=True, prefix=ONLINE)
@@ -328,7 +326,7 @@ class DPOModule(StageModule):
             prompts = hasattr(datamodule, "draw_prompts")  # PromptDataModule
             if prompts != (self.online is not None):
                 raise ConfigError(
-                    "data.class_path: online DPO samples its pairs from prompt batches: use rlhf_lightning.data.ppo.PromptDataModule"
+                    "data.class_path: online DPO samples its pairs from prompt batches: use rlhf_lightning.data.rollout_prompts.PromptDataModule"
                     if self.online is not None else
                     "data.class_path: DPO trains on preference pairs: use rlhf_lightning.data.preferences.PreferenceDataModule "
                     "(or set model.init_args.online to sample pairs from prompts)"
