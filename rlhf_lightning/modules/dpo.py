@@ -317,7 +317,7 @@ class DPOModule(StageModule):
         reference (`policy_ckpt`, whose SHA-256 a resume checks), computed in fixed chunks in dataset order with no
         randomness, so on the same machine a resumed run uses bitwise the values of the uninterrupted one.
         It runs after the DataModule's `setup` and before any training dataloader is built."""
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule = getattr(self.trainer, "datamodule", None) if self.attached is not None else None
         task = getattr(datamodule, "hparams", {}).get("task", "toy") if datamodule is not None else "toy"
         self._val_prompts = PromptDataset(self.tokenizer, load_prompts(task, "val", limit=self.hparams.get("max_val_prompts")), context_length(self.model))
         if self.online is not None and getattr(datamodule, "val_set", None) is not None:
@@ -436,7 +436,7 @@ class DPOModule(StageModule):
         join the gradient all-reduce); when no rank has a pair, the step is skipped."""
         cfg = self.online
         world, this_rank = world_size(), rank()
-        task = getattr(getattr(self.trainer, "datamodule", None), "hparams", {}).get("task", "toy") if self._trainer is not None else "toy"
+        task = getattr(getattr(self.trainer, "datamodule", None), "hparams", {}).get("task", "toy") if self.attached is not None else "toy"
         records = [PromptRecord(p, g, f"{task}:train", s) for p, g, s in zip(batch["prompts"], batch["golds"], batch["strata"])]
         seed = ((cfg.seed * 1_000_003 + self._refreshes) * 1_009 + this_rank) % (2**62)
         groups = sample_groups(
@@ -508,7 +508,7 @@ class DPOModule(StageModule):
             self.log("eval/rewards/margins", self.val_margin.compute())
         self.val_pair_accuracy.reset()
         self.val_margin.reset()
-        if self._trainer is not None and self.trainer.sanity_checking:
+        if self.attached is not None and self.trainer.sanity_checking:
             return
         for name, value in self.evaluate().items():
             self.log(name, value, prog_bar=name == "eval/accuracy")
@@ -528,20 +528,20 @@ class DPOModule(StageModule):
             batch = move_batch(data.collate([data[i] for i in range(start, min(start + hp.inference_batch_size, len(data)))]), self.device)
             answers = answer(self.model, self.tokenizer, batch, hp.max_new_tokens)
             evaluation.add(answers)
-            if start == 0 and self._trainer is not None:
+            if start == 0 and self.attached is not None:
                 log_samples(self, "samples/val", answers.prompts, answers.completions, answers.golds, hp.num_logged_samples)
         self.model.train(was_training)
         metrics = evaluation.metrics()
         self.eval_history.append({"step": self.global_step, **metrics})
-        if self._trainer is not None and self.trainer.state.fn == "fit":
+        if self.attached is not None and self.trainer.state.fn == "fit":
             self.remember_if_best(metrics["eval/accuracy"])
         return metrics
 
     def log_metrics_now(self, metrics: dict[str, float]) -> None:
         """Write evaluation metrics outside a loop's logging hook (before the first update, at the end)."""
-        if self._trainer is not None and self.logger is not None and self.trainer.is_global_zero:
+        if self.attached is not None and self.logger is not None and self.trainer.is_global_zero:
             self.logger.log_metrics(metrics, step=logging_step(self))
-        if self._trainer is not None:
+        if self.attached is not None:
             self.trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
 
     def remember_if_best(self, accuracy: float) -> None:

@@ -252,7 +252,7 @@ class PPOModule(StageModule):
 
     def configure_optimizers(self):
         # fused AdamW, except under mixed precision: Lightning refuses to clip a fused optimizer's gradients there
-        mixed = self._trainer is not None and isinstance(self.trainer.precision_plugin, MixedPrecision)
+        mixed = self.attached is not None and isinstance(self.trainer.precision_plugin, MixedPrecision)
         optimizer = adamw(self.model, self.hparams.lr, self.hparams.weight_decay, fused=not mixed)
         if not self.hparams.warmup_steps:
             return optimizer
@@ -326,7 +326,7 @@ class PPOModule(StageModule):
         mixed-precision plugin Lightning's `clip_gradients` clips (it owns the gradient scaler) after the check."""
         hp = self.hparams
         params = [p for p in self.model.parameters() if p.grad is not None]
-        full_precision = self._trainer is None or type(self._trainer.precision_plugin) is Precision
+        full_precision = self.attached is None or type(self.attached.precision_plugin) is Precision
         if hp.max_grad_norm is not None and full_precision:
             self.check_finite(loss, torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm))
             return
@@ -418,7 +418,7 @@ class PPOModule(StageModule):
         temperature) per answer token. Every rank evaluates all prompts (deterministic), rank 0 logs."""
         hp = self.hparams
         if loader is None:
-            datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+            datamodule = getattr(self.trainer, "datamodule", None) if self.attached is not None else None
             if datamodule is None or not hasattr(datamodule, "eval_dataloader"):
                 return None
             loader = datamodule.eval_dataloader()
@@ -436,9 +436,9 @@ class PPOModule(StageModule):
         self.model.train(was_training)
         metrics = evaluation.metrics()
         self.eval_history.append({"rollout": self._rollouts, **metrics})
-        if self._trainer is not None and self.trainer.state.fn == "fit":
+        if self.attached is not None and self.trainer.state.fn == "fit":
             self.remember_if_best(metrics["eval/accuracy"])
-        if self._trainer is not None and self.logger is not None and self.trainer.is_global_zero:
+        if self.attached is not None and self.logger is not None and self.trainer.is_global_zero:
             self.logger.log_metrics(metrics, step=logging_step(self))
         return metrics
 

@@ -156,7 +156,7 @@ class RewardModule(StageModule):
 
     def setup(self, stage: str) -> None:
         """Warn when sampled preference pairs came from another policy than the one this reward model starts from."""
-        pairs = getattr(getattr(self._trainer, "datamodule", None), "pairs", None) if self._trainer is not None else None
+        pairs = getattr(getattr(self.attached, "datamodule", None), "pairs", None) if self.attached is not None else None
         policy = getattr(pairs, "policy_ckpt", None)
         same_file = policy and self.hparams.sft_ckpt and Path(policy).resolve() == Path(self.hparams.sft_ckpt).resolve()
         if policy and self.sft_sha256 and not same_file and Path(policy).is_file() and sha256_file(policy) != self.sft_sha256:

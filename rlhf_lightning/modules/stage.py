@@ -16,7 +16,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from rlhf_lightning.callbacks import write_step_metrics
+from rlhf_lightning.callbacks import attached_trainer, write_step_metrics
 from rlhf_lightning.lora import keep_trainable
 
 __all__ = ["StageModule"]
@@ -28,6 +28,11 @@ class StageModule(L.LightningModule):
 
     stage: str = ""
     lora: dict[str, Any] | None = None  # {"lora": settings, "base": record} while adapters train
+
+    @property
+    def attached(self) -> L.Trainer | None:
+        """The Trainer this stage runs in, or None (a module used on its own: a test, a script, a benchmark)."""
+        return attached_trainer(self)
 
     def train_adapters(self, record: dict[str, Any] | None) -> None:
         """Record the adapters that train (None: the whole model trains)."""
