@@ -36,6 +36,19 @@ def run_cli(args: list[str], cwd: Path):
         os.chdir(old)
 
 
+def ddp_mean_gradient(params: list):
+    """What DDP does to the gradients of `params` after backward: average them over the ranks (nothing in one
+    process). Returns them flattened into one tensor."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        for p in params:
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()
+    return torch.cat([p.grad.flatten() for p in params])
+
+
 # About 1,060 steps of SFT on the toy task (about 30 s here): far above chance, shared by every test that needs a
 # trained policy.
 SFT_QUICK = [

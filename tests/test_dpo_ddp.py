@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 from rlhf_lightning.data.preferences import PairDataset
 from rlhf_lightning.modules.dpo import DPOModule, WithReferenceLogps
 from test_dpo import base, pair_dataset  # noqa: F401  (base: the tiny SFT checkpoint fixture)
+from conftest import ddp_mean_gradient
 from tolerance import EPS32, grad_atol
 
 WORLD = 2
@@ -65,11 +66,7 @@ def update(module: DPOModule, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(gradient, weights after one SGD step) of `training_step` on `batch`, averaged over ranks like DDP."""
     module.training_step(batch, 0).backward()
     params = list(module.model.parameters())
-    if dist.is_initialized():  # what DDP does: average the gradients
-        for p in params:
-            dist.all_reduce(p.grad)
-            p.grad /= dist.get_world_size()
-    grad = torch.cat([p.grad.flatten() for p in params])
+    grad = ddp_mean_gradient(params)  # what DDP does: average the gradients
     # plain SGD: Adam's first step is lr * sign(grad), which float noise flips where a gradient is ~0
     torch.optim.SGD(params, lr=0.1).step()
     return grad, torch.cat([p.detach().flatten() for p in params])

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import CONFIGS, QUIET, run_cli
+from conftest import CONFIGS, QUIET, ddp_mean_gradient, run_cli
 from rlhf_lightning.cli import main
 from rlhf_lightning.data.preferences import pairs_from_group
 from rlhf_lightning.modules import dpo as dpo_module
@@ -189,12 +189,7 @@ def online_update(policy: str, case: str, prompts: list[str]) -> torch.Tensor:
     data = PromptDataset(module.tokenizer, [PromptRecord(p, None, "test") for p in prompts])
     loss = module.training_step(data.collate([data[i] for i in range(len(data))]), 0)
     loss.backward()
-    params = list(module.model.parameters())
-    if torch.distributed.is_initialized():
-        for p in params:
-            torch.distributed.all_reduce(p.grad)
-            p.grad /= WORLD
-    return torch.cat([p.grad.flatten() for p in params])
+    return ddp_mean_gradient(list(module.model.parameters()))  # averaged over ranks, as DDP does
 
 
 def _online_worker(rank: int, policy: str, init_file: str, out_dir: str) -> None:

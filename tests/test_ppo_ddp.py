@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from rlhf_lightning.modules.ppo import PPOModule, Rollout
+from conftest import ddp_mean_gradient
 from tolerance import EPS32, grad_atol
 
 WORLD = 2
@@ -62,11 +63,7 @@ def update(module: PPOModule, rollout: Rollout) -> tuple[torch.Tensor, torch.Ten
     out, _, _ = module.minibatch_loss(rollout)
     out.loss.backward()
     params = list(module.model.parameters())
-    if dist.is_initialized():  # what DDP does: average the gradients
-        for p in params:
-            dist.all_reduce(p.grad)
-            p.grad /= dist.get_world_size()
-    grad = torch.cat([p.grad.flatten() for p in params])
+    grad = ddp_mean_gradient(params)  # what DDP does: average the gradients
     # plain SGD: Adam's first step is lr * sign(grad), which float noise flips where a gradient is ~0
     torch.optim.SGD(params, lr=0.1).step()
     return grad, torch.cat([p.detach().flatten() for p in params])
