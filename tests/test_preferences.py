@@ -6,7 +6,6 @@ import json
 import math
 
 import pytest
-import torch
 
 from rlhf_lightning.data.jsonl import DataError
 from rlhf_lightning.data.preferences import (

@@ -17,7 +17,6 @@ import torch
 import yaml
 
 from conftest import CONFIGS, run_cli
-from rlhf_lightning.checkpoints import CheckpointError
 from rlhf_lightning.files import FAULT_ENV
 from rlhf_lightning.cli import main
 
