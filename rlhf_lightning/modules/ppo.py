@@ -182,7 +182,7 @@ class PPOModule(StageModule):
             kl=KLConfig(beta, kl_estimator, kl_in_reward, target_kl, kl_horizon),
             optim=OptimConfig(ppo_epochs, num_minibatches, lr, weight_decay, max_grad_norm, warmup_steps),
         )
-        self.eval_cfg = EvalConfig(eval_every, num_logged_samples, keep_best, keep_best_min_gain)
+        EvalConfig(eval_every, num_logged_samples, keep_best, keep_best_min_gain)  # checks the evaluation options (read from hparams)
         check_choice("reward", reward, REWARD_SOURCES)
         check_choice("reference_dtype", reference_dtype, FROZEN_DTYPES)
         check_choice("reward_dtype", reward_dtype, FROZEN_DTYPES)
