@@ -16,6 +16,20 @@ from torch import Tensor
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "DPO_LOSSES",
+    "LOG_RATIO_BOUND",
+    "PolicyLossTerms",
+    "ROLLOUT_IS_LEVELS",
+    "ROLLOUT_IS_MODES",
+    "RolloutCorrection",
+    "cispo_loss",
+    "explained_variance",
+    "gae",
+    "gmpo_loss",
+    "logprob_mismatch",
+    "masked_whiten",
+    "rollout_is_weights",
+    "sapo_loss",
+    "value_loss",
     "DPOLossOutput",
     "PairLogps",
     "REFERENCE_FREE_LOSSES",
@@ -335,14 +349,30 @@ def kl_k1(logp: Tensor, ref_logp: Tensor) -> Tensor:
     return logp - ref_logp  # (B, T)
 
 
-def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
-    """Per-token ``exp(ref - logp) - (ref - logp) - 1`` (Schulman's k3, always >= 0).
+#: verl's bound on a log-ratio before it is exponentiated (``SAFETY_BOUND``; e^20 = 4.9e8): no inf in the forward
+#: pass, no inf * 0 = NaN in the backward pass.
+LOG_RATIO_BOUND = 20.0
+
+
+def kl_k3(logp: Tensor, ref_logp: Tensor, clamp: float | None = 10.0) -> Tensor:
+    """Per-token ``exp(ref - logp) - (ref - logp) - 1`` (Schulman's k3, "Approximating KL divergence", 2020; >= 0),
+    clamped to ``[-clamp, clamp]``.
+
+    With a ``clamp`` (default 10) it is verl's ``low_var_kl`` (``verl/trainer/ppo/core_algos.py``,
+    ``kl_penalty_forward``): the log-ratio ``ref - logp`` is first clamped to [-20, 20], then the estimate to
+    [-10, 10], so one token the policy made far less likely than the reference does cannot dominate the batch's KL;
+    where a clamp binds the token's gradient is 0. ``clamp=None``: the raw estimate, unbounded.
 
     >>> kl_k3(torch.tensor([[0.0]]), torch.tensor([[0.6931472]]))  # 2 - log 2 - 1
     tensor([[0.3069]])
+    >>> kl_k3(torch.tensor([[-15.0]]), torch.tensor([[0.0]]))  # e^15 - 15 - 1 = 3269001.3, clamped to 10
+    tensor([[10.]])
     """
     log_ratio = ref_logp - logp  # (B, T)
-    return torch.expm1(log_ratio) - log_ratio  # (B, T)
+    if clamp is None:
+        return torch.expm1(log_ratio) - log_ratio  # (B, T)
+    log_ratio = log_ratio.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)  # (B, T)
+    return (torch.expm1(log_ratio) - log_ratio).clamp(-clamp, clamp)  # (B, T)
 
 
 KLFn = Callable[[Tensor, Tensor], Tensor]
@@ -615,6 +645,374 @@ def ppo_loss(
         clipfrac=clipfrac,
         approx_kl=approx_kl,
     )
+
+
+# --------------------------------------------------------------------------- policy-loss variants
+#
+# Beside the clipped surrogate: each function returns the per-token terms of a loss to minimize (B, T), 0 at masked
+# tokens, for `aggregate_loss` to reduce, with the ratio and the clip flags its metrics need. ``advantages`` is per
+# sequence (B,) or per token (B, T); ``old_logp`` is data (detached). Masked entries (and the advantage of a row
+# without valid tokens) may hold NaN/inf: they reach neither a value nor a gradient.
+
+
+class PolicyLossTerms(NamedTuple):
+    """The per-token terms of a policy loss and what its metrics read, all (B, T)."""
+
+    loss: Tensor  # (B, T) per-token loss to minimize, with the graph; 0 at masked tokens
+    ratio: Tensor  # (B, T) the importance ratio the loss used, detached (GMPO: the sequence's, on every token)
+    clipped: Tensor  # (B, T) bool: valid tokens whose ratio a clip changed (False at masked tokens)
+
+
+def _masked_inputs(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(valid, logp, old_logp, advantages)``: masked entries zeroed, old_logp detached, advantages (B, 1) or (B, T)."""
+    valid = mask.bool()  # (B, T)
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    logp = torch.where(valid, logp, zero)  # (B, T)
+    old_logp = torch.where(valid, old_logp.detach(), zero)  # (B, T)
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(-1)  # (B, 1)
+    else:
+        advantages = torch.where(valid, advantages, zero)  # (B, T)
+    return valid, logp, old_logp, advantages
+
+
+def cispo_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_low: float | None = None,
+    clip_high: float = 0.2,
+) -> PolicyLossTerms:
+    """CISPO (MiniMax, "MiniMax-M1: Scaling Test-Time Compute Efficiently with Lightning Attention", 2025,
+    arXiv 2506.13585): REINFORCE weighted by the clipped importance ratio, with a stop-gradient on the weight,
+    per token ``-sg(clip(rho, 1 - clip_low, 1 + clip_high)) * A * logp``, ``rho = exp(logp - old_logp)``.
+
+    PPO's clip zeroes the gradient of a token whose ratio left the range; here every token keeps its gradient,
+    ``-clip(rho) * A * grad logp``, only its weight is capped. verl's convention (``verl/trainer/ppo/core_algos.py``,
+    ``compute_policy_loss_cispo``): a range around 1, the log-ratio clamped to [-20, 20] before exp, ``clipped`` =
+    ``rho != clip(rho)`` (verl's ``pg_clipfrac`` is its mean over valid tokens). ``clip_low=None`` puts no lower bound
+    on the weight (the paper's choice; verl's example gets it with ``clip_ratio_low=10``, the same values since
+    rho > 0). With ``clip_low=None`` it is also TRL's ``loss_type="cispo"`` (``trl/trainer/grpo_trainer.py``,
+    ``_compute_loss``), whose ``epsilon_high`` is the absolute cap ``1 + clip_high`` on rho (TRL recommends 5.0, i.e.
+    ``clip_high=4.0``) and which does not clamp the log-ratio (only a ratio below e^-20 differs).
+    verl reduces it with its ``loss_agg_mode`` (token mean by default), TRL with the token mean.
+
+    >>> # rho = e^0.5 = 1.6487 capped at 1.2, rho = e^-1 = 0.3679 kept; A = 1
+    >>> out = cispo_loss(torch.tensor([[-0.5, -2.0]]), torch.tensor([[-1.0, -1.0]]), torch.tensor([1.0]), torch.ones(1, 2))
+    >>> out.loss, out.clipped  # -1.2 * -0.5; -0.3679 * -2
+    (tensor([[0.6000, 0.7358]]), tensor([[ True, False]]))
+    """
+    valid, logp, old_logp, advantages = _masked_inputs(logp, old_logp, advantages, mask)
+    log_ratio = (logp.detach() - old_logp).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)  # (B, T)
+    ratio = torch.exp(log_ratio)  # (B, T) no graph: the weight is a constant
+    weight = ratio.clamp(min=None if clip_low is None else 1.0 - clip_low, max=1.0 + clip_high)  # (B, T)
+    loss = torch.where(valid, -weight * advantages * logp, 0.0)  # (B, T) the gradient reaches logp only
+    return PolicyLossTerms(loss=loss, ratio=ratio, clipped=(ratio != weight) & valid)
+
+
+def sapo_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    tau_pos: float = 1.0,
+    tau_neg: float = 1.05,
+) -> PolicyLossTerms:
+    """SAPO (Qwen, "Soft Adaptive Policy Optimization", 2025, arXiv 2511.20347): PPO's hard clip replaced by a
+    smooth gate, per token ``-f(rho) * A`` with ``f(rho) = 4 / tau * sigmoid(tau (rho - 1))``, ``tau = tau_pos`` where
+    ``A > 0`` and ``tau_neg`` elsewhere.
+
+    ``f'(rho) = 4 s (1 - s)``, ``s = sigmoid(tau (rho - 1))``: 1 at rho = 1 (on policy, the plain policy gradient),
+    decaying smoothly as rho leaves 1 instead of dropping to 0 at a clip edge; a larger ``tau_neg`` makes
+    negative-advantage tokens' gradient decay faster (the paper's asymmetric temperatures). The same formula as
+    verl's ``compute_policy_loss_sapo`` (``verl/trainer/ppo/core_algos.py``; its log-ratio clamp to [-20, 20] kept)
+    and TRL's ``loss_type="sapo"`` (``trl/trainer/grpo_trainer.py``, ``_compute_loss``), with both's defaults
+    (``tau_pos`` 1.0, ``tau_neg`` 1.05). Both reduce it with ``"seq_mean_token_mean"``. Nothing is clipped:
+    ``clipped`` is all False (verl reports a clip fraction of 0).
+
+    >>> # rho = 1 on both tokens: f = 4 / tau * 1/2; A = 1 (tau 1) and A = -1 (tau 1.05)
+    >>> sapo_loss(torch.zeros(2, 1), torch.zeros(2, 1), torch.tensor([1.0, -1.0]), torch.ones(2, 1)).loss  # -2; 2 / 1.05
+    tensor([[-2.0000],
+            [ 1.9048]])
+    """
+    valid, logp, old_logp, advantages = _masked_inputs(logp, old_logp, advantages, mask)
+    ratio = torch.exp((logp - old_logp).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND))  # (B, T) with the graph
+    as_t = lambda x: torch.tensor(x, dtype=logp.dtype, device=logp.device)  # noqa: E731 (1.05 in float64, not float32)
+    tau = torch.where(advantages > 0, as_t(tau_pos), as_t(tau_neg))  # (B, 1) or (B, T)
+    gate = torch.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau)  # (B, T)
+    loss = torch.where(valid, -gate * advantages, 0.0)  # (B, T)
+    return PolicyLossTerms(loss=loss, ratio=ratio.detach(), clipped=torch.zeros_like(valid))
+
+
+def gmpo_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_low: float = 0.4,
+    clip_high: float = 0.4,
+) -> PolicyLossTerms:
+    """GMPO (Zhao et al., "Geometric-Mean Policy Optimization", 2025, arXiv 2507.20673): per sequence
+    ``-A * (prod_t clip(rho_t))^(1/|y|) = -A * exp(mean_t c_t)``, the geometric mean of its token ratios, with each
+    token's log-ratio ``x_t = logp_t - old_logp_t`` clipped in log space on the side that binds for the sign of A:
+    ``c_t = sgn(A) * min(sgn(A) x_t, sgn(A) clip(x_t, -clip_low, clip_high))`` (capped at ``clip_high`` where
+    A > 0, floored at ``-clip_low`` where A < 0; the paper's range (-0.4, 0.4), i.e. rho in [e^-0.4, e^0.4]).
+
+    verl's ``compute_policy_loss_geo_mean`` (``verl/trainer/ppo/core_algos.py``), with two differences of
+    convention: its token means divide by ``|y| + 1e-8`` where these divide by ``|y|`` (a relative difference of
+    1e-8 / |y|), and a per-sequence A (B,) is used as given where verl averages the broadcast (B, T) one. A per-token
+    A (B, T) is averaged over the sequence's valid tokens, as verl does, and its sign taken per token. Each sequence's
+    term is broadcast to its valid tokens, so ``aggregate_loss("seq_mean_token_mean", ...)`` gives verl's (and the
+    paper's) mean over sequences (verl also counts rows without valid tokens, as 0; that aggregation skips them).
+    ``ratio`` is the sequence's clipped geometric-mean ratio; ``clipped`` marks valid tokens with ``x_t`` outside
+    [-clip_low, clip_high] on either side (verl's ``pg_clipfrac`` is the mean of ``clipped & (A > 0)``,
+    ``pg_clipfrac_lower`` of ``clipped & (A < 0)``).
+
+    >>> # log-ratios 0.6 and -0.2. A = 1: 0.6 capped at 0.4, mean 0.1. A = -1: no cap above, mean 0.2
+    >>> out = gmpo_loss(torch.tensor([[0.6, -0.2], [0.6, -0.2]]), torch.zeros(2, 2), torch.tensor([1.0, -1.0]), torch.ones(2, 2))
+    >>> out.loss  # -e^0.1; +e^0.2
+    tensor([[-1.1052, -1.1052],
+            [ 1.2214,  1.2214]])
+    """
+    per_token_advantages = advantages.dim() == 2
+    valid, logp, old_logp, advantages = _masked_inputs(logp, old_logp, advantages, mask)
+    log_ratio = logp - old_logp  # (B, T)
+    sign = torch.sign(advantages)  # (B, 1) or (B, T)
+    log_ratio_clipped = log_ratio.clamp(-clip_low, clip_high)  # (B, T)
+    bound = sign * torch.minimum(sign * log_ratio, sign * log_ratio_clipped)  # (B, T)
+    seq_log_ratio = masked_mean(bound, valid, dim=-1)  # (B,) log of the geometric mean
+    if per_token_advantages:
+        seq_advantage = masked_mean(advantages, valid, dim=-1)  # (B,)
+    else:
+        seq_advantage = advantages.squeeze(-1)  # (B,)
+    ratio = torch.exp(seq_log_ratio)  # (B,)
+    loss = torch.where(valid, (-seq_advantage * ratio).unsqueeze(-1), 0.0)  # (B, T) the sequence's term on each token
+    clipped = (log_ratio != log_ratio_clipped) & valid  # (B, T)
+    return PolicyLossTerms(loss=loss, ratio=ratio.detach().unsqueeze(-1).expand_as(loss), clipped=clipped)
+
+
+# --------------------------------------------------------------------------- value function (PPO with a critic)
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95) -> tuple[Tensor, Tensor]:
+    """Generalized advantage estimation (Schulman et al., "High-Dimensional Continuous Control Using Generalized
+    Advantage Estimation", 2016, arXiv 1506.02438): ``(advantages, returns)``, both (B, T), detached.
+
+    Backward over the valid tokens, ``delta_t = r_t + gamma V_next - V_t``, ``A_t = delta_t + gamma lam A_next``,
+    ``R_t = A_t + V_t``, where "next" is the next valid token and the value past the last valid token is 0 (the
+    episode ends there). ``rewards (B, T)`` are per token: the sequence's score on its last valid token, plus any
+    per-token ``-beta * KL``. A masked token inside a sequence (an observation in a multi-turn rollout) is skipped,
+    neither taking a value nor breaking the recursion. verl's ``compute_gae_advantage_return``
+    (``verl/trainer/ppo/core_algos.py``) on every valid token, with one difference: verl returns the advantages
+    whitened; these are raw, and the caller whitens them (``masked_whiten(advantages, mask)``, as verl does), so
+    the returns, the critic's targets, stay unwhitened either way. Both outputs are 0 at masked tokens.
+    ``gamma`` and ``lam`` default to TRL's ``PPOConfig``'s (verl's: 1.0, 1.0).
+
+    >>> # one sequence, 2 valid tokens, V = (0.5, 1.0), score 1 on the last; gamma = 1, lam = 0.5
+    >>> # t=1: delta = 1 + 0 - 1 = 0, A = 0; t=0: delta = 0 + 1.0 - 0.5 = 0.5, A = 0.5 + 0.5 * 0 = 0.5
+    >>> gae(torch.tensor([[0.0, 1.0, 0.0]]), torch.tensor([[0.5, 1.0, 7.0]]), torch.tensor([[1, 1, 0]]), 1.0, 0.5)
+    (tensor([[0.5000, 0.0000, 0.0000]]), tensor([[1., 1., 0.]]))
+    """
+    valid = mask.bool()  # (B, T)
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+    rewards = torch.where(valid, rewards.detach(), zero)  # (B, T)
+    values = torch.where(valid, values.detach(), zero)  # (B, T)
+    next_value = torch.zeros_like(values[:, 0])  # (B,) the value of the next valid token; 0 past the end
+    next_advantage = torch.zeros_like(values[:, 0])  # (B,)
+    reversed_advantages = []
+    for t in reversed(range(values.size(-1))):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]  # (B,)
+        advantage = delta + gamma * lam * next_advantage  # (B,)
+        next_value = torch.where(valid[:, t], values[:, t], next_value)  # (B,) a masked token passes them on
+        next_advantage = torch.where(valid[:, t], advantage, next_advantage)  # (B,)
+        reversed_advantages.append(next_advantage)
+    advantages = torch.where(valid, torch.stack(reversed_advantages[::-1], dim=-1), zero)  # (B, T)
+    returns = torch.where(valid, advantages + values, zero)  # (B, T)
+    return advantages, returns
+
+
+def _masked_var(values: Tensor, valid: Tensor, mean: Tensor) -> Tensor:
+    """Unbiased variance of ``values`` over the ``valid`` entries around ``mean``: ``sum (x - mean)^2 / (n - 1)``."""
+    centred = torch.where(valid, values - mean, torch.zeros((), dtype=values.dtype, device=values.device))
+    return centred.square().sum() / (valid.sum() - 1).to(values.dtype)  # (); n = 1: 0 / 0 = NaN
+
+
+def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+    """``(x - mean) / sqrt(var + 1e-8)`` with the mean and the unbiased variance over the valid entries of the
+    whole tensor; ``shift_mean=False`` adds the mean back (scaled, not centred). 0 at masked entries.
+
+    TRL's ``masked_whiten`` (``trl/experimental/ppo/ppo_trainer.py``) on the valid entries; verl's
+    (``verl/utils/torch_functional.py``) differs only in dividing its means by ``n + 1e-8``. Raises with fewer than 2
+    valid entries, as both do (the unbiased variance needs two; the count is read on the host); a row without valid
+    tokens is fine, its entries stay 0.
+
+    >>> masked_whiten(torch.tensor([[1.0, 3.0, 99.0]]), torch.tensor([[1, 1, 0]]))  # mean 2, var (1 + 1) / 1
+    tensor([[-0.7071,  0.7071,  0.0000]])
+    """
+    valid = mask.bool()  # (B, T)
+    count = int(valid.sum())
+    if count < 2:
+        raise ValueError(f"masked_whiten needs at least 2 valid entries for an unbiased variance, got {count}")
+    mean = masked_mean(values, valid)  # ()
+    whitened = (values - mean) * torch.rsqrt(_masked_var(values, valid, mean) + 1e-8)  # (B, T)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(valid, whitened, torch.zeros((), dtype=values.dtype, device=values.device))
+
+
+def value_loss(
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    cliprange_value: float | None = 0.5,
+    agg: str = "token_mean",
+    counts: tuple[float | Tensor | None, float | Tensor | None] | None = None,
+    max_new_tokens: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """PPO's clipped value loss ``0.5 * agg(max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2))`` and its clip
+    fraction (Schulman et al. 2017, "Proximal Policy Optimization Algorithms", as in OpenAI's baselines).
+
+    ``values`` are the critic's new predictions (with the graph), ``old_values`` the rollout's, ``returns`` the GAE
+    targets. verl's ``compute_value_loss`` (``verl/trainer/ppo/core_algos.py``): the 0.5 applied after the
+    aggregation (the same, every aggregation being linear), ``clipfrac`` the fraction of valid tokens whose clipped
+    error is strictly the larger, and ``cliprange_value`` its default (verl's ``critic.cliprange_value``; TRL's is
+    0.2); verl's ``masked_mean`` divides the clip fraction by ``n + 1e-8``, this one by ``n``. ``None`` does not clip.
+    ``agg`` names a registered loss aggregation, with ``counts`` = (tokens, rows) and ``max_new_tokens`` as in
+    ``ppo_loss``. Returns ``(loss, clipfrac)``, ``clipfrac`` detached.
+
+    >>> # V = 1.5 (old 1.0, clipped to 1.2), R = 2: max(0.25, 0.64) = 0.64; V = 0, R = 0: 0. Token mean 0.32, x 0.5
+    >>> value_loss(torch.tensor([[1.5, 0.0]]), torch.tensor([[1.0, 0.0]]), torch.tensor([[2.0, 0.0]]), torch.ones(1, 2), 0.2)
+    (tensor(0.1600), tensor(0.5000))
+    """
+    valid = mask.bool()  # (B, T)
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+    values = torch.where(valid, values, zero)  # (B, T)
+    old_values = torch.where(valid, old_values.detach(), zero)  # (B, T)
+    returns = torch.where(valid, returns.detach(), zero)  # (B, T)
+    unclipped = (values - returns).square()  # (B, T)
+    if cliprange_value is None:
+        clipped = unclipped
+    else:
+        values_clipped = torch.clamp(values, old_values - cliprange_value, old_values + cliprange_value)  # (B, T)
+        clipped = (values_clipped - returns).square()  # (B, T)
+    tokens, rows = (None, None) if counts is None else counts
+    loss = 0.5 * aggregate_loss(agg, torch.maximum(unclipped, clipped), valid, tokens, rows, max_new_tokens)
+    clipfrac = masked_mean((clipped > unclipped).to(values.dtype), valid, total=tokens).detach()
+    return loss, clipfrac
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor, eps: float = 1e-5) -> Tensor:
+    """``1 - Var(R - V) / (Var(R) + eps)`` over the valid tokens, unbiased variances: how much of the returns' variance
+    the critic explains (1: all, 0: no better than their mean, < 0: worse). NaN with fewer than 2 valid tokens.
+
+    verl's ``critic/vf_explained_var`` (``verl/trainer/ppo/metric_utils.py``, ``compute_data_metrics``), eps included.
+
+    >>> explained_variance(torch.tensor([[1.0, 2.0, 9.0]]), torch.tensor([[1.0, 3.0, 0.0]]), torch.tensor([[1, 1, 0]]))
+    tensor(0.7500)
+    """
+    with torch.no_grad():
+        valid = mask.bool()  # (B, T)
+        errors = returns - values  # (B, T)
+        error_var = _masked_var(errors, valid, masked_mean(errors, valid))  # ()
+        return_var = _masked_var(returns, valid, masked_mean(returns, valid))  # ()
+        explained = 1.0 - error_var / (return_var + eps)  # ()
+        return torch.where(valid.sum() >= 2, explained, torch.full_like(explained, float("nan")))
+
+
+# --------------------------------------------------------------------------- rollout/training mismatch
+#
+# The rollout engine (vLLM, bf16 kernels) and the trainer compute slightly different log-probs of the same tokens,
+# so the samples come from a policy a little off the one being trained. Importance weights pi_train / pi_rollout
+# correct for it; truncating or masking them bounds their variance.
+
+
+class RolloutCorrection(NamedTuple):
+    """Importance weights for the rollout/training mismatch, both (B, T), and the share of tokens they changed."""
+
+    weights: Tensor  # (B, T) detached; 0 at masked (and, for "mis", rejected) tokens. Multiply the per-token loss.
+    mask: Tensor  # (B, T) bool: the valid tokens, less those "mis" rejected
+    affected: Tensor  # () fraction of valid tokens whose weight was truncated ("tis") or that were rejected ("mis")
+
+
+ROLLOUT_IS_MODES: frozenset[str] = frozenset({"tis", "mis"})
+ROLLOUT_IS_LEVELS: frozenset[str] = frozenset({"token", "sequence"})
+
+
+def rollout_is_weights(
+    old_logp: Tensor,
+    rollout_logp: Tensor,
+    mask: Tensor,
+    mode: str = "tis",
+    level: str = "token",
+    threshold_low: float | None = None,
+    threshold_high: float | None = 2.0,
+) -> RolloutCorrection:
+    """Importance weights ``rho = pi_old / pi_rollout`` for the mismatch between the trainer's log-probs of the
+    sampled tokens (``old_logp``, before the update) and the rollout engine's (``rollout_logp``).
+
+    ``level="token"``: each token's ``rho_t = exp(old_logp_t - rollout_logp_t)``; ``"sequence"``: the sequence's
+    ``exp(sum over its valid tokens of the log-ratios)`` on every token. ``mode="tis"`` (truncated IS; Yao et al.
+    2025, "Your Efficient RL Framework Secretly Brings You Off-Policy RL Training", fengyao.notion.site/off-policy-rl):
+    ``clip(rho, threshold_low, threshold_high)``, None meaning no bound on that side; ``"mis"`` (masked IS; "When
+    Speed Kills Stability: Demystifying RL Collapse from the Training-Inference Mismatch", 2025,
+    richardli.xyz/rl-collapse): rho where it lies within [threshold_low, threshold_high], else weight 0 and the token
+    (or the whole sequence) leaves ``mask``.
+    TRL's ``vllm_importance_sampling_mode`` (``trl/trainer/grpo_trainer.py``, ``_generate_and_score_completions``;
+    ``token_truncate``, ``sequence_truncate``, ``token_mask``, ``sequence_mask`` with ``clip_min`` and ``clip_max``)
+    on the valid tokens; ``"tis"`` with ``threshold_low=None`` is verl's ``rollout_is`` weights
+    (``verl/trainer/ppo/rollout_corr_helper.py``, ``compute_rollout_correction_weights``, threshold 2.0 its default),
+    which clamp the log-ratio to [-20, 20] first (only a ratio below e^-20 differs). The weights carry no gradient.
+
+    >>> # token ratios 3 and 1/2: "tis" caps 3 at 2; "mis" rejects it
+    >>> lp, lq = torch.tensor([[1.0986123, -0.6931472]]), torch.zeros(1, 2)
+    >>> rollout_is_weights(lp, lq, torch.ones(1, 2), "tis").weights
+    tensor([[2.0000, 0.5000]])
+    >>> rollout_is_weights(lp, lq, torch.ones(1, 2), "mis")
+    RolloutCorrection(weights=tensor([[0.0000, 0.5000]]), mask=tensor([[False,  True]]), affected=tensor(0.5000))
+    """
+    if mode not in ROLLOUT_IS_MODES:
+        raise ValueError(f"unknown rollout IS mode {mode!r}; valid: {sorted(ROLLOUT_IS_MODES)}")
+    if level not in ROLLOUT_IS_LEVELS:
+        raise ValueError(f"unknown rollout IS level {level!r}; valid: {sorted(ROLLOUT_IS_LEVELS)}")
+    with torch.no_grad():
+        valid = mask.bool()  # (B, T)
+        zero = torch.zeros((), dtype=old_logp.dtype, device=old_logp.device)
+        log_ratio = torch.where(valid, old_logp - rollout_logp, zero)  # (B, T)
+        if level == "sequence":
+            log_ratio = log_ratio.sum(-1, keepdim=True).expand_as(log_ratio)  # (B, T)
+        ratio = torch.exp(log_ratio)  # (B, T)
+        if mode == "tis":
+            unbounded = threshold_low is None and threshold_high is None
+            weights = ratio if unbounded else ratio.clamp(min=threshold_low, max=threshold_high)  # (B, T)
+            kept = valid  # (B, T)
+            affected = (weights != ratio) & valid  # (B, T)
+        else:
+            inside = torch.ones_like(valid)  # (B, T)
+            if threshold_low is not None:
+                inside = inside & (ratio >= threshold_low)
+            if threshold_high is not None:
+                inside = inside & (ratio <= threshold_high)
+            weights = torch.where(inside, ratio, zero)  # (B, T)
+            kept = valid & inside  # (B, T)
+            affected = valid & ~inside  # (B, T)
+        weights = torch.where(valid, weights, zero)  # (B, T)
+        return RolloutCorrection(weights=weights, mask=kept, affected=masked_mean(affected.to(ratio.dtype), valid))
+
+
+def logprob_mismatch(logp_a: Tensor, logp_b: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``(mean |a - b|, max exp|a - b|)`` over the valid tokens: how far two computations of the same tokens'
+    log-probs (the rollout engine's and the trainer's) lie apart, on average and at worst as a probability ratio.
+    With no valid token: (0, 1).
+
+    >>> logprob_mismatch(torch.tensor([[0.0, -1.0, 5.0]]), torch.tensor([[-0.5, -1.0, 0.0]]), torch.tensor([[1, 1, 0]]))
+    (tensor(0.2500), tensor(1.6487))
+    """
+    with torch.no_grad():
+        valid = mask.bool()  # (B, T)
+        gap = torch.where(valid, (logp_a - logp_b).abs(), torch.zeros((), dtype=logp_a.dtype, device=logp_a.device))
+        return masked_mean(gap, valid), torch.exp(gap.amax())
 
 
 # --------------------------------------------------------------------------- preference optimization (DPO family)
