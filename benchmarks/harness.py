@@ -42,9 +42,10 @@ def sft_checkpoint(cwd: Path, steps: int = 5, extra: list[str] = (), config: Pat
     return cwd / "checkpoints" / "toy" / "sft.ckpt"
 
 
-def harness_module(ckpt: Path, **hparams) -> PPOModule:
-    """A PPOModule (judge reward by default) usable outside a Trainer."""
-    module = PPOModule(policy_ckpt=str(ckpt), **{"reward": "judge", **hparams})
+def harness_module(ckpt: Path, **options) -> PPOModule:
+    """A PPOModule (judge reward by default) usable outside a Trainer; `options` as `PPOModule` takes them (option
+    groups as mappings: `rollout={"samples_per_prompt": 8}`)."""
+    module = PPOModule(policy_ckpt=str(ckpt), **{"reward": {"source": "judge"}, **options})
     opt = module.configure_optimizers()
     object.__setattr__(module, "optimizers", lambda: opt)
     object.__setattr__(module, "manual_backward", lambda loss: loss.backward())
@@ -60,7 +61,7 @@ def prompt_batch(module: PPOModule, prompts: int, split: str = "train") -> dict:
 
 def ppo_iteration(module: PPOModule, batch: dict, eos: bool = True) -> tuple[dict[str, float], Rollout]:
     """One rollout + update with wall seconds per part: rollout, reward, reference, advantages, update."""
-    hp = module.hparams
+    hp = module.cfg.rollout
     K = hp.samples_per_prompt
     times = {}
     t = time.perf_counter()

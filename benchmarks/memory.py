@@ -60,8 +60,9 @@ def arm(ckpt: str, accelerator: str, lora_r: int | None, threads: int, checkpoin
     gpu = accelerator == "gpu"
     baseline = 0 if gpu else rss_bytes()
     module = harness_module(
-        Path(ckpt), samples_per_prompt=8, max_new_tokens=8, ppo_epochs=1, num_minibatches=1, keep_best=False,
-        gradient_checkpointing=checkpointing, micro_batch_size=micro_batch, generation_batch_size=micro_batch, **({"lora": {"r": lora_r}} if lora_r else {}),
+        Path(ckpt), rollout={"samples_per_prompt": 8, "max_new_tokens": 8, "micro_batch_size": micro_batch, "generation_batch_size": micro_batch},
+        update={"ppo_epochs": 1, "num_minibatches": 1}, eval={"keep_best": False},
+        gradient_checkpointing=checkpointing, **({"lora": {"r": lora_r}} if lora_r else {}),
     )
     if gpu:
         module.to("cuda")

@@ -150,7 +150,7 @@ def plain_ppo_arm(steps: int, cwd: Path) -> float:
     data = PromptDataModule(**{**config["data"]["init_args"], "train_file": files["train_file"], "val_file": files["val_file"]},
                             tokenizer=module.tokenizer, max_length=module.data_max_length)
     data.setup("fit")
-    optimizer = adamw(module.model, module.hparams.lr, module.hparams.weight_decay)  # fused, as PPOModule builds it
+    optimizer = adamw(module.model, module.optim_cfg.lr, module.optim_cfg.weight_decay)  # fused, as PPOModule builds it
     generator = module.sampling_generator()
     start, done = 0.0, 0
     while done < WARMUP + steps:
@@ -162,7 +162,7 @@ def plain_ppo_arm(steps: int, cwd: Path) -> float:
             optimizer.zero_grad()
             out, _, _ = module.minibatch_loss(mb, loss_counts(mb, module.cfg.loss))
             out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(module.model.parameters(), module.hparams.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(module.model.parameters(), module.cfg.update.max_grad_norm)
             optimizer.step()
             done += 1
             if done == WARMUP + steps:

@@ -88,7 +88,7 @@ def main() -> None:
     model = "{" + ", ".join(f"{k}: {v}" for k, v in size["model"].items()) + "}"
     sft_extra = [f"--trainer.accelerator={args.accelerator}", f"--model.init_args.model={model}"]
     ppo_extra = [f"--trainer.accelerator={args.accelerator}", f"--data.init_args.batch_size={args.prompts}",
-                 f"--model.init_args.max_new_tokens={size['new_tokens']}", f"--model.init_args.compile={str(args.compile).lower()}"]
+                 f"--model.init_args.rollout.max_new_tokens={size['new_tokens']}", f"--model.init_args.rollout.compile={str(args.compile).lower()}"]
     with tempfile.TemporaryDirectory() as tmp:
         cwd = Path(tmp)
         (cwd / "peer.jsonl").write_text("".join(json.dumps(r) + "\n" for r in peer_problems()))

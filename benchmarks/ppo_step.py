@@ -42,8 +42,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = sft_checkpoint(Path(tmp), args.sft_steps)
         module = harness_module(
-            ckpt, samples_per_prompt=args.samples, max_new_tokens=args.new_tokens, ppo_epochs=args.ppo_epochs,
-            num_minibatches=args.minibatches, advantage="batch_mean", beta=0.05, lr=1e-4,
+            ckpt, rollout={"samples_per_prompt": args.samples, "max_new_tokens": args.new_tokens, "advantage": "batch_mean"},
+            update={"ppo_epochs": args.ppo_epochs, "num_minibatches": args.minibatches}, kl={"beta": 0.05}, optim={"lr": 1e-4},
         )
     module.train()
     batch = prompt_batch(module, args.prompts)

@@ -84,7 +84,7 @@ def dpo_arm(cwd: Path, online: bool, lr: float, seconds: float, seed: int, out: 
     """Offline or online DPO from start.ckpt for `seconds`; its val curve and what keep_best kept (in `{out}.ckpt`)."""
     common = [
         *QUIET, f"--seed_everything={seed}", "--trainer.max_epochs=100000", "--trainer.max_steps=-1",
-        f"--trainer.max_time={duration(seconds)}", "--model.init_args.policy_ckpt=start.ckpt", f"--model.init_args.lr={lr}",
+        f"--trainer.max_time={duration(seconds)}", "--model.init_args.policy_ckpt=start.ckpt", f"--model.init_args.optim.lr={lr}",
         f"--data.init_args.seed={seed}",
     ]
     if online:
@@ -95,7 +95,7 @@ def dpo_arm(cwd: Path, online: bool, lr: float, seconds: float, seed: int, out: 
     else:
         args = [
             "--config", DPO_YAML, *common, "--data.init_args.pairs.init_args.policy_ckpt=start.ckpt",
-            f"--model.init_args.max_val_prompts={VAL_PROMPTS}",
+            f"--model.init_args.eval.max_val_prompts={VAL_PROMPTS}",
         ]
     with working_dir(cwd):
         cli, wall = fit([*args, *extra], [FinalCheckpoint(f"{out}.ckpt")])
@@ -136,7 +136,7 @@ def reward_model(cwd: Path, seconds: float, prompts: int | None, seed: int) -> d
 
 def ppo_arm(cwd: Path, learned: bool, lr: float, seconds: float, seed: int, out: str) -> dict:
     """rl_vs_sft.py's RL arm (PPO with the judge), or the same with the learned reward of reward.ckpt."""
-    extra = ("--model.init_args.reward=learned", "--model.init_args.reward_ckpt=reward.ckpt") if learned else ()
+    extra = ("--model.init_args.reward.source=learned", "--model.init_args.reward.ckpt=reward.ckpt") if learned else ()
     val, wall, _ = rl_arm(cwd, lr, seconds, seed, out, extra)
     meta = torch.load(cwd / f"{out}.ckpt", map_location="cpu", weights_only=False)["rlhf"]
     curve = [[h["rollout"], round(h["eval/accuracy"], 4)] for h in meta["eval_history"]]

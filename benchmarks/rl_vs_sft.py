@@ -118,7 +118,7 @@ def sft_arm(cwd: Path, fraction: float, lr: float, seconds: float, seed: int, ou
             "--config", SFT_YAML, *QUIET, f"--seed_everything={seed}", "--trainer.max_epochs=100000",
             f"--trainer.max_time={duration(seconds)}", "--trainer.check_val_every_n_epoch=5",
             f"--data.init_args.demo_fraction={fraction}", "--data.init_args.max_val_prompts=256",
-            "--model.init_args.init_ckpt=start.ckpt", f"--model.init_args.lr={lr}", "--model.init_args.warmup_steps=0",
+            "--model.init_args.init_ckpt=start.ckpt", f"--model.init_args.optim.lr={lr}", "--model.init_args.optim.warmup_steps=0",
         ], [curve, best])
     if not curve.values or max(curve.values) <= start["val_tail"][-1]:
         return start["val_tail"][-1], wall, start["test_accuracy"]
@@ -130,10 +130,10 @@ def rl_arm(cwd: Path, lr: float, seconds: float, seed: int, out: str, extra: tup
     `extra` options (e.g. LoRA) come last."""
     with working_dir(cwd):
         cli, wall = fit([
-            "--config", PPO_YAML, *QUIET, f"--seed_everything={seed}", f"--model.init_args.seed={seed}",
+            "--config", PPO_YAML, *QUIET, f"--seed_everything={seed}", f"--model.init_args.rollout.seed={seed}",
             f"--data.init_args.seed={seed}", "--trainer.max_epochs=100000",
             f"--trainer.max_time={duration(seconds)}", "--model.init_args.policy_ckpt=start.ckpt",
-            "--model.init_args.reward=judge", f"--model.init_args.lr={lr}", *RL_OPTIONS,
+            "--model.init_args.reward.source=judge", f"--model.init_args.optim.lr={lr}", *RL_OPTIONS,
             "--data.init_args.max_val_prompts=256", *extra,
         ], [FinalCheckpoint(f"{out}.ckpt")])
     best = max(e["eval/accuracy"] for e in cli.model.eval_history)
@@ -143,10 +143,10 @@ def rl_arm(cwd: Path, lr: float, seconds: float, seed: int, out: str, extra: tup
 
 #: PPO's settings in the RL arm (besides the judge reward and the learning rate).
 RL_OPTIONS = [
-    "--model.init_args.advantage=group_mean", "--model.init_args.filter_groups=true", "--model.init_args.beta=0.0",
-    "--model.init_args.temperature=1.5", "--model.init_args.samples_per_prompt=8", "--data.init_args.batch_size=64",
-    "--model.init_args.ppo_epochs=1", "--model.init_args.num_minibatches=2", "--model.init_args.warmup_steps=10",
-    "--model.init_args.eval_every=10",
+    "--model.init_args.rollout.advantage=group_mean", "--model.init_args.rollout.filter_groups=true", "--model.init_args.kl.beta=0.0",
+    "--model.init_args.rollout.temperature=1.5", "--model.init_args.rollout.samples_per_prompt=8", "--data.init_args.batch_size=64",
+    "--model.init_args.update.ppo_epochs=1", "--model.init_args.update.num_minibatches=2", "--model.init_args.optim.warmup_steps=10",
+    "--model.init_args.eval.every=10",
 ]
 
 

@@ -29,8 +29,8 @@ SAMPLES = 4
 
 def measure(ckpt: Path, rows: int, new_tokens: int, repeats: int, warmup: int) -> dict:
     torch.manual_seed(0)
-    module = harness_module(ckpt, samples_per_prompt=SAMPLES, max_new_tokens=new_tokens, ppo_epochs=1, num_minibatches=1,
-                            advantage="batch_mean", beta=0.05, lr=1e-4)
+    module = harness_module(ckpt, rollout={"samples_per_prompt": SAMPLES, "max_new_tokens": new_tokens, "advantage": "batch_mean"},
+                            update={"ppo_epochs": 1, "num_minibatches": 1}, kl={"beta": 0.05}, optim={"lr": 1e-4})
     module.train()
     batch = prompt_batch(module, rows // SAMPLES)
     rollout, update = [], []

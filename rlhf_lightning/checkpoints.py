@@ -150,6 +150,7 @@ RUN_NAMES = {"sft": "SFT", "reward": "reward-model", "ppo": "PPO"}
 # a run may resume with other values.
 RESUME_FREE_OPTIONS = frozenset({
     "num_workers", "eval_batch_size", "num_logged_samples", "policy_ckpt", "reward_ckpt", "sft_ckpt",
+    "ckpt",  # PPO's reward.ckpt: input checkpoints are known by content (their SHA-256 is checked), a path may move
     "gradient_checkpointing",  # recomputing activations changes memory, not the numbers
 })
 
@@ -181,8 +182,11 @@ def check_resume(path: str | os.PathLike[str], expected: dict[str, Any], data_hp
     for role in ("policy", "reward", "sft"):  # input checkpoints are known by content: a path may move
         saved, current = checkpoint["rlhf"].get(f"{role}_sha256"), meta.get(f"{role}_sha256", "absent")
         if current != "absent" and saved != current:
+            hp = expected["hyper_parameters"]
+            grouped = isinstance(hp.get(role), dict)  # PPO's reward checkpoint is its group's `reward.ckpt`
+            option, given = (f"{role}.ckpt", hp[role].get("ckpt")) if grouped else (f"{role}_ckpt", hp.get(f"{role}_ckpt"))
             raise CheckpointError(
-                f"model.init_args.{role}_ckpt: {expected['hyper_parameters'].get(f'{role}_ckpt')!r} (sha256 {current}) is not "
+                f"model.init_args.{option}: {given!r} (sha256 {current}) is not "
                 f"the file this {RUN_NAMES.get(meta['stage'], meta['stage'])} run started from (sha256 {saved}); refusing to resume {str(path)!r}"
             )
     where = f"ckpt_path: {str(path)!r} was written with a different config, refusing to resume it"

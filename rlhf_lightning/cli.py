@@ -47,6 +47,74 @@ def resolve_config_args(args: list[str]) -> list[str]:
     return out
 
 
+def moved_options(args: list[str]) -> list[str]:
+    """`args` with the module's flat options of earlier releases moved into their groups (`option_groups.MOVED`),
+    in `--model.init_args.<name>` flags and in the config files they name, each with one warning naming the new key.
+
+    The stage is the last `model.class_path` the config files and flags set. A config file with a moved key is
+    given to the parser as its regrouped text."""
+    import warnings
+
+    import yaml
+
+    from rlhf_lightning.option_groups import MOVED, regroup
+
+    def flag(i: int) -> tuple[str, str | None, bool]:  # (name, value, value in the next arg)
+        name, eq, value = args[i].partition("=")
+        return (name, value, False) if eq else (name, args[i + 1] if i + 1 < len(args) else None, True)
+
+    configs: dict[int, dict] = {}  # arg index -> the config file it names, parsed
+    stage = None
+    for i, arg in enumerate(args):
+        name, value, _ = flag(i)
+        if name in ("--config", "-c") and value and Path(value).is_file():
+            config = yaml.safe_load(Path(value).read_text())
+            model = config.get("model") if isinstance(config, dict) else None
+            if isinstance(model, dict):
+                configs[i] = config
+                stage = str(model.get("class_path") or stage).rsplit(".", 1)[-1]
+        elif name in ("--model", "--model.class_path") and value:
+            stage = value.rsplit(".", 1)[-1]
+    moved = MOVED.get(stage or "", {})
+    if not moved:
+        return args
+    out, renamed = list(args), []
+    for i, arg in enumerate(args):
+        name, value, separate = flag(i)
+        if i in configs and isinstance(configs[i]["model"].get("init_args"), dict):
+            init_args, pairs = regroup(stage, configs[i]["model"]["init_args"])
+            if pairs:
+                renamed += [(f"{value}: model.init_args.{old}", new) for old, new in pairs]
+                text = yaml.safe_dump({**configs[i], "model": {**configs[i]["model"], "init_args": init_args}}, sort_keys=False)
+                out[i + 1 if separate else i] = text if separate else f"{name}={text}"
+        elif name.startswith("--model.init_args."):
+            option, _, rest = name[len("--model.init_args."):].partition(".")
+            if option in moved and not (option == "reward" and rest):  # `--model.init_args.reward.source`: the new form
+                new = moved[option] + (f".{rest}" if rest else "")
+                out[i] = f"--model.init_args.{new}" + ("" if separate else f"={value}")
+                renamed.append((f"--model.init_args.{option}", moved[option]))
+    for old, new in renamed:
+        warnings.warn(f"{old} is deprecated: it is now model.init_args.{new} ({stage}'s options are grouped)", FutureWarning, stacklevel=2)
+    return out
+
+
+def nested_nulls(args: list[str]) -> list[str]:
+    """`--model.init_args.<group>.<field>=null` as `--model.init_args.<group>={<field>: null}`: jsonargparse refuses
+    a dotted null inside a dataclass group of a subclass-mode module (the mapping form merges with the group's other
+    fields the same way)."""
+    from rlhf_lightning.option_groups import MOVED
+
+    groups = {new.split(".")[0] for moved in MOVED.values() for new in moved.values() if "." in new} | {"online"}
+    out = []
+    for arg in args:
+        name, eq, value = arg.partition("=")
+        parts = name[len("--model.init_args."):].split(".") if name.startswith("--model.init_args.") else []
+        if eq and len(parts) == 2 and parts[0] in groups and value.strip() in ("null", "None", "~"):
+            arg = f"--model.init_args.{parts[0]}={{{parts[1]}: null}}"
+        out.append(arg)
+    return out
+
+
 # Library output we cannot fix at its source, dropped by exact text; everything else is shown.
 QUIET_LOG_MESSAGES = (
     "💡 Tip: For seamless cloud logging and experiment tracking,",  # an advertisement printed by every Trainer
@@ -245,7 +313,7 @@ def lightning_cli(args: list[str] | None = None, run: bool = True, cli_class: ty
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
-        args=resolve_config_args(sys.argv[1:] if args is None else args),
+        args=nested_nulls(moved_options(resolve_config_args(sys.argv[1:] if args is None else args))),
         run=run,
     )
 

@@ -36,14 +36,12 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def adamw_warmup_cosine(module, model: nn.Module) -> dict:
-    """`configure_optimizers` result for a module whose hparams hold lr, weight_decay, warmup_steps and
-    min_lr_ratio: the cosine ends at the trainer's last optimizer step."""
-    hp = module.hparams
+def adamw_warmup_cosine(opt, model: nn.Module, total_steps: int | float) -> dict:
+    """`configure_optimizers` result for `opt` (`option_groups.OptimConfig`: lr, weight_decay, warmup_steps,
+    min_lr_ratio): the cosine ends at `total_steps` (the trainer's `estimated_stepping_batches`)."""
     # not fused: the shipped SFT and reward recipes were tuned on the per-parameter loop's rounding, which the
     # foreach implementation keeps bitwise (with the fused kernel the toy pipeline's SFT ends at test 0.9973
     # instead of 1.0000, its reward model at 0.9732)
-    optimizer = adamw(model, hp.lr, hp.weight_decay, fused=False)
-    total = max(1, int(module.trainer.estimated_stepping_batches))
-    scheduler = warmup_cosine(optimizer, hp.warmup_steps, total, hp.min_lr_ratio)
+    optimizer = adamw(model, opt.lr, opt.weight_decay, fused=False)
+    scheduler = warmup_cosine(optimizer, opt.warmup_steps, max(1, int(total_steps)), opt.min_lr_ratio)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -2,7 +2,7 @@
 
     rlhf pipeline                                   # the embedded toy task, configs/toy/pipeline.yaml
     rlhf pipeline --method dpo                      # SFT -> DPO on pairs sampled from the SFT policy: no reward model
-    rlhf pipeline --config configs/toy/pipeline.yaml --sft.trainer.max_epochs=2 --ppo.model.init_args.lr=1e-4
+    rlhf pipeline --config configs/toy/pipeline.yaml --sft.trainer.max_epochs=2 --ppo.model.init_args.optim.lr=1e-4
     rlhf pipeline --resume                          # after an interruption: skip done stages, continue the one cut off
 
 Each stage is the same `rlhf fit --config <stage yaml>` run in-process; `--<stage>.<option>=<value>`
@@ -70,7 +70,7 @@ def check_options(cfg) -> None:
 
 
 def split_stage_overrides(argv: list[str]) -> tuple[list[str], dict[str, list[str]]]:
-    """`--ppo.model.init_args.lr=1e-4` -> {"ppo": ["--model.init_args.lr=1e-4"]}; other args returned as they are.
+    """`--ppo.model.init_args.optim.lr=1e-4` -> {"ppo": ["--model.init_args.optim.lr=1e-4"]}; other args returned as they are.
     The default method's stages are always keys; another stage's (`--dpo.`) only when it has overrides."""
     rest, overrides = [], {s: [] for s in METHODS["ppo"]}
     it = iter(argv)
@@ -242,7 +242,7 @@ def stage_inputs(stage: str, config: Path, ckpts: dict[str, str]) -> list[str]:
             args.append(f"--data.init_args.pairs.init_args.policy_ckpt={ckpts['sft']}")
         return args
     if stage == "ppo":
-        return [f"--model.init_args.policy_ckpt={ckpts['sft']}", f"--model.init_args.reward_ckpt={ckpts['reward']}"]
+        return [f"--model.init_args.policy_ckpt={ckpts['sft']}", f"--model.init_args.reward.ckpt={ckpts['reward']}"]
     if stage == "dpo":
         args = [f"--model.init_args.policy_ckpt={ckpts['sft']}"]
         if samples_pairs(config):
@@ -258,7 +258,7 @@ def seed_args(stage: str, seed: int) -> list[str]:
     if stage in ("reward", "ppo", "dpo"):
         args.append(f"--data.init_args.seed={seed}")
     if stage == "ppo":
-        args.append(f"--model.init_args.seed={seed}")
+        args.append(f"--model.init_args.rollout.seed={seed}")
     return args
 
 

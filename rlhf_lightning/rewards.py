@@ -114,7 +114,7 @@ class LearnedReward:
 
     def __init__(
         self, reward_ckpt: str, normalize: bool = True, policy_tokenizer: Tokenizer | None = None, policy_ckpt: str | None = None,
-        role: str = "model.init_args.reward_ckpt",
+        role: str = "model.init_args.reward.ckpt",
     ) -> None:
         from rlhf_lightning.scoring import load_reward_model  # imported on use: only this source needs it
 
@@ -136,7 +136,7 @@ class LearnedReward:
     @classmethod
     def build(cls, settings: RewardSettings) -> "LearnedReward":
         if not settings.reward_ckpt:
-            raise RewardError("reward 'learned' needs model.init_args.reward_ckpt (a reward-stage checkpoint)")
+            raise RewardError("reward 'learned' needs model.init_args.reward.ckpt (a reward-stage checkpoint)")
         return cls(settings.reward_ckpt, settings.normalize, settings.policy_tokenizer, settings.policy_ckpt)
 
     def to(self, device: torch.device) -> "LearnedReward":
@@ -161,19 +161,19 @@ class WeightedSum:
 
     def __init__(self, parts: dict[str, tuple[float, RewardSource]]) -> None:
         if not parts:
-            raise RewardError("reward 'weighted' needs at least one source in model.init_args.reward_weights")
+            raise RewardError("reward 'weighted' needs at least one source in model.init_args.reward.weights")
         self.parts = parts
 
     @classmethod
     def build(cls, settings: RewardSettings) -> "WeightedSum":
         weights = settings.reward_weights or {}
         if not weights:
-            raise RewardError("reward 'weighted' needs model.init_args.reward_weights, e.g. {learned: 1.0, judge: 0.5}")
+            raise RewardError("reward 'weighted' needs model.init_args.reward.weights, e.g. {learned: 1.0, judge: 0.5}")
         parts = {}
         for name, weight in weights.items():
             if name == cls.name or name not in REWARD_SOURCES:
                 valid = sorted(n for n in REWARD_SOURCES if n != cls.name)
-                raise RewardError(f"reward_weights: unknown reward source {name!r}; valid: {valid}")
+                raise RewardError(f"model.init_args.reward.weights: unknown reward source {name!r}; valid: {valid}")
             parts[name] = (float(weight), REWARD_SOURCES[name].build(settings))
         return cls(parts)
 

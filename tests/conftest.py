@@ -36,6 +36,14 @@ def run_cli(args: list[str], cwd: Path):
         os.chdir(old)
 
 
+def with_groups(base: dict, overrides: dict) -> dict:
+    """Module options `base` updated by `overrides`; an option group (a mapping in both) is merged field by field."""
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = {**out[key], **value} if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def ddp_mean_gradient(params: list):
     """What DDP does to the gradients of `params` after backward: average them over the ranks (nothing in one
     process). Returns them flattened into one tensor."""

@@ -20,23 +20,22 @@ POSITIVE, AT_LEAST_0, AT_LEAST_1 = "a number > 0", "a number >= 0", "an integer 
 # command line, text the one line must contain). Every option's range is checked in `RANGES` below.
 BAD = [
     # PPO's module: refused before its policy checkpoint is read
-    ("ppo", M + "temperature", "0", "0.0 is not allowed; allowed: a number > 0"),
-    ("ppo", M + "temperature", "-1", POSITIVE),
-    ("ppo", M + "temperature", ".nan", "nan is not allowed; allowed: a number > 0"),
-    ("ppo", M + "temperature", ".inf", "inf is not allowed"),
-    ("ppo", M + "samples_per_prompt", "0", "0 is not allowed; allowed: an integer >= 1"),
-    ("ppo", M + "beta", "-0.1", AT_LEAST_0),
-    ("ppo", M + "lr", ".nan", POSITIVE),
-    ("ppo", M + "clip_c", ".inf", "a number > 1, or null (no dual clip)"),
-    ("ppo", M + "reward_weights", "{judge: .nan}", "reward_weights.judge: nan is not allowed; allowed: a number"),
-    ("ppo", M + "reward", "oracle", "unknown value 'oracle'; allowed: judge, learned, weighted"),
+    ("ppo", M + "rollout.temperature", "0", "0.0 is not allowed; allowed: a number > 0"),
+    ("ppo", M + "rollout.temperature", "-1", POSITIVE),
+    ("ppo", M + "rollout.temperature", ".nan", "nan is not allowed; allowed: a number > 0"),
+    ("ppo", M + "rollout.temperature", ".inf", "inf is not allowed"),
+    ("ppo", M + "rollout.samples_per_prompt", "0", "0 is not allowed; allowed: an integer >= 1"),
+    ("ppo", M + "kl.beta", "-0.1", AT_LEAST_0),
+    ("ppo", M + "optim.lr", ".nan", POSITIVE),
+    ("ppo", M + "loss.clip_c", ".inf", "a number > 1, or null (no dual clip)"),
+    ("ppo", M + "reward.source", "oracle", "unknown value 'oracle'; allowed: judge, learned, weighted"),
     ("ppo", M + "lora", "{r: 4, alpha: high}", "lora.alpha: 'high' is not allowed; allowed: a number > 0"),
     # PPO's prompts: the module is built first, from a tiny SFT checkpoint
     ("ppo+ckpt", D + "batch_size", "0", AT_LEAST_1),
     ("ppo+ckpt", D + "task", "chess", "unknown value 'chess'; allowed: seed, toy"),
     # SFT
-    ("sft", M + "lr", "-.inf", POSITIVE),
-    ("sft", M + "min_lr_ratio", "1.5", "a number in [0, 1]"),
+    ("sft", M + "optim.lr", "-.inf", POSITIVE),
+    ("sft", M + "optim.min_lr_ratio", "1.5", "a number in [0, 1]"),
     ("sft", M + "lora", "{r: 4, dropout: .nan}", "lora.dropout: nan is not allowed"),
     ("sft", D + "demo_fraction", "0", "a number in (0, 1]"),
     ("sft", D + "batch_size", "-1", AT_LEAST_1),
@@ -67,7 +66,7 @@ def stage_args(stage: str, request) -> list[str]:
     if stage == "reward":
         return ["--model.init_args.sft_ckpt=null"]  # the reward module needs no checkpoint: the data options are reached
     if stage == "ppo+ckpt":
-        return [f"--model.init_args.policy_ckpt={request.getfixturevalue('tiny_sft_ckpt')}", "--model.init_args.reward=judge"]
+        return [f"--model.init_args.policy_ckpt={request.getfixturevalue('tiny_sft_ckpt')}", "--model.init_args.reward.source=judge"]
     return []
 
 
@@ -90,7 +89,7 @@ def test_bad_option_is_one_line_and_exit_2(stage, option, value, words, request,
     assert not list(tmp_path.iterdir())  # refused before anything was written: no checkpoints/, no logs
 
 
-@pytest.mark.parametrize("option, value", [(M + "temperature", "warm"), (D + "batch_size", "1.5"), (M + "lr", "nan")])
+@pytest.mark.parametrize("option, value", [(M + "rollout.temperature", "warm"), (D + "batch_size", "1.5"), (M + "optim.lr", "nan")])
 def test_a_wrong_type_is_the_parsers_error(option, value, tmp_path, monkeypatch, capsys):
     """jsonargparse refuses a value of the wrong type itself (its message names the key), with exit code 2.
     (In YAML, `nan` is a string; the float is `.nan`.)"""
@@ -98,7 +97,7 @@ def test_a_wrong_type_is_the_parsers_error(option, value, tmp_path, monkeypatch,
     with pytest.raises(SystemExit) as info:
         main(["fit", "--config", STAGES["ppo" if option.startswith(M) else "sft"], *QUIET, f"--{option}={value}"])
     err = capsys.readouterr().err
-    assert info.value.code == 2 and f'Parser key "{option.split(".")[-1]}"' in err and "Traceback" not in err
+    assert info.value.code == 2 and f'Parser key "{option.split("init_args.")[-1]}"' in err and "Traceback" not in err
     assert not list(tmp_path.iterdir())
 
 
@@ -145,44 +144,56 @@ NAN, INF = float("nan"), float("inf")
 NUMBER_BAD = (NAN, INF, -INF, "1")  # refused by every numeric option
 RANGES = {
     "PPOModule": [
-        ("missing_eos_penalty", AT_LEAST_0, (-1.0,)),
-        ("samples_per_prompt", AT_LEAST_1, (0, -1, 1.5)),
-        ("max_new_tokens", AT_LEAST_1, (0,)),
-        ("temperature", POSITIVE, (0, 0.0, -1.0)),
-        ("beta", AT_LEAST_0, (-0.1,)),
-        ("target_kl", "a number > 0, or null (fixed beta)", (0,)),
-        ("kl_horizon", POSITIVE, (0,)),
-        ("clip_eps", POSITIVE, (0, -0.2)),
-        ("clip_eps_low", "a number > 0, or null (clip_eps)", (0,)),
-        ("clip_eps_high", "a number > 0, or null (clip_eps)", (-0.1,)),
-        ("clip_c", "a number > 1, or null (no dual clip)", (1.0, 0.5)),
-        ("ppo_epochs", AT_LEAST_1, (0,)),
-        ("num_minibatches", AT_LEAST_1, (0,)),
-        ("lr", POSITIVE, (0, -1e-4)),
-        ("weight_decay", AT_LEAST_0, (-0.1,)),
-        ("max_grad_norm", "a number > 0, or null (no clipping)", (0, -1.0)),
-        ("eval_every", "an integer >= 0", (-1,)),
-        ("num_logged_samples", "an integer >= 0", (-1,)),
-        ("seed", "an integer in [0, 4294967295]", (-1, 2**32)),
-        ("max_sampling_rounds", AT_LEAST_1, (0,)),
-        ("warmup_steps", "an integer >= 0", (-1,)),
-        ("micro_batch_size", "an integer >= 1, or null (all rows at once)", (0,)),
-        ("generation_batch_size", "an integer >= 1, or null (all rows at once)", (-1,)),
+        ("reward.missing_eos_penalty", AT_LEAST_0, (-1.0,)),
+        ("rollout.samples_per_prompt", AT_LEAST_1, (0, -1, 1.5)),
+        ("rollout.max_new_tokens", AT_LEAST_1, (0,)),
+        ("rollout.temperature", POSITIVE, (0, 0.0, -1.0)),
+        ("kl.beta", AT_LEAST_0, (-0.1,)),
+        ("kl.target", "a number > 0, or null (fixed beta)", (0,)),
+        ("kl.horizon", POSITIVE, (0,)),
+        ("loss.clip_eps", POSITIVE, (0, -0.2)),
+        ("loss.clip_eps_low", "a number > 0, or null (clip_eps)", (0,)),
+        ("loss.clip_eps_high", "a number > 0, or null (clip_eps)", (-0.1,)),
+        ("loss.clip_c", "a number > 1, or null (no dual clip)", (1.0, 0.5)),
+        ("update.ppo_epochs", AT_LEAST_1, (0,)),
+        ("update.num_minibatches", AT_LEAST_1, (0,)),
+        ("optim.lr", POSITIVE, (0, -1e-4)),
+        ("optim.weight_decay", AT_LEAST_0, (-0.1,)),
+        ("update.max_grad_norm", "a number > 0, or null (no clipping)", (0, -1.0)),
+        ("eval.every", "an integer >= 0", (-1,)),
+        ("eval.num_logged_samples", "an integer >= 0", (-1,)),
+        ("rollout.seed", "an integer in [0, 4294967295]", (-1, 2**32)),
+        ("rollout.max_sampling_rounds", AT_LEAST_1, (0,)),
+        ("optim.warmup_steps", "an integer >= 0", (-1,)),
+        ("optim.min_lr_ratio", "a number in [0, 1]", (-0.5,)),
+        ("rollout.micro_batch_size", "an integer >= 1, or null (all rows at once)", (0,)),
+        ("rollout.generation_batch_size", "an integer >= 1, or null (all rows at once)", (-1,)),
     ],
     "SFTModule": [
-        ("lr", POSITIVE, (0, -1.0)),
-        ("weight_decay", AT_LEAST_0, (-0.1,)),
-        ("warmup_steps", "an integer >= 0", (-1,)),
-        ("min_lr_ratio", "a number in [0, 1]", (-0.1, 1.5)),
+        ("optim.lr", POSITIVE, (0, -1.0)),
+        ("optim.weight_decay", AT_LEAST_0, (-0.1,)),
+        ("optim.warmup_steps", "an integer >= 0", (-1,)),
+        ("optim.min_lr_ratio", "a number in [0, 1]", (-0.1, 1.5)),
         ("max_new_tokens", AT_LEAST_1, (0,)),
         ("num_logged_samples", "an integer >= 0", (-1,)),
     ],
     "RewardModule": [
         ("chosen_nll", AT_LEAST_0, (-1.0,)),
-        ("lr", POSITIVE, (0,)),
-        ("weight_decay", AT_LEAST_0, (-1.0,)),
-        ("warmup_steps", "an integer >= 0", (-1,)),
-        ("min_lr_ratio", "a number in [0, 1]", (2.0,)),
+        ("optim.lr", POSITIVE, (0,)),
+        ("optim.weight_decay", AT_LEAST_0, (-1.0,)),
+        ("optim.warmup_steps", "an integer >= 0", (-1,)),
+        ("optim.min_lr_ratio", "a number in [0, 1]", (2.0,)),
+    ],
+    "DPOModule": [
+        ("loss.beta", POSITIVE, (0, -0.5)),
+        ("loss.label_smoothing", "a number in [0, 0.5)", (0.5, -0.1)),
+        ("loss.nll_alpha", AT_LEAST_0, (-1.0,)),
+        ("optim.lr", POSITIVE, (0,)),
+        ("optim.min_lr_ratio", "a number in [0, 1]", (1.5,)),
+        ("eval.max_new_tokens", AT_LEAST_1, (0,)),
+        ("eval.max_val_prompts", "an integer >= 1, or null (all)", (0,)),
+        ("eval.num_logged_samples", "an integer >= 0", (-1,)),
+        ("inference_batch_size", AT_LEAST_1, (0,)),
     ],
     "SFTDataModule": [
         ("demo_fraction", "a number in (0, 1]", (0, 1.5)),
@@ -223,6 +234,7 @@ def build(cls: str, **kwargs):
     from rlhf_lightning.data.rollout_prompts import PromptDataModule
     from rlhf_lightning.data.preferences import JsonlPairs, PreferenceDataModule, SampledPairs
     from rlhf_lightning.data.sft import SFTDataModule
+    from rlhf_lightning.modules.dpo import DPOModule
     from rlhf_lightning.modules.ppo import PPOModule
     from rlhf_lightning.modules.reward import RewardModule
     from rlhf_lightning.modules.sft import SFTModule
@@ -231,8 +243,9 @@ def build(cls: str, **kwargs):
         return PreferenceDataModule(pairs=JsonlPairs("missing.jsonl"), **kwargs)
     if cls == "SampledPairs":
         return SampledPairs(policy_ckpt="missing.ckpt", **kwargs)
-    if cls == "PPOModule":
-        return PPOModule(policy_ckpt="missing.ckpt", **kwargs)
+    kwargs = {k.split(".")[0]: {k.split(".")[1]: v} if "." in k else v for k, v in kwargs.items()}  # "group.field": a group
+    if cls in ("PPOModule", "DPOModule"):
+        return (PPOModule if cls == "PPOModule" else DPOModule)(policy_ckpt="missing.ckpt", **kwargs)
     classes = {"SFTModule": SFTModule, "RewardModule": RewardModule, "SFTDataModule": SFTDataModule, "PromptDataModule": PromptDataModule}
     return classes[cls](**kwargs)
 
@@ -265,9 +278,11 @@ def test_lora_numbers_are_checked_in_every_stage(cls, key, allowed, values):
 @pytest.mark.parametrize(
     "cls, option, value, allowed",
     [
-        ("PPOModule", "advantage", "whiten", "batch_mean, batch_whiten"),
+        ("PPOModule", "rollout.advantage", "whiten", "batch_mean, batch_whiten"),
         ("PPOModule", "reference_dtype", "float16", "bfloat16, float32"),
-        ("PPOModule", "reward", "oracle", "judge, learned, weighted"),
+        ("PPOModule", "reward.source", "oracle", "judge, learned, weighted"),
+        ("PPOModule", "reward.dtype", "float16", "bfloat16, float32"),
+        ("PPOModule", "kl.estimator", "k2", "k1, k3"),
         ("SFTDataModule", "task", "chess", "seed, toy"),
         ("PromptDataModule", "task", "chess", "seed, toy"),
         ("PreferenceDataModule", "task", "chess", "seed, toy"),

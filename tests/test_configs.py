@@ -38,9 +38,11 @@ def test_sft_configs_instantiate(path: Path):
     assert type(cli.model).__name__ == "SFTModule"
 
 
-def test_unknown_option_in_yaml_is_refused(tmp_path):
+@pytest.mark.parametrize("where, replace", [("init_args", "    optim:"), ("a group", "      lr:")])
+def test_unknown_option_in_yaml_is_refused(tmp_path, where, replace):
     bad = tmp_path / "bad.yaml"
-    bad.write_text((CONFIGS / "toy" / "sft.yaml").read_text().replace("    lr: ", "    learning_rat: 0.1\n    lr: ", 1))
+    indent = replace[: len(replace) - len(replace.lstrip())]
+    bad.write_text((CONFIGS / "toy" / "sft.yaml").read_text().replace(replace, f"{indent}learning_rat: 0.1\n{replace}", 1))
     err = io.StringIO()
     with pytest.raises(SystemExit), contextlib.redirect_stderr(err):
         lightning_cli(["--config", str(bad)], run=False)

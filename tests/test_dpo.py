@@ -15,7 +15,7 @@ import torch
 import yaml
 from torch.testing import assert_close
 
-from conftest import CONFIGS, QUIET, run_cli
+from conftest import CONFIGS, QUIET, run_cli, with_groups
 from test_reward import easy_pairs
 from rlhf_lightning.cli import main
 from rlhf_lightning.data.preferences import PairDataset, PreferencePair
@@ -57,7 +57,8 @@ def jsonl_config(tmp_path: Path, base: Path, pair_files: tuple[Path, Path], mode
     config = yaml.safe_load((CONFIGS / "toy" / "dpo.yaml").read_text())
     config["trainer"].update(enable_progress_bar=False, logger=False, max_epochs=3, **trainer)
     config["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 2
-    config["model"]["init_args"].update(policy_ckpt=str(base), max_val_prompts=16, lr=3e-3, warmup_steps=0, **model)
+    small = dict(policy_ckpt=str(base), eval={"max_val_prompts": 16}, optim={"lr": 3e-3, "warmup_steps": 0})
+    config["model"]["init_args"] = with_groups(with_groups(config["model"]["init_args"], small), model)
     config["data"]["init_args"].update(batch_size=8, pairs={
         "class_path": "rlhf_lightning.data.preferences.JsonlPairs",
         "init_args": {"train_file": str(pair_files[0]), "val_file": str(pair_files[1])},
@@ -68,7 +69,7 @@ def jsonl_config(tmp_path: Path, base: Path, pair_files: tuple[Path, Path], mode
 
 
 def test_margins_are_exactly_zero_at_the_start_and_reference_free_losses_load_no_reference(base):
-    module = DPOModule(policy_ckpt=str(base), beta=0.1)
+    module = DPOModule(policy_ckpt=str(base), loss=dict(beta=0.1))
     data = pair_dataset(module.tokenizer, 8)
     batch = data.collate([data[i] for i in range(8)])
     with torch.no_grad():
@@ -78,7 +79,7 @@ def test_margins_are_exactly_zero_at_the_start_and_reference_free_losses_load_no
     assert float(out.loss) == pytest.approx(math.log(2), abs=1e-6)
     assert not any(p.requires_grad for p in module.reference.parameters())
 
-    simpo = DPOModule(policy_ckpt=str(base), loss_type="simpo", beta=2.0)
+    simpo = DPOModule(policy_ckpt=str(base), loss=dict(loss_type="simpo", beta=2.0))
     assert simpo.reference is None and all(k.startswith("model.") for k in simpo.state_dict())
     loss = simpo.training_step(batch, 0)  # no trainer: the step's loss alone
     loss.backward()
@@ -117,8 +118,8 @@ def test_fit_on_sampled_pairs_trains_the_policy_logs_and_writes_a_policy_checkpo
         f"--data.init_args.pairs.init_args.policy_ckpt={sft_ckpt}", "--trainer.max_steps=4", "--trainer.max_epochs=5",
         "--trainer.val_check_interval=2", "--trainer.log_every_n_steps=1", "--data.init_args.batch_size=16",
         "--data.init_args.pairs.max_train_prompts=200", "--data.init_args.pairs.max_val_prompts=40",
-        "--model.init_args.max_val_prompts=64", "--model.init_args.precompute_ref_logprobs=false",
-        "--model.init_args.keep_best=false", "--model.init_args.lr=1e-3",
+        "--model.init_args.eval.max_val_prompts=64", "--model.init_args.precompute_ref_logprobs=false",
+        "--model.init_args.eval.keep_best=false", "--model.init_args.optim.lr=1e-3",
     ], tmp_path)
     module, trainer = cli.model, cli.trainer
     assert trainer.global_step == 4
@@ -134,8 +135,8 @@ def test_fit_on_sampled_pairs_trains_the_policy_logs_and_writes_a_policy_checkpo
     assert all(e.step == 0 for e in first.values())
     assert first["dpo/rewards/margins"].value == 0.0 and first["dpo/rewards/chosen"].value == 0.0  # policy = reference
     # -logsigmoid(0) plus the config's nll_alpha (1.0) times the chosen NLL
-    assert first["dpo/loss"].value == pytest.approx(math.log(2) + module.hparams.nll_alpha * first["dpo/nll"].value, abs=1e-6)
-    assert module.hparams.nll_alpha == 1.0
+    assert first["dpo/loss"].value == pytest.approx(math.log(2) + module.loss_cfg.nll_alpha * first["dpo/nll"].value, abs=1e-6)
+    assert module.loss_cfg.nll_alpha == 1.0 and module.hparams.loss["nll_alpha"] == 1.0
 
     final = tmp_path / "checkpoints" / "toy" / "dpo.ckpt"
     ckpt = torch.load(final, weights_only=True)
@@ -144,7 +145,7 @@ def test_fit_on_sampled_pairs_trains_the_policy_logs_and_writes_a_policy_checkpo
     assert summary["accuracy"] == pytest.approx(module.eval_history[-1]["eval/accuracy"], abs=1e-9)
     exported, _, _ = load_policy(str(export_policy(str(final), str(tmp_path / "export"))))
     assert all(torch.equal(a, b) for a, b in zip(exported.parameters(), module.model.parameters()))
-    ppo = PPOModule(policy_ckpt=str(final), reward="judge")  # a DPO policy is a PPO start
+    ppo = PPOModule(policy_ckpt=str(final), reward=dict(source="judge"))  # a DPO policy is a PPO start
     assert all(torch.equal(a, b) for a, b in zip(ppo.model.parameters(), module.model.parameters()))
 
 
@@ -152,7 +153,7 @@ def test_lora_reference_is_the_base_with_adapters_off_and_adapters_round_trip(ba
     from rlhf_lightning.lora import BaseOfAdapters
 
     pytest.importorskip("peft", reason="needs the [peft] extra")
-    config = jsonl_config(tmp_path, base, pair_files, {"lora": {"r": 4}, "precompute_ref_logprobs": False, "keep_best": True},
+    config = jsonl_config(tmp_path, base, pair_files, {"lora": {"r": 4}, "precompute_ref_logprobs": False, "eval": {"keep_best": True}},
                           {"max_steps": 3, "val_check_interval": 3})
     cli = run_cli(["fit", "--config", str(config), *QUIET], tmp_path)
     module = cli.model
@@ -177,7 +178,7 @@ def test_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one(base, pair_files
     from test_resume import assert_same_checkpoint
 
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
-    model = {"precompute_ref_logprobs": True, "keep_best": True}
+    model = {"precompute_ref_logprobs": True, "eval": {"keep_best": True}}
     config = jsonl_config(tmp_path, base, pair_files, model, {"max_steps": 6, "val_check_interval": 3})
     run_cli(["fit", "--config", str(config), *QUIET], tmp_path / "a")
     run_cli(["fit", "--config", str(config), *QUIET, "--trainer.max_steps=4"], tmp_path / "b")
@@ -188,14 +189,14 @@ def test_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one(base, pair_files
 
 
 @pytest.mark.parametrize("extra, words", [
-    (["--model.init_args.beta=0"], ["model.init_args.beta: 0.0 is not allowed", "a number > 0"]),
-    (["--model.init_args.beta=.nan"], ["model.init_args.beta: nan is not allowed", "a number > 0"]),
-    (["--model.init_args.beta=.inf"], ["model.init_args.beta: inf"]),
-    (["--model.init_args.loss_type=[sigmoid, hinge]", "--model.init_args.loss_weights=[1.0]"], ["loss_weights: [1.0]", "2 finite number(s)"]),
-    (["--model.init_args.loss_type=kto"], ["loss_type: unknown value 'kto'", "sigmoid", "simpo"]),
+    (["--model.init_args.loss.beta=0"], ["model.init_args.loss.beta: 0.0 is not allowed", "a number > 0"]),
+    (["--model.init_args.loss.beta=.nan"], ["model.init_args.loss.beta: nan is not allowed", "a number > 0"]),
+    (["--model.init_args.loss.beta=.inf"], ["model.init_args.loss.beta: inf"]),
+    (["--model.init_args.loss.loss_type=[sigmoid, hinge]", "--model.init_args.loss.loss_weights=[1.0]"], ["loss_weights: [1.0]", "2 finite number(s)"]),
+    (["--model.init_args.loss.loss_type=kto"], ["loss_type: unknown value 'kto'", "sigmoid", "simpo"]),
     (["--model.init_args.policy_ckpt=null"], ["policy_ckpt", "needs a reference model", "simpo"]),
-    (["--model.init_args.label_smoothing=0.5"], ["label_smoothing: 0.5 is not allowed", "[0, 0.5)"]),
-    (["--model.init_args.lr=-1"], ["model.init_args.lr: -1.0 is not allowed"]),
+    (["--model.init_args.loss.label_smoothing=0.5"], ["label_smoothing: 0.5 is not allowed", "[0, 0.5)"]),
+    (["--model.init_args.optim.lr=-1"], ["model.init_args.optim.lr: -1.0 is not allowed"]),
 ])
 def test_bad_options_give_one_line_and_exit_2(extra, words, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # no checkpoints here: each is refused before anything is read
@@ -215,7 +216,7 @@ def test_pipeline_method_dpo_runs_sft_then_dpo_and_reports_a_dpo_row(tmp_path, m
         "--method", "dpo", "--samples_per_prompt=2", *quiet, "--sft.trainer.max_steps=5", "--sft.data.init_args.max_val_prompts=16",
         "--dpo.trainer.max_steps=2", "--dpo.trainer.val_check_interval=2", "--dpo.data.init_args.batch_size=8",
         "--dpo.data.init_args.pairs.judge=random", "--dpo.data.init_args.pairs.max_train_prompts=32",
-        "--dpo.data.init_args.pairs.max_val_prompts=8", "--dpo.model.init_args.max_val_prompts=16",
+        "--dpo.data.init_args.pairs.max_val_prompts=8", "--dpo.model.init_args.eval.max_val_prompts=16",
     ]) == 0
     rows = json.loads((tmp_path / "lightning_logs" / "toy" / "summary.json").read_text())
     assert [r["stage"] for r in rows] == ["sft", "dpo"]
@@ -243,7 +244,7 @@ def test_gradient_checkpointing_gives_the_same_gradient_and_bf16_mixed_starts_at
 
     grads = []
     for checkpointing in (False, True):
-        module = DPOModule(policy_ckpt=str(base), beta=0.5, nll_alpha=1.0, gradient_checkpointing=checkpointing)
+        module = DPOModule(policy_ckpt=str(base), gradient_checkpointing=checkpointing, loss=dict(beta=0.5, nll_alpha=1.0))
         assert module.model.config.gradient_checkpointing is checkpointing and not module.reference.config.gradient_checkpointing
         data = pair_dataset(module.tokenizer, 8)
         module.training_step(data.collate([data[i] for i in range(8)]), 0).backward()
@@ -254,7 +255,7 @@ def test_gradient_checkpointing_gives_the_same_gradient_and_bf16_mixed_starts_at
     # bf16 autocast on CPU: the policy and its per-step reference run the same bf16 forward, so margins start at 0
     import rlhf_lightning.modules.dpo as dpo
 
-    config = jsonl_config(tmp_path, base, pair_files, {"precompute_ref_logprobs": False, "keep_best": False},
+    config = jsonl_config(tmp_path, base, pair_files, {"precompute_ref_logprobs": False, "eval": {"keep_best": False}},
                           {"max_steps": 2, "val_check_interval": 2, "precision": "bf16-mixed"})
     calls = []
     original = dpo.dpo_loss

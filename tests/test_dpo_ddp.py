@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from rlhf_lightning.data.preferences import PairDataset
 from rlhf_lightning.modules.dpo import DPOModule, WithReferenceLogps
 from test_dpo import base, pair_dataset  # noqa: F401  (base: the tiny SFT checkpoint fixture)
-from conftest import ddp_mean_gradient
+from conftest import ddp_mean_gradient, with_groups
 from tolerance import EPS32, grad_atol
 
 WORLD = 2
@@ -33,20 +33,20 @@ B = len(PICK)
 CASES = {
     "sigmoid": {},  # the reference's forward in each step
     "sigmoid_precomputed": {"precompute_ref_logprobs": True},
-    "ipo_precomputed": {"loss_type": "ipo", "precompute_ref_logprobs": True},  # log-ratios averaged per row
+    "ipo_precomputed": {"loss": {"loss_type": "ipo"}, "precompute_ref_logprobs": True},  # log-ratios averaged per row
 }
 # configs/toy/dpo.yaml's loss: RPO's NLL is a mean over the chosen *tokens*, 9 on rank 0 and 12 on rank 1, so a
 # mean over each rank's own tokens, averaged by DDP, is not the global mean; only the global count is right.
 NLL_CASES = {
-    "nll": {"nll_alpha": 1.0, "precompute_ref_logprobs": True},
-    "orpo": {"loss_type": "orpo"},  # reference-free; its own NLL term is the same per-token mean
+    "nll": {"loss": {"nll_alpha": 1.0}, "precompute_ref_logprobs": True},
+    "orpo": {"loss": {"loss_type": "orpo"}},  # reference-free; its own NLL term is the same per-token mean
 }
 
 
 def make_module(sft_ckpt: str, **options) -> DPOModule:
     """The DPO module on the checkpoint, its policy moved off the reference (seeded), so margins are not 0 and
     the loss reads the reference's values."""
-    module = DPOModule(policy_ckpt=sft_ckpt, beta=0.5, **options)
+    module = DPOModule(policy_ckpt=sft_ckpt, **with_groups({"loss": {"beta": 0.5}}, options))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in module.model.parameters():

@@ -25,7 +25,7 @@ def full_and_killed(base, pair_files, tmp_path_factory) -> tuple[Path, Path, int
     tmp_path = tmp_path_factory.mktemp("dpo_resume")
     # the toy config's reference table and keep_best; validation and last.ckpt every 4 steps: the checkpoint the
     # kill leaves is one written after a validation (eval_history and the kept policy in it); TensorBoard logs
-    config = jsonl_config(tmp_path, base, pair_files, {"precompute_ref_logprobs": True, "keep_best": True},
+    config = jsonl_config(tmp_path, base, pair_files, {"precompute_ref_logprobs": True, "eval": {"keep_best": True}},
                           {"max_steps": STEPS, "val_check_interval": 4, "log_every_n_steps": 1})
     settings = yaml.safe_load(config.read_text())
     settings["trainer"]["logger"] = yaml.safe_load((CONFIGS / "toy" / "dpo.yaml").read_text())["trainer"]["logger"]

@@ -56,7 +56,7 @@ def hf_sft(gpt2_dir, tmp_path_factory) -> Path:
     run_cli(
         [
             "fit", "--config", str(CONFIGS / "hf" / "sft.yaml"), *QUIET, "--trainer.logger=false",
-            f"--model.init_args.model={{type: hf, path: {gpt2_dir}}}", "--model.init_args.lr=0.003",
+            f"--model.init_args.model={{type: hf, path: {gpt2_dir}}}", "--model.init_args.optim.lr=0.003",
             "--trainer.limit_train_batches=4", "--data.init_args.batch_size=16", "--data.init_args.max_val_prompts=16",
         ],
         cwd,
@@ -178,7 +178,7 @@ def test_ppo_two_rollouts_with_the_judge(hf_sft):
     cli = run_cli(
         [
             "fit", "--config", str(CONFIGS / "hf" / "ppo.yaml"), *QUIET, "--trainer.logger=false",
-            "--model.init_args.reward=judge", "--model.init_args.reward_ckpt=null", "--model.init_args.temperature=0.7",
+            "--model.init_args.reward.source=judge", "--model.init_args.reward.ckpt=null", "--model.init_args.rollout.temperature=0.7",
             "--trainer.limit_train_batches=2", "--data.init_args.batch_size=4", "--data.init_args.max_val_prompts=8",
         ],
         hf_sft,
@@ -214,9 +214,9 @@ def test_lora_configs_train_adapters_on_the_hf_folder_and_on_the_sft_policy(gpt2
     torch.testing.assert_close(model.eval()(ids), sft.model.model.eval()(ids))
     ppo = run_cli(
         ["fit", "--config", str(CONFIGS / "hf" / "ppo_lora.yaml"), *QUIET, "--trainer.logger=false",
-         "--model.init_args.reward=judge", "--model.init_args.reward_ckpt=null", "--trainer.limit_train_batches=1",
-         "--data.init_args.batch_size=4", "--data.init_args.max_val_prompts=8", "--model.init_args.micro_batch_size=4",
-         "--model.init_args.generation_batch_size=8"],
+         "--model.init_args.reward.source=judge", "--model.init_args.reward.ckpt=null", "--trainer.limit_train_batches=1",
+         "--data.init_args.batch_size=4", "--data.init_args.max_val_prompts=8", "--model.init_args.rollout.micro_batch_size=4",
+         "--model.init_args.rollout.generation_batch_size=8"],
         hf_sft,
     )  # the config as shipped: new adapters on checkpoints/hf/sft.ckpt (16 rows: minibatches of 8 in 2 micro-batches)
     trained = {n for n, p in ppo.model.model.named_parameters() if p.requires_grad}
@@ -312,7 +312,7 @@ def test_dpo_on_the_hf_folder_with_lora_has_the_adapters_off_reference_and_round
     val = write_pairs(tmp_path / "val.jsonl", [(1, 2), (3, 1)])
     jsonl = ["--data.init_args.pairs=JsonlPairs", f"--data.init_args.pairs.train_file={train}", f"--data.init_args.pairs.val_file={val}",
              "--data.init_args.batch_size=4", "--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.logger=false",
-             "--model.init_args.max_val_prompts=8", "--model.init_args.lr=0.01", "--model.init_args.warmup_steps=0"]
+             "--model.init_args.eval.max_val_prompts=8", "--model.init_args.optim.lr=0.01", "--model.init_args.optim.warmup_steps=0"]
     cli = run_cli(["fit", "--config", str(CONFIGS / "hf" / "dpo_lora.yaml"), *QUIET, *jsonl, "--model.init_args.policy_ckpt=null",
                    f"--model.init_args.model={{type: hf, path: {gpt2_dir}}}"], tmp_path)
     module = cli.model

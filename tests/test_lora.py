@@ -138,8 +138,8 @@ def test_merged_and_peft_exports_give_the_adapter_models_logits(lora_sft, base, 
 def test_ppo_with_adapters_trains_them_on_the_base_and_ppo_continues_sft_adapters(base, lora_sft, tmp_path):
     # the judge, plus a penalty for a missing EOS: rewards that differ within a batch (a gradient) for any base
     args = ["fit", "--config", "toy/ppo", *QUIET, "--trainer.logger=false", "--trainer.max_steps=4",
-            "--model.init_args.reward=judge", "--model.init_args.missing_eos_penalty=1.0", "--model.init_args.eval_every=0",
-            "--data.init_args.max_val_prompts=8", "--model.init_args.reference_dtype=bfloat16", "--model.init_args.keep_best=false"]
+            "--model.init_args.reward.source=judge", "--model.init_args.reward.missing_eos_penalty=1.0", "--model.init_args.eval.every=0",
+            "--data.init_args.max_val_prompts=8", "--model.init_args.reference_dtype=bfloat16", "--model.init_args.eval.keep_best=false"]
     run_cli([*args, f"--model.init_args.policy_ckpt={base}", "--model.init_args.lora={r: 4}"], tmp_path)
     ppo = torch.load(tmp_path / "checkpoints" / "toy" / "ppo.ckpt", weights_only=True)
     assert ppo["rlhf"]["base"]["path"] == str(base.resolve()) and all("lora_" in k for k in ppo["state_dict"])
@@ -242,7 +242,7 @@ def test_ppo_gradient_checkpointing_gives_the_same_update_gradients(base):
     grads = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
-        module = PPOModule(policy_ckpt=str(base), reward="judge", samples_per_prompt=2, max_new_tokens=4, gradient_checkpointing=checkpointing)
+        module = PPOModule(policy_ckpt=str(base), gradient_checkpointing=checkpointing, reward=dict(source="judge"), rollout=dict(samples_per_prompt=2, max_new_tokens=4))
         assert module.model.config.gradient_checkpointing == checkpointing and not module.reference.config.gradient_checkpointing
         data = PromptDataset(module.tokenizer, load_prompts("toy", "train", limit=4), module.data_max_length)
         rollout, _ = module.make_rollout(data.collate([data[i] for i in range(len(data))]))

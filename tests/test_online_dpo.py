@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import CONFIGS, QUIET, ddp_mean_gradient, run_cli
+from conftest import CONFIGS, QUIET, ddp_mean_gradient, run_cli, with_groups
 from rlhf_lightning.cli import main
 from rlhf_lightning.data.preferences import pairs_from_group
 from rlhf_lightning.modules import dpo as dpo_module
@@ -27,7 +27,7 @@ def online_config(tmp_path: Path, policy: Path, online: dict, trainer: dict, mod
     config = yaml.safe_load((CONFIGS / "toy" / "online_dpo.yaml").read_text())
     config["trainer"].update(enable_progress_bar=False, logger=False, log_every_n_steps=1, **trainer)
     config["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 1
-    config["model"]["init_args"].update(policy_ckpt=str(policy), lr=3e-3, warmup_steps=0, **(model or {}))
+    config["model"]["init_args"] = with_groups(config["model"]["init_args"], dict(policy_ckpt=str(policy), optim={"lr": 3e-3, "warmup_steps": 0}, **(model or {})))
     config["model"]["init_args"]["online"].update(online)
     config["data"]["init_args"].update(batch_size=8, max_val_prompts=16, max_train_prompts=64)
     path = tmp_path / "online_dpo.yaml"
@@ -129,7 +129,7 @@ def test_learned_judge_scores_the_samples_and_a_wrong_stage_is_refused(sft_ckpt,
     (["--model.init_args.online.judge=learned"], ["online.reward_ckpt: None with judge 'learned'"]),
     (["--model.init_args.online.temperature=0"], ["online.temperature: 0.0 is not allowed"]),
     (["--model.init_args.precompute_ref_logprobs=true"], ["precompute_ref_logprobs", "online DPO"]),
-    (["--model.init_args.max_val_prompts=8"], ["model.init_args.max_val_prompts", "data.init_args.max_val_prompts"]),
+    (["--model.init_args.eval.max_val_prompts=8"], ["model.init_args.eval.max_val_prompts", "data.init_args.max_val_prompts"]),
 ])
 def test_bad_online_options_give_one_line_and_exit_2(extra, words, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # no checkpoints here: each is refused before anything is read
@@ -185,7 +185,7 @@ def online_update(policy: str, case: str, prompts: list[str]) -> torch.Tensor:
     from rlhf_lightning.data.prompts import PromptDataset, PromptRecord
 
     dpo_module.sample_groups = fixed_groups(case)
-    module = dpo_module.DPOModule(policy_ckpt=policy, beta=0.5, nll_alpha=1.0, online={"judge": "random", "eval_every": 0})
+    module = dpo_module.DPOModule(policy_ckpt=policy, online={"judge": "random", "eval_every": 0}, loss=dict(beta=0.5, nll_alpha=1.0))
     data = PromptDataset(module.tokenizer, [PromptRecord(p, None, "test") for p in prompts])
     loss = module.training_step(data.collate([data[i] for i in range(len(data))]), 0)
     loss.backward()

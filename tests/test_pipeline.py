@@ -20,9 +20,9 @@ from rlhf_lightning.pipeline import split_stage_overrides
 from rlhf_lightning.tokenizer import UnknownCharacterError
 
 def test_stage_overrides_are_routed_to_their_stage():
-    rest, overrides = split_stage_overrides(["--seed=1", "--sft.trainer.max_epochs", "2", "--ppo.model.init_args.lr=1e-5"])
+    rest, overrides = split_stage_overrides(["--seed=1", "--sft.trainer.max_epochs", "2", "--ppo.model.init_args.optim.lr=1e-5"])
     assert rest == ["--seed=1"]
-    assert overrides == {"sft": ["--trainer.max_epochs=2"], "reward": [], "ppo": ["--model.init_args.lr=1e-5"]}
+    assert overrides == {"sft": ["--trainer.max_epochs=2"], "reward": [], "ppo": ["--model.init_args.optim.lr=1e-5"]}
 
 
 def test_seed_seeds_every_stage():
@@ -30,7 +30,7 @@ def test_seed_seeds_every_stage():
 
     assert seed_args("sft", 3) == ["--seed_everything=3"]
     assert seed_args("reward", 3) == ["--seed_everything=3", "--data.init_args.seed=3"]
-    assert seed_args("ppo", 3) == ["--seed_everything=3", "--data.init_args.seed=3", "--model.init_args.seed=3"]
+    assert seed_args("ppo", 3) == ["--seed_everything=3", "--data.init_args.seed=3", "--model.init_args.rollout.seed=3"]
 
 
 def summary_rows(cwd: Path) -> list[dict]:
@@ -57,8 +57,8 @@ def ppo_config(tmp_path: Path, rollouts: int) -> Path:
     config["trainer"].update(limit_train_batches=rollouts, logger=False, enable_progress_bar=False)
     for callback in config["trainer"]["callbacks"]:
         if callback["class_path"].endswith(("ModelCheckpoint", "ResumeCheckpoint")):
-            callback["init_args"]["every_n_train_steps"] = config["model"]["init_args"]["ppo_epochs"]
-    config["model"]["init_args"].update(eval_every=0)
+            callback["init_args"]["every_n_train_steps"] = config["model"]["init_args"]["update"]["ppo_epochs"]
+    config["model"]["init_args"]["eval"].update(every=0)
     config["data"]["init_args"].update(batch_size=16, max_val_prompts=32)
     path = tmp_path / "ppo.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -86,7 +86,7 @@ def test_sigkill_during_ppo_then_resume_runs_exactly_the_configured_rollouts(tmp
 
     cli = run_cli(["fit", "--config", str(config), "--ckpt_path=last"], tmp_path)
     assert cli.model._rollouts == rollouts  # none skipped, none repeated
-    assert cli.trainer.global_step == rollouts * cli.model.hparams.ppo_epochs
+    assert cli.trainer.global_step == rollouts * cli.model.cfg.update.ppo_epochs
     final = torch.load(tmp_path / "checkpoints" / "toy" / "ppo.ckpt", weights_only=True)
     assert final["rlhf"]["rollouts"] == rollouts
 
@@ -127,8 +127,8 @@ BAD_INPUTS = {
     "unknown-character": (lambda t, s, r: sft_args(jsonl(t, '{"prompt": "Q: 1*1=\\nA:", "completion": "1"}')), UnknownCharacterError, ["data.jsonl:1", "'prompt'", "'*'"]),
     "too-long": (lambda t, s, r: sft_args(jsonl(t, GOOD, '{"prompt": "Q: 1+1=\\nA:", "completion": "' + "1" * 40 + '"}')), DataError, ["data.jsonl:2", "context"]),
     "sft-ckpt-as-reward": (
-        lambda t, s, r: ["fit", "--config", str(CONFIGS / "toy" / "ppo.yaml"), *QUIET, f"--model.init_args.policy_ckpt={s}", f"--model.init_args.reward_ckpt={s}"],
-        CheckpointError, ["reward_ckpt", "'sft' checkpoint", "'reward'"],
+        lambda t, s, r: ["fit", "--config", str(CONFIGS / "toy" / "ppo.yaml"), *QUIET, f"--model.init_args.policy_ckpt={s}", f"--model.init_args.reward.ckpt={s}"],
+        CheckpointError, ["reward.ckpt", "'sft' checkpoint", "'reward'"],
     ),
     "missing-ckpt": (
         lambda t, s, r: ["fit", "--config", str(CONFIGS / "toy" / "reward.yaml"), *QUIET, f"--model.init_args.sft_ckpt={t / 'nope.ckpt'}"],
@@ -136,7 +136,7 @@ BAD_INPUTS = {
     ),
     "nan-reward": (
         lambda t, s, r: ["fit", "--config", str(CONFIGS / "toy" / "ppo.yaml"), *QUIET, "--trainer.logger=false", f"--model.init_args.policy_ckpt={s}",
-                         f"--model.init_args.reward_ckpt={nan_reward_ckpt(t, r)}", "--trainer.limit_train_batches=2", "--data.init_args.batch_size=8"],
+                         f"--model.init_args.reward.ckpt={nan_reward_ckpt(t, r)}", "--trainer.limit_train_batches=2", "--data.init_args.batch_size=8"],
         ValueError, ["'learned'", "non-finite"],
     ),
     "log-dir-is-a-file": (
@@ -155,7 +155,7 @@ def a_file(tmp_path: Path) -> Path:
 
 def bad_yaml(tmp_path: Path) -> Path:
     path = tmp_path / "bad.yaml"
-    path.write_text((CONFIGS / "toy" / "sft.yaml").read_text().replace("    lr: ", "    lrate: 0.1\n    lr: ", 1))
+    path.write_text((CONFIGS / "toy" / "sft.yaml").read_text().replace("    optim:", "    lrate: 0.1\n    optim:", 1))
     return path
 
 

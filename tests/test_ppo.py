@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import CONFIGS, QUIET, run_cli
+from conftest import CONFIGS, QUIET, run_cli, with_groups
 from tolerance import FORWARD_ATOL, RATIO_ATOL, SCALAR_RTOL, grad_atol
 from rlhf_lightning.checkpoints import CheckpointError
 from rlhf_lightning.data.jsonl import DataError
@@ -27,14 +27,14 @@ def prompt_batch(module: PPOModule, n: int = 8, split: str = "train") -> dict:
 
 
 def ppo(sft_ckpt, **kwargs) -> PPOModule:
-    return PPOModule(policy_ckpt=str(sft_ckpt), **{"reward": "judge", **kwargs})
+    return PPOModule(policy_ckpt=str(sft_ckpt), **with_groups({"reward": {"source": "judge"}}, kwargs))
 
 
 # ----------------------------------------------------------------------------- rollout contract
 
 
 def test_ratio_is_one_at_the_first_minibatch_at_temperature_not_one(sft_ckpt):
-    module = ppo(sft_ckpt, temperature=0.7, samples_per_prompt=4, max_new_tokens=6)
+    module = ppo(sft_ckpt, rollout=dict(temperature=0.7, samples_per_prompt=4, max_new_tokens=6))
     rollout, _ = module.make_rollout(prompt_batch(module, 16))
     out, logprobs, _ = module.minibatch_loss(rollout)
     ratio = torch.exp(logprobs - rollout.old_logprobs)[rollout.completion_mask]
@@ -50,7 +50,7 @@ def test_ratio_is_one_at_the_first_minibatch_at_temperature_not_one(sft_ckpt):
 
 @pytest.mark.parametrize("beta, target_kl, forwards", [(0.0, None, 0), (0.1, None, 1), (0.0, 0.5, 1)])
 def test_reference_forward_runs_only_when_the_kl_is_used(sft_ckpt, beta, target_kl, forwards):
-    module = ppo(sft_ckpt, beta=beta, target_kl=target_kl, samples_per_prompt=2, max_new_tokens=4, ppo_epochs=1)
+    module = ppo(sft_ckpt, kl=dict(beta=beta, target=target_kl), rollout=dict(samples_per_prompt=2, max_new_tokens=4), update=dict(ppo_epochs=1))
     calls = []
     module.reference.register_forward_hook(lambda *args: calls.append(1))
     rollout, _ = module.make_rollout(prompt_batch(module, 4))
@@ -63,7 +63,7 @@ def test_reference_forward_runs_only_when_the_kl_is_used(sft_ckpt, beta, target_
 
 
 def test_rollout_layout_and_masks_after_eos(sft_ckpt):
-    module = ppo(sft_ckpt, temperature=1.5, samples_per_prompt=3, max_new_tokens=6)
+    module = ppo(sft_ckpt, rollout=dict(temperature=1.5, samples_per_prompt=3, max_new_tokens=6))
     batch = prompt_batch(module, 8)
     rollout, metrics = module.make_rollout(batch)
     B, N = rollout.completion_ids.shape
@@ -145,7 +145,7 @@ def seed_loss(logp, rollout: Rollout, eps: float, beta: float) -> float:
 
 
 def test_loss_equals_the_seed_formula_on_a_hand_worked_example(sft_ckpt):
-    module = ppo(sft_ckpt, beta=0.1, clip_eps=0.2, temperature=1.0)
+    module = ppo(sft_ckpt, kl=dict(beta=0.1), loss=dict(clip_eps=0.2), rollout=dict(temperature=1.0))
     rollout = hand_rollout()
     # logits at the 3 completion-predicting positions (P-1 .. P+N-2) of a (2, 5, 4) output
     logits = torch.zeros(2, 5, 4)
@@ -165,7 +165,7 @@ def test_loss_equals_the_seed_formula_on_a_hand_worked_example(sft_ckpt):
 @pytest.mark.parametrize("in_reward", [False, True])
 def test_kl_estimators_in_both_placements(sft_ckpt, estimator, in_reward):
     beta = 0.3
-    module = ppo(sft_ckpt, kl_estimator=estimator, kl_in_reward=in_reward, beta=beta, temperature=1.3, samples_per_prompt=2)
+    module = ppo(sft_ckpt, kl=dict(estimator=estimator, in_reward=in_reward, beta=beta), rollout=dict(temperature=1.3, samples_per_prompt=2))
     # a different reference: the KL terms are non-zero
     with torch.no_grad():
         for p in module.reference.parameters():
@@ -204,12 +204,13 @@ def step_gradients(module: PPOModule, rollout: Rollout) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("options", [
     {},
-    {"loss_agg": "seq_mean_token_mean", "mask_truncated": True, "kl_estimator": "k3"},
-    {"ratio_level": "sequence", "loss_agg": "seq_mean_token_sum_norm", "kl_in_reward": True},
+    {"loss": {"loss_agg": "seq_mean_token_mean", "mask_truncated": True}, "kl": {"estimator": "k3"}},
+    {"loss": {"ratio_level": "sequence", "loss_agg": "seq_mean_token_sum_norm"}, "kl": {"in_reward": True}},
 ])
 def test_micro_batches_give_the_same_update_as_whole_minibatches(sft_ckpt, options):
-    common = dict(beta=0.2, temperature=1.3, samples_per_prompt=4, max_new_tokens=6, ppo_epochs=2, num_minibatches=2, **options)
-    whole, micro = ppo(sft_ckpt, **common), ppo(sft_ckpt, micro_batch_size=3, **common)  # minibatches of 16 rows: 3+3+3+3+3+1
+    common = with_groups(dict(kl=dict(beta=0.2), rollout=dict(temperature=1.3, samples_per_prompt=4, max_new_tokens=6),
+                              update=dict(ppo_epochs=2, num_minibatches=2)), options)
+    whole, micro = ppo(sft_ckpt, **common), ppo(sft_ckpt, **with_groups(common, {"rollout": {"micro_batch_size": 3}}))  # minibatches of 16 rows: 3+3+3+3+3+1
     references = []
     for module in (whole, micro):
         module.reference.register_forward_hook(lambda mod, args, out: references.append(args[0].size(0)))
@@ -234,7 +235,7 @@ def test_micro_batches_give_the_same_update_as_whole_minibatches(sft_ckpt, optio
 
 
 def test_generation_batch_size_generates_the_rollout_in_passes(sft_ckpt):
-    module = ppo(sft_ckpt, samples_per_prompt=4, max_new_tokens=4, generation_batch_size=12)
+    module = ppo(sft_ckpt, rollout=dict(samples_per_prompt=4, max_new_tokens=4, generation_batch_size=12))
     rows = []
     module.model.register_forward_hook(lambda mod, args, out: rows.append(tuple(args[0].shape)))
     rollout, _ = module.make_rollout(prompt_batch(module, 8))  # 8 prompts x 4: passes of 3, 3 and 2 prompts
@@ -244,7 +245,7 @@ def test_generation_batch_size_generates_the_rollout_in_passes(sft_ckpt):
 
 
 def test_compile_decodes_rollouts_and_evaluations_on_the_captured_step(sft_ckpt, traced_step):
-    eager, captured = ppo(sft_ckpt, samples_per_prompt=4, max_new_tokens=6), ppo(sft_ckpt, samples_per_prompt=4, max_new_tokens=6, compile=True)
+    eager, captured = ppo(sft_ckpt, rollout=dict(samples_per_prompt=4, max_new_tokens=6)), ppo(sft_ckpt, rollout=dict(samples_per_prompt=4, max_new_tokens=6, compile=True))
     batch = prompt_batch(eager, 8)
     a, _ = eager.make_rollout(batch)
     b, _ = captured.make_rollout(batch)
@@ -256,27 +257,27 @@ def test_compile_decodes_rollouts_and_evaluations_on_the_captured_step(sft_ckpt,
 
     shapes = list(generation._STATIC_CACHES[captured.model])
     assert len(shapes) == 2 and traced_step["stats"]["unique_graphs"] == 2  # rollouts' and evaluation's shapes, one graph each
-    with pytest.raises(ConfigError, match="model.init_args.max_grad_norm: 0 is not allowed"):
-        ppo(sft_ckpt, max_grad_norm=0)
+    with pytest.raises(ConfigError, match="model.init_args.update.max_grad_norm: 0 is not allowed"):
+        ppo(sft_ckpt, update=dict(max_grad_norm=0))
 
 
 def test_ppo_trains_under_mixed_precision_with_clipping(sft_ckpt, tmp_path):
     # Lightning refuses to clip a fused optimizer's gradients under mixed precision: PPO builds the plain one there
     cli = run_cli(ppo_args(sft_ckpt, "--trainer.limit_train_batches=2", "--trainer.precision=bf16-mixed",
-                           "--model.init_args.eval_every=0", "--data.init_args.batch_size=8", "--model.init_args.max_grad_norm=1.0"), tmp_path)
-    assert cli.model._rollouts == 2 and cli.trainer.global_step == 2 * cli.model.hparams.ppo_epochs
+                           "--model.init_args.eval.every=0", "--data.init_args.batch_size=8", "--model.init_args.update.max_grad_norm=1.0"), tmp_path)
+    assert cli.model._rollouts == 2 and cli.trainer.global_step == 2 * cli.model.cfg.update.ppo_epochs
     assert not any(group.get("fused") for group in cli.model.optimizers().optimizer.param_groups)
 
 
 def test_micro_batch_sizes_below_one_are_refused(sft_ckpt):
     for name in ("micro_batch_size", "generation_batch_size"):
-        with pytest.raises(ConfigError, match=f"model.init_args.{name}: 0 is not allowed"):
-            ppo(sft_ckpt, **{name: 0})
+        with pytest.raises(ConfigError, match=f"model.init_args.rollout.{name}: 0 is not allowed"):
+            ppo(sft_ckpt, rollout={name: 0})
 
 
 @pytest.mark.parametrize("name", sorted(ADVANTAGE_ESTIMATORS))
 def test_advantage_estimators_through_the_module(sft_ckpt, name):
-    module = ppo(sft_ckpt, advantage=name, samples_per_prompt=3, temperature=2.0)
+    module = ppo(sft_ckpt, rollout=dict(advantage=name, samples_per_prompt=3, temperature=2.0))
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.5])
     adv = module.global_advantages(rewards)
     g = rewards.view(2, 3)
@@ -304,21 +305,21 @@ def test_reward_source_errors_surface_from_the_step(sft_ckpt):
 
 
 def test_missing_eos_penalty(sft_ckpt):
-    module = ppo(sft_ckpt, missing_eos_penalty=0.7)
+    module = ppo(sft_ckpt, reward=dict(missing_eos_penalty=0.7))
     out = module.score(["Q: 1+1=\nA:"] * 2, ["2", "2"], torch.tensor([True, False]), [None, None])
     assert out.tolist() == pytest.approx([1.0, -0.7])
 
 
 def test_bad_checkpoints_are_clear_errors(sft_ckpt, tmp_path):
     with pytest.raises(CheckpointError, match="policy_ckpt: checkpoint .* does not exist"):
-        PPOModule(policy_ckpt=str(tmp_path / "nope.ckpt"), reward="judge")
+        PPOModule(policy_ckpt=str(tmp_path / "nope.ckpt"), reward=dict(source="judge"))
     with pytest.raises(CheckpointError, match="policy_ckpt: .* is a 'reward' checkpoint"):
         from test_rewards import save_reward_ckpt
 
         save_reward_ckpt(tmp_path / "reward.ckpt")
-        PPOModule(policy_ckpt=str(tmp_path / "reward.ckpt"), reward="judge")
-    with pytest.raises(CheckpointError, match="reward_ckpt: .* is a 'sft' checkpoint, expected 'reward'"):
-        PPOModule(policy_ckpt=str(sft_ckpt), reward="learned", reward_ckpt=str(sft_ckpt))
+        PPOModule(policy_ckpt=str(tmp_path / "reward.ckpt"), reward=dict(source="judge"))
+    with pytest.raises(CheckpointError, match="reward.ckpt: .* is a 'sft' checkpoint, expected 'reward'"):
+        PPOModule(policy_ckpt=str(sft_ckpt), reward=dict(source="learned", ckpt=str(sft_ckpt)))
 
 
 # ----------------------------------------------------------------------------- short runs through the CLI
@@ -327,20 +328,20 @@ def test_bad_checkpoints_are_clear_errors(sft_ckpt, tmp_path):
 def ppo_args(sft_ckpt, *extra: str, reward: str = "judge") -> list[str]:
     return [
         "fit", "--config", PPO_YAML, *QUIET, "--trainer.logger=false",
-        f"--model.init_args.policy_ckpt={sft_ckpt}", f"--model.init_args.reward={reward}",
+        f"--model.init_args.policy_ckpt={sft_ckpt}", f"--model.init_args.reward.source={reward}",
         "--data.init_args.max_val_prompts=256", *extra,
     ]
 
 
 def test_cli_fit_writes_the_checkpoint_and_resumes(sft_ckpt, tmp_path):
     # keep_best off: the final checkpoint is the last policy (choosing the best is tested in test_ppo_training)
-    cli = run_cli(ppo_args(sft_ckpt, "--trainer.limit_train_batches=3", "--model.init_args.eval_every=2",
-                           "--data.init_args.batch_size=16", "--model.init_args.keep_best=false"), tmp_path)
+    cli = run_cli(ppo_args(sft_ckpt, "--trainer.limit_train_batches=3", "--model.init_args.eval.every=2",
+                           "--data.init_args.batch_size=16", "--model.init_args.eval.keep_best=false"), tmp_path)
     module = cli.model
     final = tmp_path / "checkpoints" / "toy" / "ppo.ckpt"
     assert final.is_file() and (tmp_path / "checkpoints" / "toy" / "ppo" / "last.ckpt").is_file()
     assert [e["rollout"] for e in module.eval_history] == [0, 2, 3]
-    assert cli.trainer.global_step == 3 * module.hparams.ppo_epochs  # optimizer steps, not rollouts
+    assert cli.trainer.global_step == 3 * module.cfg.update.ppo_epochs  # optimizer steps, not rollouts
     assert module.last_update["first_ratio_error"] < RATIO_ATOL
     # the policy changed, the reference did not
     start, _, _ = load_policy(str(sft_ckpt))
@@ -355,14 +356,14 @@ def test_cli_fit_writes_the_checkpoint_and_resumes(sft_ckpt, tmp_path):
     assert all(torch.equal(a, b.cpu()) for a, b in zip(policy.parameters(), module.model.parameters()))
     from rlhf_lightning.evaluate import evaluate_policy
 
-    summary, _ = evaluate_policy(str(final), split="val", limit=256, max_new_tokens=module.hparams.max_new_tokens)
+    summary, _ = evaluate_policy(str(final), split="val", limit=256, max_new_tokens=module.cfg.rollout.max_new_tokens)
     assert module.chosen == {"rollout": 3, "eval/accuracy": module.eval_history[-1]["eval/accuracy"]}
     assert summary["accuracy"] == pytest.approx(module.eval_history[-1]["eval/accuracy"], abs=1e-6)
 
     # --ckpt_path last resumes: two more rollouts after the first three
-    resumed = run_cli(ppo_args(sft_ckpt, "--trainer.max_epochs=2", "--trainer.limit_train_batches=3", "--model.init_args.eval_every=2",
-                               "--data.init_args.batch_size=16", "--model.init_args.keep_best=false", "--ckpt_path=last"), tmp_path)
-    assert resumed.model._rollouts == 6 and resumed.trainer.global_step == 6 * module.hparams.ppo_epochs
+    resumed = run_cli(ppo_args(sft_ckpt, "--trainer.max_epochs=2", "--trainer.limit_train_batches=3", "--model.init_args.eval.every=2",
+                               "--data.init_args.batch_size=16", "--model.init_args.eval.keep_best=false", "--ckpt_path=last"), tmp_path)
+    assert resumed.model._rollouts == 6 and resumed.trainer.global_step == 6 * module.cfg.update.ppo_epochs
 
     # ... but not against a different policy checkpoint
     other = tmp_path / "other_sft.ckpt"
@@ -370,15 +371,15 @@ def test_cli_fit_writes_the_checkpoint_and_resumes(sft_ckpt, tmp_path):
     data["rlhf"]["note"] = "changed"
     torch.save(data, other)
     with pytest.raises(CheckpointError, match="policy_ckpt: .*not the file this PPO run started from"):
-        run_cli(ppo_args(other, "--trainer.max_epochs=3", "--trainer.limit_train_batches=3", "--model.init_args.eval_every=2",
+        run_cli(ppo_args(other, "--trainer.max_epochs=3", "--trainer.limit_train_batches=3", "--model.init_args.eval.every=2",
                          "--data.init_args.batch_size=16", "--ckpt_path=last"), tmp_path)
 
 
 @pytest.mark.parametrize("max_grad_norm", ["null", "1.0"])  # the clip's own norm is checked when it clips
 def test_nan_loss_stops_without_writing_the_weights(sft_ckpt, tmp_path, max_grad_norm):
     with pytest.raises(FloatingPointError, match="not finite"):
-        run_cli(ppo_args(sft_ckpt, "--trainer.limit_train_batches=3", "--model.init_args.lr=1e30",
-                         f"--model.init_args.max_grad_norm={max_grad_norm}", "--data.init_args.batch_size=8"), tmp_path)
+        run_cli(ppo_args(sft_ckpt, "--trainer.limit_train_batches=3", "--model.init_args.optim.lr=1e30",
+                         f"--model.init_args.update.max_grad_norm={max_grad_norm}", "--data.init_args.batch_size=8"), tmp_path)
     assert not list((tmp_path / "checkpoints").rglob("*.ckpt"))
 
 
@@ -391,7 +392,7 @@ def test_empty_prompt_file_is_a_clear_error(sft_ckpt, tmp_path):
 
 def short_run(sft_ckpt, tmp_path, *extra):
     tmp_path.mkdir(parents=True, exist_ok=True)
-    cli = run_cli(ppo_args(sft_ckpt, "--model.init_args.eval_every=0", *extra), tmp_path)
+    cli = run_cli(ppo_args(sft_ckpt, "--model.init_args.eval.every=0", *extra), tmp_path)
     return cli.model.eval_history
 
 
@@ -399,8 +400,8 @@ def test_judge_reward_rises_from_a_weak_start(sft_ckpt, tmp_path):
     # The quick SFT checkpoint is weak on the seed's 8 prompts; six judge-rewarded rollouts of 16 samples each
     # must get at least one more of them right (train = eval prompts: the seed preset has no split).
     history = short_run(sft_ckpt, tmp_path, "--data.init_args.task=seed", "--data.init_args.batch_size=8",
-                        "--trainer.max_epochs=6", "--model.init_args.lr=5e-5", "--model.init_args.samples_per_prompt=16",
-                        "--model.init_args.advantage=rloo", "--model.init_args.beta=0.0")
+                        "--trainer.max_epochs=6", "--model.init_args.optim.lr=5e-5", "--model.init_args.rollout.samples_per_prompt=16",
+                        "--model.init_args.rollout.advantage=rloo", "--model.init_args.kl.beta=0.0")
     before, after = history[0], history[-1]
     assert after["rollout"] == 6
     assert after["eval/reward"] >= before["eval/reward"] + 0.125, history
@@ -411,10 +412,10 @@ def test_kl_penalty_keeps_the_policy_closer_to_the_reference(sft_ckpt, tmp_path)
     # k3 in the loss, whose gradient (1 - p_ref/p) grad log p pulls toward the reference. The seed's k1 in the
     # loss is not used here: its gradient, beta * grad log p of the sampled tokens, has zero mean and only
     # pushes the sampled tokens down; measured, it ended farther from the reference with beta = 1 than with 0.
-    common = ["--trainer.limit_train_batches=6", "--model.init_args.lr=3e-5", "--data.init_args.batch_size=16",
-              "--model.init_args.kl_estimator=k3"]
-    free = short_run(sft_ckpt, tmp_path / "free", *common, "--model.init_args.beta=0.0")
-    tied = short_run(sft_ckpt, tmp_path / "tied", *common, "--model.init_args.beta=1.0")
+    common = ["--trainer.limit_train_batches=6", "--model.init_args.optim.lr=3e-5", "--data.init_args.batch_size=16",
+              "--model.init_args.kl.estimator=k3"]
+    free = short_run(sft_ckpt, tmp_path / "free", *common, "--model.init_args.kl.beta=0.0")
+    tied = short_run(sft_ckpt, tmp_path / "tied", *common, "--model.init_args.kl.beta=1.0")
     assert free[0]["eval/kl"] == tied[0]["eval/kl"] == 0.0
     assert tied[-1]["eval/kl"] < 0.8 * free[-1]["eval/kl"], (free, tied)
 
@@ -426,7 +427,7 @@ def test_learned_reward_run_records_its_hash(sft_ckpt, tmp_path):
 
     reward = tmp_path / "reward.ckpt"
     save_reward_ckpt(reward)
-    cli = run_cli(ppo_args(sft_ckpt, "--trainer.limit_train_batches=2", f"--model.init_args.reward_ckpt={reward}",
+    cli = run_cli(ppo_args(sft_ckpt, "--trainer.limit_train_batches=2", f"--model.init_args.reward.ckpt={reward}",
                            "--data.init_args.batch_size=8", reward="learned"), tmp_path)
     meta = torch.load(tmp_path / "checkpoints" / "toy" / "ppo.ckpt", weights_only=True)["rlhf"]
     assert meta["reward_sha256"] == sha256_file(reward) and meta["policy_sha256"] == sha256_file(sft_ckpt)

@@ -10,13 +10,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from rlhf_lightning.modules.ppo import PPOModule, Rollout
-from conftest import ddp_mean_gradient
+from conftest import ddp_mean_gradient, with_groups
 from tolerance import EPS32, grad_atol
 
 WORLD = 2
 K = 2  # samples per prompt: 4 prompts x 2 = 8 rows, 4 per rank, groups never split
 
-# Module options per case; the first is the seed's loss. Without truncation both ranks hold 4 sequences, so a
+# The loss options per case; the first is the seed's loss. Without truncation both ranks hold 4 sequences, so a
 # sequence mean over the rank's own rows would pass too: `mask_truncated` leaves rank 0 with 2 sequences that
 # have tokens and rank 1 with 4, which only the global sequence count gets right.
 CASES = {
@@ -51,7 +51,7 @@ def fixed_rollout(module: PPOModule) -> Rollout:
         rewards=torch.tensor([1.0, 0.0, 0.5, 0.5, 0.0, 0.0, 1.0, 0.25]), advantages=torch.zeros(B), finished=finished,
     )
     with torch.no_grad():  # old and reference log-probs near the policy's own: ratios around 1, some clipped
-        logp = rollout.logprobs(module.model, module.hparams.temperature)
+        logp = rollout.logprobs(module.model, module.cfg.rollout.temperature)
     rollout.old_logprobs = (logp + 0.2 * torch.randn(B, N, generator=g)).masked_fill(~completion_mask, 0.0)
     rollout.ref_logprobs = (logp - 0.3 * torch.rand(B, N, generator=g)).masked_fill(~completion_mask, 0.0)
     return rollout
@@ -70,8 +70,9 @@ def update(module: PPOModule, rollout: Rollout) -> tuple[torch.Tensor, torch.Ten
 
 
 def make_module(sft_ckpt: str, **options) -> PPOModule:
-    return PPOModule(policy_ckpt=sft_ckpt, reward="judge", samples_per_prompt=K, advantage="batch_whiten",
-                     beta=0.2, kl_estimator="k3", clip_eps=0.1, temperature=0.8, max_new_tokens=4, **options)
+    base = dict(reward=dict(source="judge"), rollout=dict(samples_per_prompt=K, advantage="batch_whiten", temperature=0.8, max_new_tokens=4),
+                kl=dict(beta=0.2, estimator="k3"), loss=dict(clip_eps=0.1))
+    return PPOModule(policy_ckpt=sft_ckpt, **with_groups(base, options))
 
 
 def _worker(rank: int, sft_ckpt: str, init_file: str, out_dir: str) -> None:
@@ -79,7 +80,7 @@ def _worker(rank: int, sft_ckpt: str, init_file: str, out_dir: str) -> None:
     try:
         results = {}
         for case, options in CASES.items():
-            module = make_module(sft_ckpt, **options)
+            module = make_module(sft_ckpt, loss=options)
             full = fixed_rollout(module)
             rows = torch.arange(rank * 4, (rank + 1) * 4)
             grad, weights = update(module, full.select(rows))
@@ -92,7 +93,7 @@ def _worker(rank: int, sft_ckpt: str, init_file: str, out_dir: str) -> None:
 def test_two_process_update_equals_single_process_update(sft_ckpt, tmp_path):
     single = {}
     for case, options in CASES.items():
-        module = make_module(str(sft_ckpt), **options)
+        module = make_module(str(sft_ckpt), loss=options)
         single[case] = update(module, fixed_rollout(module))
         assert single[case][0].abs().sum() > 0
     for case in CASES:  # each case is a different loss, so the check below cannot pass by comparing one loss twice

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from conftest import CONFIGS, QUIET, run_cli
+from conftest import CONFIGS, QUIET, run_cli, with_groups
 from tolerance import RATIO_ATOL
 from rlhf_lightning.cli import main
 from rlhf_lightning.data.prompts import PromptDataset, load_prompts
@@ -23,7 +23,7 @@ PPO_YAML = str(CONFIGS / "toy" / "ppo.yaml")
 
 
 def ppo(sft_ckpt, **kwargs) -> PPOModule:
-    return PPOModule(policy_ckpt=str(sft_ckpt), **{"reward": "judge", "beta": 0.1, **kwargs})
+    return PPOModule(policy_ckpt=str(sft_ckpt), **with_groups({"reward": {"source": "judge"}, "kl": {"beta": 0.1}}, kwargs))
 
 
 def menu_rollout(module: PPOModule) -> Rollout:
@@ -44,7 +44,7 @@ def menu_rollout(module: PPOModule) -> Rollout:
         finished=torch.tensor([True, True, True, False]),
     )
     with torch.no_grad():
-        logp = rollout.logprobs(module.model, module.hparams.temperature)  # (B, N)
+        logp = rollout.logprobs(module.model, module.cfg.rollout.temperature)  # (B, N)
     log_rho = torch.tensor([[0.2231, 0.2231, 0.0, 0.1],  # rho 1.25 on A > 0: clip-higher decides
                             [1.0, -0.1625, 0.0, 0.0],  # rho e and 0.85 on A < 0: the dual clip and clip_eps_low decide
                             [0.05, -0.3, 0.2231, 0.0],
@@ -56,15 +56,15 @@ def menu_rollout(module: PPOModule) -> Rollout:
 
 # (module options, the ppo_loss arguments they must turn into; defaults: clip 0.2 both sides, token mean)
 WIRING = {
-    "seq_mean_token_mean": ({"loss_agg": "seq_mean_token_mean"}, {"loss_agg": "seq_mean_token_mean"}),
-    "seq_mean_token_sum_norm": ({"loss_agg": "seq_mean_token_sum_norm", "max_new_tokens": 6},
+    "seq_mean_token_mean": ({"loss": {"loss_agg": "seq_mean_token_mean"}}, {"loss_agg": "seq_mean_token_mean"}),
+    "seq_mean_token_sum_norm": ({"loss": {"loss_agg": "seq_mean_token_sum_norm"}, "rollout": {"max_new_tokens": 6}},
                                 {"loss_agg": "seq_mean_token_sum_norm", "max_new_tokens": 6}),
-    "clip_eps_high": ({"clip_eps_high": 0.3}, {"clip_eps_high": 0.3}),
-    "clip_eps_low": ({"clip_eps_low": 0.1}, {"clip_eps": 0.1, "clip_eps_high": 0.2}),
-    "clip_eps_sets_both": ({"clip_eps": 0.1}, {"clip_eps": 0.1, "clip_eps_high": 0.1}),
-    "clip_c": ({"clip_c": 1.5}, {"clip_c": 1.5}),
-    "ratio_level": ({"ratio_level": "sequence"}, {"ratio_level": "sequence"}),
-    "mask_truncated": ({"mask_truncated": True}, {"mask": "truncated_dropped"}),
+    "clip_eps_high": ({"loss": {"clip_eps_high": 0.3}}, {"clip_eps_high": 0.3}),
+    "clip_eps_low": ({"loss": {"clip_eps_low": 0.1}}, {"clip_eps": 0.1, "clip_eps_high": 0.2}),
+    "clip_eps_sets_both": ({"loss": {"clip_eps": 0.1}}, {"clip_eps": 0.1, "clip_eps_high": 0.1}),
+    "clip_c": ({"loss": {"clip_c": 1.5}}, {"clip_c": 1.5}),
+    "ratio_level": ({"loss": {"ratio_level": "sequence"}}, {"ratio_level": "sequence"}),
+    "mask_truncated": ({"loss": {"mask_truncated": True}}, {"mask": "truncated_dropped"}),
 }
 
 
@@ -74,7 +74,7 @@ def test_each_option_reaches_the_loss(sft_ckpt, case):
     module = ppo(sft_ckpt, **options)
     rollout = menu_rollout(module)
     out, logprobs, _ = module.minibatch_loss(rollout)
-    args = {"clip_eps": 0.2, "beta": 0.1, "kl_estimator": "k1", "max_new_tokens": module.hparams.max_new_tokens, **expected_args}
+    args = {"clip_eps": 0.2, "beta": 0.1, "kl_estimator": "k1", "max_new_tokens": module.cfg.rollout.max_new_tokens, **expected_args}
     mask = drop_truncated(rollout.completion_mask, rollout.finished) if args.pop("mask", None) else rollout.completion_mask
     expected = ppo_loss(logprobs.detach(), rollout.old_logprobs, rollout.ref_logprobs, rollout.advantages, mask, **args)
     for name, got, want in zip(out._fields, out, expected):
@@ -85,13 +85,13 @@ def test_each_option_reaches_the_loss(sft_ckpt, case):
 
 
 def test_clip_range_defaults_to_clip_eps_on_each_side(sft_ckpt):
-    assert ppo(sft_ckpt, clip_eps=0.3).clip_range == (0.3, 0.3)
-    assert ppo(sft_ckpt, clip_eps=0.3, clip_eps_high=0.4).clip_range == (0.3, 0.4)
-    assert ppo(sft_ckpt, clip_eps=0.3, clip_eps_low=0.1).clip_range == (0.1, 0.3)
+    assert ppo(sft_ckpt, loss=dict(clip_eps=0.3)).clip_range == (0.3, 0.3)
+    assert ppo(sft_ckpt, loss=dict(clip_eps=0.3, clip_eps_high=0.4)).clip_range == (0.3, 0.4)
+    assert ppo(sft_ckpt, loss=dict(clip_eps=0.3, clip_eps_low=0.1)).clip_range == (0.1, 0.3)
 
 
 def test_truncated_completions_get_no_loss_but_keep_their_statistics(sft_ckpt):
-    module = ppo(sft_ckpt, mask_truncated=True, samples_per_prompt=2, max_new_tokens=2)
+    module = ppo(sft_ckpt, loss=dict(mask_truncated=True), rollout=dict(samples_per_prompt=2, max_new_tokens=2))
     # two new tokens fit a one-digit answer and its EOS, not a two-digit one: a mix of finished and truncated rows
     records = load_prompts("toy", "train", limit=300)
     records = [r for r in records if len(r.gold) == 1][:4] + [r for r in records if len(r.gold) == 2][:4]
@@ -111,7 +111,7 @@ def test_truncated_completions_get_no_loss_but_keep_their_statistics(sft_ckpt):
     changed_out, _, _ = module.minibatch_loss(changed)
     for got, want in zip(changed_out, out):
         assert torch.equal(got, want)
-    unmasked, _, _ = ppo(sft_ckpt, samples_per_prompt=2, max_new_tokens=2).minibatch_loss(changed)
+    unmasked, _, _ = ppo(sft_ckpt, rollout=dict(samples_per_prompt=2, max_new_tokens=2)).minibatch_loss(changed)
     assert abs(unmasked.loss.item() - out.loss.item()) > 1e-3
 
 
@@ -122,30 +122,30 @@ def test_cli_fit_with_the_options(sft_ckpt, tmp_path):
     }
     cli = run_cli([
         "fit", "--config", PPO_YAML, *QUIET, "--trainer.logger=false", f"--model.init_args.policy_ckpt={sft_ckpt}",
-        "--model.init_args.reward=judge", "--model.init_args.eval_every=0", "--data.init_args.max_val_prompts=64",
+        "--model.init_args.reward.source=judge", "--model.init_args.eval.every=0", "--data.init_args.max_val_prompts=64",
         "--trainer.limit_train_batches=2", "--data.init_args.batch_size=8",
-        "--model.init_args.keep_best=false",  # the final policy is the trained one, not possibly the SFT start
-        *(f"--model.init_args.{k}={v}" for k, v in options.items()),
+        "--model.init_args.eval.keep_best=false",  # the final policy is the trained one, not possibly the SFT start
+        *(f"--model.init_args.loss.{k}={v}" for k, v in options.items()),
     ], tmp_path)
     module = cli.model
-    assert {k: module.hparams[k] for k in options} == options and module.clip_range == (0.1, 0.28)
+    assert {k: module.hparams.loss[k] for k in options} == options and module.clip_range == (0.1, 0.28)
     assert module._rollouts == 2 and module.last_update["first_ratio_error"] < RATIO_ATOL
     assert all(torch.isfinite(torch.tensor(v)) for v in module.last_update.values())
     start, _, _ = load_policy(str(sft_ckpt))
     assert any(not torch.equal(a, b.cpu()) for a, b in zip(start.parameters(), module.model.parameters()))
     saved = torch.load(tmp_path / "checkpoints" / "toy" / "ppo.ckpt", weights_only=True)["hyper_parameters"]
-    assert {k: saved[k] for k in options} == options
+    assert {k: saved["loss"][k] for k in options} == options
 
 
 BAD_OPTIONS = {
     # id: (override, words the one line must contain)
-    "loss_agg": ("loss_agg=token_sum", ["model.init_args.loss_agg", "'token_sum'", "seq_mean_token_mean, seq_mean_token_sum_norm, token_mean"]),
-    "ratio_level": ("ratio_level=group", ["model.init_args.ratio_level", "'group'", "sequence, token"]),
-    "clip_eps_high": ("clip_eps_high=0.1", ["model.init_args.clip_eps_high", "0.1", "clip_eps_low 0.2", "clip_eps_high >= clip_eps_low"]),
-    "clip_eps_low": ("clip_eps_low=0.3", ["model.init_args.clip_eps_high", "0.2", "clip_eps_low 0.3"]),
-    "clip_c": ("clip_c=1.0", ["model.init_args.clip_c", "1.0", "> 1"]),
-    "advantage": ("advantage=whiten", ["model.init_args.advantage", "'whiten'", "group_mean"]),
-    "max_grad_norm": ("max_grad_norm=0", ["model.init_args.max_grad_norm", "0", "> 0, or null"]),
+    "loss_agg": ("loss.loss_agg=token_sum", ["model.init_args.loss.loss_agg", "'token_sum'", "seq_mean_token_mean, seq_mean_token_sum_norm, token_mean"]),
+    "ratio_level": ("loss.ratio_level=group", ["model.init_args.loss.ratio_level", "'group'", "sequence, token"]),
+    "clip_eps_high": ("loss.clip_eps_high=0.1", ["model.init_args.loss.clip_eps_high", "0.1", "clip_eps_low 0.2", "clip_eps_high >= clip_eps_low"]),
+    "clip_eps_low": ("loss.clip_eps_low=0.3", ["model.init_args.loss.clip_eps_high", "0.2", "clip_eps_low 0.3"]),
+    "clip_c": ("loss.clip_c=1.0", ["model.init_args.loss.clip_c", "1.0", "> 1"]),
+    "advantage": ("rollout.advantage=whiten", ["model.init_args.rollout.advantage", "'whiten'", "group_mean"]),
+    "max_grad_norm": ("update.max_grad_norm=0", ["model.init_args.update.max_grad_norm", "0", "> 0, or null"]),
 }
 
 
@@ -160,11 +160,11 @@ def test_bad_option_is_one_line_and_exit_2(case, tmp_path, monkeypatch, capsys):
 
 
 def test_bad_option_from_the_shell(tmp_path):
-    done = subprocess.run(["rlhf", "fit", "--config", PPO_YAML, "--model.init_args.loss_agg=foo"],
+    done = subprocess.run(["rlhf", "fit", "--config", PPO_YAML, "--model.init_args.loss.loss_agg=foo"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1] == (
-        "rlhf: error: model.init_args.loss_agg: unknown value 'foo'; "
+        "rlhf: error: model.init_args.loss.loss_agg: unknown value 'foo'; "
         "allowed: seq_mean_token_mean, seq_mean_token_sum_norm, token_mean"
     )

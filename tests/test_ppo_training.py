@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import lightning as L
 import pytest
 import torch
@@ -82,8 +84,8 @@ def dynamic_run(sft_ckpt, tmp_path, reward, *extra):
     args = [
         "--config", PPO_YAML, *QUIET, "--trainer.logger=false", "--trainer.callbacks=[]",
         "--trainer.enable_checkpointing=false", f"--model.init_args.policy_ckpt={sft_ckpt}",
-        "--model.init_args.reward=judge", "--model.init_args.advantage=group_mean", "--model.init_args.filter_groups=true",
-        "--model.init_args.samples_per_prompt=2", "--model.init_args.eval_every=0", "--data.init_args.batch_size=8",
+        "--model.init_args.reward.source=judge", "--model.init_args.rollout.advantage=group_mean", "--model.init_args.rollout.filter_groups=true",
+        "--model.init_args.rollout.samples_per_prompt=2", "--model.init_args.eval.every=0", "--data.init_args.batch_size=8",
         "--data.init_args.max_val_prompts=16", "--trainer.limit_train_batches=2", *extra,
     ]
     old = os.getcwd()
@@ -100,7 +102,7 @@ def dynamic_run(sft_ckpt, tmp_path, reward, *extra):
 
 
 def test_filter_groups_keeps_only_mixed_groups_at_the_full_batch_size(sft_ckpt, tmp_path):
-    cli, seen = dynamic_run(sft_ckpt, tmp_path, HalfUniformReward(), "--model.init_args.max_sampling_rounds=8")
+    cli, seen = dynamic_run(sft_ckpt, tmp_path, HalfUniformReward(), "--model.init_args.rollout.max_sampling_rounds=8")
     assert len(seen) == 2
     for rollout in seen:
         assert rollout.rewards.numel() == 8 * 2  # batch_size groups of K = 2
@@ -117,13 +119,13 @@ def test_filter_groups_keeps_only_mixed_groups_at_the_full_batch_size(sft_ckpt, 
 
 
 def test_all_uniform_rewards_skip_the_update(sft_ckpt, tmp_path):
-    cli, seen = dynamic_run(sft_ckpt, tmp_path, UniformReward(), "--model.init_args.max_sampling_rounds=2")
+    cli, seen = dynamic_run(sft_ckpt, tmp_path, UniformReward(), "--model.init_args.rollout.max_sampling_rounds=2")
     assert seen == []  # nothing to learn from: no update, no error
     module = cli.model
     assert module._rollouts == 2 and module._skipped_updates == 2 and cli.trainer.global_step == 0
     assert float(cli.trainer.callback_metrics["rollout/skipped_updates"]) == 2
     assert float(cli.trainer.callback_metrics["rollout/kept_groups_frac"]) == 0
-    start = PPOModule(policy_ckpt=str(sft_ckpt), reward="judge").model
+    start = PPOModule(policy_ckpt=str(sft_ckpt), reward=dict(source="judge")).model
     assert all(torch.equal(a, b) for a, b in zip(start.parameters(), module.model.parameters()))
 
 
@@ -138,11 +140,11 @@ def test_all_uniform_rewards_skip_the_update(sft_ckpt, tmp_path):
 )
 def test_dynamic_sampling_bad_options(sft_ckpt, options, message):
     with pytest.raises(ValueError, match=message):
-        PPOModule(policy_ckpt=str(sft_ckpt), reward="judge", **options)
+        PPOModule(policy_ckpt=str(sft_ckpt), rollout=options, reward=dict(source="judge"))
 
 
 def test_gold_reward_is_logged_beside_a_learned_reward(sft_ckpt, reward_ckpt, tmp_path):
-    module = PPOModule(policy_ckpt=str(sft_ckpt), reward="learned", reward_ckpt=str(reward_ckpt), samples_per_prompt=4)
+    module = PPOModule(policy_ckpt=str(sft_ckpt), reward=dict(source="learned", ckpt=str(reward_ckpt)), rollout=dict(samples_per_prompt=4))
     from rlhf_lightning.data.prompts import PromptDataset, load_prompts
     from rlhf_lightning.rl.rollout import Drawn, rollout_metrics
     from rlhf_lightning.tasks.arithmetic import judge_scores
@@ -155,27 +157,27 @@ def test_gold_reward_is_logged_beside_a_learned_reward(sft_ckpt, reward_ckpt, tm
     assert float(metrics["rollout/gold_reward"]) == pytest.approx(float(gold))
     assert float(metrics["rollout/reward_mean"]) == pytest.approx(float(drawn.rewards.mean()))
     # the judge as the reward: no separate gold monitor
-    judged = PPOModule(policy_ckpt=str(sft_ckpt), reward="judge", samples_per_prompt=4)
+    judged = PPOModule(policy_ckpt=str(sft_ckpt), reward=dict(source="judge"), rollout=dict(samples_per_prompt=4))
     assert judged.gold_scores(Drawn([judged.sample(batch)])) is None
 
 
 def test_dynamic_sampling_bad_option_from_the_shell(sft_ckpt, tmp_path, capsys):
     from rlhf_lightning.cli import main
 
-    code = main(["fit", "--config", PPO_YAML, f"--model.init_args.policy_ckpt={sft_ckpt}", "--model.init_args.reward=judge",
-                 "--model.init_args.filter_groups=true", "--model.init_args.advantage=batch_mean"])
+    code = main(["fit", "--config", PPO_YAML, f"--model.init_args.policy_ckpt={sft_ckpt}", "--model.init_args.reward.source=judge",
+                 "--model.init_args.rollout.filter_groups=true", "--model.init_args.rollout.advantage=batch_mean"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
-    assert err[0].startswith("rlhf: error: model.init_args.filter_groups: true needs an advantage with groups")
+    assert err[0].startswith("rlhf: error: model.init_args.rollout.filter_groups: true needs an advantage with groups")
 
 
 def test_keep_best_replaces_the_kept_policy_only_by_the_minimum_gain(sft_ckpt):
-    module = PPOModule(policy_ckpt=str(sft_ckpt), reward="judge", keep_best_min_gain=0.25)  # binary fractions: exact
+    module = PPOModule(policy_ckpt=str(sft_ckpt), reward=dict(source="judge"), eval=dict(keep_best_min_gain=0.25))  # binary fractions: exact
     for rollout, accuracy in enumerate([0.25, 0.375, 0.5, 0.5, 0.875]):  # kept: 0.25, then 0.5 (+0.25), then 0.875
         module._rollouts = rollout
         module.remember_if_best(accuracy)
         assert module._best["rollout"] == {0: 0, 1: 0, 2: 2, 3: 2, 4: 4}[rollout], rollout
-    module.hparams.keep_best_min_gain = 0.0  # the module's default: a tie replaces it (the latest of the best)
+    module.eval_cfg = dataclasses.replace(module.eval_cfg, keep_best_min_gain=0.0)  # the module's default: a tie replaces it (the latest of the best)
     module._rollouts = 5
     module.remember_if_best(0.875)
     assert module._best["rollout"] == 5 and module._best["accuracy"] == 0.875
@@ -189,15 +191,15 @@ def test_final_checkpoint_is_the_best_policy_on_val(sft_ckpt, tmp_path, keep_bes
 
     cli = run_cli([
         "fit", "--config", PPO_YAML, *QUIET, "--trainer.logger=false", f"--model.init_args.policy_ckpt={sft_ckpt}",
-        "--model.init_args.reward=judge", "--model.init_args.lr=0.05", "--model.init_args.eval_every=1",
-        f"--model.init_args.keep_best={str(keep_best).lower()}", "--trainer.limit_train_batches=3",
+        "--model.init_args.reward.source=judge", "--model.init_args.optim.lr=0.05", "--model.init_args.eval.every=1",
+        f"--model.init_args.eval.keep_best={str(keep_best).lower()}", "--trainer.limit_train_batches=3",
         "--data.init_args.batch_size=8", "--data.init_args.max_val_prompts=128",
     ], tmp_path)
     history = [e["eval/accuracy"] for e in cli.model.eval_history]
     assert len(history) == 4 and max(history) > history[-1]  # the run did lose accuracy
     final = tmp_path / "checkpoints" / "toy" / "ppo.ckpt"
-    summary, _ = evaluate_policy(str(final), split="val", limit=128, max_new_tokens=cli.model.hparams.max_new_tokens)
-    best, gain = 0, cli.model.hparams.keep_best_min_gain  # the start, replaced only by a gain of at least `gain`
+    summary, _ = evaluate_policy(str(final), split="val", limit=128, max_new_tokens=cli.model.cfg.rollout.max_new_tokens)
+    best, gain = 0, cli.model.eval_cfg.keep_best_min_gain  # the start, replaced only by a gain of at least `gain`
     for i, accuracy in enumerate(history):
         best = i if accuracy >= history[best] + gain else best
     chosen = torch.load(final, weights_only=True)["rlhf"]["chosen"]
@@ -211,15 +213,15 @@ def test_warmup_raises_the_learning_rate_linearly_then_holds(sft_ckpt, tmp_path)
     cli = run_cli([
         "fit", "--config", PPO_YAML, *QUIET, "--trainer.logger=false", "--trainer.callbacks=[]",
         "--trainer.enable_checkpointing=false", f"--model.init_args.policy_ckpt={sft_ckpt}",
-        "--model.init_args.reward=judge", "--model.init_args.lr=1e-4", "--model.init_args.warmup_steps=10",
-        "--model.init_args.ppo_epochs=2", "--model.init_args.num_minibatches=2", "--model.init_args.eval_every=0",
+        "--model.init_args.reward.source=judge", "--model.init_args.optim.lr=1e-4", "--model.init_args.optim.warmup_steps=10",
+        "--model.init_args.update.ppo_epochs=2", "--model.init_args.update.num_minibatches=2", "--model.init_args.eval.every=0",
         "--trainer.limit_train_batches=2", "--data.init_args.batch_size=8", "--data.init_args.max_val_prompts=16",
     ], tmp_path)
     steps = cli.trainer.global_step
     assert steps == 2 * 2 * 2  # rollouts x ppo_epochs x minibatches
     lr = cli.model.optimizers().param_groups[0]["lr"]
     assert lr == pytest.approx(1e-4 * (steps + 1) / 10)  # the factor of the next step
-    assert isinstance(PPOModule(policy_ckpt=str(sft_ckpt), reward="judge").configure_optimizers(), torch.optim.AdamW)  # off by default
+    assert isinstance(PPOModule(policy_ckpt=str(sft_ckpt), reward=dict(source="judge")).configure_optimizers(), torch.optim.AdamW)  # off by default
 
 
 class _TwoWayLogging(L.LightningModule):

@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import CONFIGS, run_cli
+from conftest import CONFIGS, run_cli, with_groups
 from rlhf_lightning.files import FAULT_ENV
 from rlhf_lightning.cli import main
 
@@ -26,7 +26,7 @@ def tiny_config(tmp_path: Path, stage: str, trainer: dict, model: dict, data: di
     config = yaml.safe_load((CONFIGS / "toy" / f"{stage}.yaml").read_text())
     config["trainer"].update(enable_progress_bar=False, log_every_n_steps=1, **trainer)
     config["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = every
-    config["model"]["init_args"].update(model)
+    config["model"]["init_args"] = with_groups(config["model"]["init_args"], model)
     config["data"]["init_args"].update(data)
     if pairs:
         config["data"]["init_args"]["pairs"]["init_args"].update(pairs)
@@ -173,7 +173,7 @@ def test_reward_killed_three_times_resumes_bitwise_identical(tmp_path, sft_run):
 def test_ppo_killed_three_times_resumes_bitwise_identical(tmp_path, sft_ckpt, reward_ckpt):
     # 5 rollouts per epoch, 2 epochs, a checkpoint every 2 rollouts (4 optimizer steps each)
     config = tiny_config(
-        tmp_path, "ppo", {"max_epochs": 2, "limit_train_batches": 1.0}, {"eval_every": 3, "samples_per_prompt": 4},
+        tmp_path, "ppo", {"max_epochs": 2, "limit_train_batches": 1.0}, {"eval": {"every": 3}, "rollout": {"samples_per_prompt": 4}},
         {"batch_size": 8, "max_train_prompts": 40, "max_val_prompts": 16}, every=8,
     )
     for name in ("full", "killed"):
@@ -272,7 +272,7 @@ def sft_last(tmp_path_factory) -> tuple[Path, Path]:
     "change, words",
     [
         (["--model.init_args.model.n_embd=64"], ["model.init_args.model.n_embd", "32", "64"]),
-        (["--model.init_args.lr=0.001"], ["model.init_args.lr", "0.005", "0.001"]),
+        (["--model.init_args.optim.lr=0.001"], ["model.init_args.optim.lr", "0.005", "0.001"]),
         (["--data.init_args.task=seed"], ["data.init_args.task", "'toy'", "'seed'"]),
     ],
     ids=["model-shape", "option", "task"],
@@ -299,7 +299,7 @@ def test_last_checkpoint_of_another_stage_is_refused(sft_last, sft_ckpt, reward_
 
 
 def test_last_checkpoint_against_a_different_reward_model_is_refused(tmp_path, sft_ckpt, reward_ckpt, monkeypatch, capsys):
-    config = tiny_config(tmp_path, "ppo", {"limit_train_batches": 2, "logger": False}, {"eval_every": 0}, {"batch_size": 4, "max_val_prompts": 8}, every=4)
+    config = tiny_config(tmp_path, "ppo", {"limit_train_batches": 2, "logger": False}, {"eval": {"every": 0}}, {"batch_size": 4, "max_val_prompts": 8}, every=4)
     (tmp_path / "checkpoints" / "toy").mkdir(parents=True)
     for ckpt in (sft_ckpt, reward_ckpt):
         shutil.copy(ckpt, tmp_path / "checkpoints" / "toy" / ckpt.name)
@@ -310,7 +310,7 @@ def test_last_checkpoint_against_a_different_reward_model_is_refused(tmp_path, s
     monkeypatch.chdir(tmp_path)
     assert main(resume_args(config)) == 2
     err = capsys.readouterr().err
-    assert "model.init_args.reward_ckpt" in err and "is not the file this PPO run started from" in err
+    assert "model.init_args.reward.ckpt" in err and "is not the file this PPO run started from" in err
 
 
 def test_truncated_last_checkpoint_is_refused_with_its_path(sft_last, tmp_path, monkeypatch, capsys):
@@ -331,7 +331,7 @@ def test_truncated_last_checkpoint_is_refused_with_its_path(sft_last, tmp_path, 
 
 def pipeline_args(tmp_path: Path) -> list[str]:
     """A tiny pipeline whose PPO stage writes last.ckpt after every rollout."""
-    ppo = tiny_config(tmp_path, "ppo", {"limit_train_batches": 8}, {"eval_every": 0}, {"batch_size": 16, "max_val_prompts": 32}, every=4)
+    ppo = tiny_config(tmp_path, "ppo", {"limit_train_batches": 8}, {"eval": {"every": 0}}, {"batch_size": 16, "max_val_prompts": 32}, every=4)
     return [
         f"--ppo_config={ppo}", "--sft.trainer.enable_progress_bar=false", "--reward.trainer.enable_progress_bar=false",
         "--sft.trainer.max_epochs=1", "--sft.data.init_args.demo_fraction=0.1", "--sft.data.init_args.max_val_prompts=64",

@@ -138,7 +138,7 @@ def test_tiny_fit_ranks_held_out_chosen_above_rejected(tmp_path):
             f.writelines(json.dumps(r) + "\n" for r in easy_pairs(split, n))
     cli = run_cli([
         "fit", "--config", str(CONFIGS / "toy" / "reward.yaml"), *QUIET, "--trainer.logger=false",
-        "--trainer.max_epochs=3", "--model.init_args.sft_ckpt=null", "--model.init_args.lr=0.003",
+        "--trainer.max_epochs=3", "--model.init_args.sft_ckpt=null", "--model.init_args.optim.lr=0.003",
         "--model.init_args.model={type: gpt, n_layer: 1, n_embd: 32, block_size: 24}", "--model.init_args.chosen_nll=0",
         "--data.init_args.pairs=JsonlPairs", f"--data.init_args.pairs.train_file={tmp_path / 'train.jsonl'}",
         f"--data.init_args.pairs.val_file={tmp_path / 'val.jsonl'}",

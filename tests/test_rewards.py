@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from rlhf_lightning.checkpoints import CheckpointError
+from rlhf_lightning.option_groups import REWARD_SOURCE_NAMES
 from rlhf_lightning.rewards import (
     REWARD_SOURCES,
     JudgeReward,
@@ -64,11 +65,11 @@ def test_weighted_sum_adds_weighted_parts_and_names_a_bad_part():
 
 
 def test_registry_and_builder_errors():
-    assert set(REWARD_SOURCES) == {"judge", "learned", "weighted"}
+    assert set(REWARD_SOURCES) == {"judge", "learned", "weighted"} == set(REWARD_SOURCE_NAMES)  # RewardConfig checks the names
     assert isinstance(build_reward_source("judge", RewardSettings()), JudgeReward)
     with pytest.raises(RewardError, match="unknown reward source 'oracle'"):
         build_reward_source("oracle", RewardSettings())
-    with pytest.raises(RewardError, match="needs model.init_args.reward_ckpt"):
+    with pytest.raises(RewardError, match="needs model.init_args.reward.ckpt"):
         build_reward_source("learned", RewardSettings())
     with pytest.raises(RewardError, match="unknown reward source 'nope'"):
         build_reward_source("weighted", RewardSettings(reward_weights={"nope": 1.0}))

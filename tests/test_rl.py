@@ -11,10 +11,10 @@ from torch.testing import assert_close
 
 from rlhf_lightning.data.prompts import PromptDataset, load_prompts
 from rlhf_lightning.losses import batch_mean, group_mean, kl_penalty, masked_sum, ppo_loss
-from rlhf_lightning.option_groups import KLConfig, LossConfig, OptimConfig, RolloutConfig
+from rlhf_lightning.option_groups import KLConfig, LossConfig, RolloutConfig, UpdateConfig
 from rlhf_lightning.policy import build_policy
 from rlhf_lightning.rl.rollout import RolloutCollector
-from rlhf_lightning.rl.update import UpdateConfig, minibatch_loss, ppo_update
+from rlhf_lightning.rl.update import PPOConfig, minibatch_loss, ppo_update
 from tolerance import FORWARD_ATOL, RATIO_ATOL
 
 TINY = {"type": "gpt", "n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 24}
@@ -38,7 +38,7 @@ def setup():
 def test_a_rollout_holds_generations_log_probs_the_references_and_batch_advantages(setup):
     policy, reference, tokenizer, batch = setup
     cfg = RolloutConfig(samples_per_prompt=2, max_new_tokens=4, temperature=0.7)
-    collector = RolloutCollector(policy, reference, tokenizer, parity, cfg, KLConfig(beta=0.1, kl_estimator="k3"))
+    collector = RolloutCollector(policy, reference, tokenizer, parity, cfg, KLConfig(beta=0.1, estimator="k3"))
     rollout, drawn = collector.collect(batch, torch.Generator().manual_seed(1), beta=0.1)
     assert rollout.completion_ids.size(0) == 8 and drawn.rounds == 1 and drawn.kept_groups is None
     assert drawn.samples[0].prompts[:2] == [batch["prompts"][0]] * 2  # a prompt's K samples are consecutive rows
@@ -85,8 +85,8 @@ class CountingSGD(torch.optim.SGD):
         return super().step(closure)
 
 
-def update_config(**optim) -> UpdateConfig:
-    return UpdateConfig(RolloutConfig(samples_per_prompt=2, max_new_tokens=4), LossConfig(), KLConfig(beta=0.1), OptimConfig(**optim))
+def update_config(**update) -> PPOConfig:
+    return PPOConfig(RolloutConfig(samples_per_prompt=2, max_new_tokens=4), LossConfig(), KLConfig(beta=0.1), UpdateConfig(**update))
 
 
 def test_an_update_is_the_losses_gradient_step_and_takes_epochs_times_minibatches_steps(setup):

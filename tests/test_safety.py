@@ -47,7 +47,7 @@ def test_a_checkpoint_carrying_code_is_refused_everywhere(malicious_ckpt):
 
 def test_wrong_stage_and_missing_checkpoint_errors(tmp_path, sft_ckpt):
     with pytest.raises(CheckpointError, match=r"is a 'sft' checkpoint, expected 'reward'"):
-        read_checkpoint(sft_ckpt, ("reward",), "model.init_args.reward_ckpt")
+        read_checkpoint(sft_ckpt, ("reward",), "model.init_args.reward.ckpt")
     with pytest.raises(CheckpointError, match=r"policy_ckpt: checkpoint .*nope\.ckpt' does not exist"):
         read_checkpoint(tmp_path / "nope.ckpt", ("sft",), "policy_ckpt")
 

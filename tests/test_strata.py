@@ -157,10 +157,10 @@ def test_ppo_evaluate_returns_and_logs_accuracy_per_stratum(sft_ckpt):
     from rlhf_lightning.evaluate import evaluate_policy
     from rlhf_lightning.modules.ppo import PPOModule
 
-    module = PPOModule(policy_ckpt=str(sft_ckpt), reward="judge")
+    module = PPOModule(policy_ckpt=str(sft_ckpt), reward=dict(source="judge"))
     data = PromptDataset(module.tokenizer, load_prompts("toy", "val", limit=200), module.data_max_length)
     metrics = module.evaluate(DataLoader(data, batch_size=64, collate_fn=data.collate))
-    summary, _ = evaluate_policy(str(sft_ckpt), split="val", limit=200, max_new_tokens=module.hparams.max_new_tokens)
+    summary, _ = evaluate_policy(str(sft_ckpt), split="val", limit=200, max_new_tokens=module.cfg.rollout.max_new_tokens)
     expected = {f"eval/accuracy/{n}": m["accuracy"] for n, m in summary["strata"].items() if m["n"]}
     assert {k: v for k, v in metrics.items() if k.startswith("eval/accuracy/")} == pytest.approx(expected)
     assert module.eval_history[-1]["eval/accuracy/op/+"] == pytest.approx(expected["eval/accuracy/op/+"])

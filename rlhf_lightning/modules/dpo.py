@@ -24,8 +24,7 @@ of the checkpoint, so a resumed run continues bitwise. Greedy `val` accuracy eve
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,10 +37,11 @@ from rlhf_lightning.checkpoints import CheckpointError, sha256_file, sha256_path
 from rlhf_lightning.data.jsonl import DataError
 from rlhf_lightning.data.preferences import JUDGES, PairDataset, check_pair_options, group_pairs, sample_groups
 from rlhf_lightning.data.prompts import PromptDataset, PromptRecord, load_prompts, move_batch
-from rlhf_lightning.losses import DPO_LOSSES, REFERENCE_FREE_LOSSES, PairLogps, chosen_nll, dpo_loss, implicit_rewards, masked_sum
+from rlhf_lightning.losses import REFERENCE_FREE_LOSSES, PairLogps, chosen_nll, dpo_loss, implicit_rewards, masked_sum
 from rlhf_lightning.models import enable_gradient_checkpointing
-from rlhf_lightning.modules.frozen import FROZEN_DTYPES, hide_reference, policy_reference
+from rlhf_lightning.modules.frozen import hide_reference, policy_reference
 from rlhf_lightning.modules.stage import StageModule
+from rlhf_lightning.option_groups import FROZEN_DTYPES, DPOEvalConfig, DPOLossConfig, OptimConfig, as_group
 from rlhf_lightning.distributed import rank, sum_over_ranks, world_size
 from rlhf_lightning.optim import adamw_warmup_cosine
 from rlhf_lightning.options import SEED_MAX, ConfigError, check_choice, check_lora, check_number
@@ -49,7 +49,6 @@ from rlhf_lightning.policy import base_record, build_policy, context_length, loa
 from rlhf_lightning.rewards import LearnedReward
 from rlhf_lightning.evaluation import Evaluation, answer
 from rlhf_lightning.scoring import token_logprobs
-from rlhf_lightning.tasks.arithmetic import EVAL_MAX_NEW_TOKENS
 
 __all__ = ["DPOModule", "OnlineConfig", "WithReferenceLogps", "sequence_logps"]
 
@@ -135,22 +134,11 @@ class DPOModule(StageModule):
         policy_ckpt: str | None = None,
         model: dict[str, Any] | None = None,
         tokenizer: dict[str, Any] | None = None,
-        loss_type: str | list[str] = "sigmoid",
-        loss_weights: list[float] | None = None,
-        beta: float = 0.1,
-        label_smoothing: float = 0.0,
-        gamma: float = 0.5,
-        nll_alpha: float = 0.0,
+        loss: DPOLossConfig = DPOLossConfig(),
+        optim: OptimConfig = OptimConfig(lr=1e-4),
+        eval: DPOEvalConfig = DPOEvalConfig(),
         precompute_ref_logprobs: bool = False,
-        lr: float = 1e-4,
-        weight_decay: float = 0.0,
-        warmup_steps: int = 0,
-        min_lr_ratio: float = 1.0,
-        max_new_tokens: int = EVAL_MAX_NEW_TOKENS,
-        max_val_prompts: int | None = None,
         inference_batch_size: int = 1024,
-        num_logged_samples: int = 8,
-        keep_best: bool = False,
         lora: dict[str, Any] | None = None,
         reference_dtype: str = "float32",
         gradient_checkpointing: bool = False,
@@ -164,29 +152,13 @@ class DPOModule(StageModule):
             model: plain config of the policy when there is no `policy_ckpt`: an HF folder (`{type: hf, path}`) or,
                 for reference-free losses only, a fresh model.
             tokenizer: with `model`, its tokenizer (default: the HF folder's, or the toy alphabet).
-            loss_type: a name of `losses.DPO_LOSSES` (TRL's `loss_type` names: sigmoid, robust, ipo, hinge, simpo;
-                orpo) or a list of them, summed with `loss_weights`.
-            loss_weights: one weight per `loss_type` (default: 1 each).
-            beta: the KL strength of DPO (IPO's tau; SimPO's and ORPO's scale); a number > 0.
-            label_smoothing: eps, the assumed probability of a flipped label: cDPO's smoothing of `sigmoid`, the
-                noise rate of `robust`, SimPO's smoothing; 0 <= eps < 0.5.
-            gamma: SimPO's target reward margin.
-            nll_alpha: weight of the chosen completions' NLL per token added to the loss (RPO's alpha; ORPO
-                includes its own NLL).
+            loss: the loss or weighted sum of losses, beta and their options (`DPOLossConfig`).
+            optim: AdamW, its warm-up and cosine decay over the run's optimizer steps (`OptimConfig`).
+            eval: greedy evaluation on `val` and the policy kept (`DPOEvalConfig`).
             precompute_ref_logprobs: compute the reference's log-probs of every training pair once, at fit start,
                 instead of a reference forward each step.
-            lr: peak AdamW learning rate.
-            weight_decay: AdamW weight decay on matrices (none on biases and norms).
-            warmup_steps: linear warm-up steps, then cosine decay to `min_lr_ratio * lr` (1.0: constant).
-            min_lr_ratio: final learning rate as a fraction of `lr`.
-            max_new_tokens: completion budget of greedy evaluation.
-            max_val_prompts: evaluate greedy accuracy on the first N `val` prompts only (None: all); online DPO
-                evaluates its `PromptDataModule`'s `val` prompts (`data.init_args.max_val_prompts`).
             inference_batch_size: prompts per batch of greedy evaluation, and pairs per reference forward of the
                 precompute (the DataModule's `eval_batch_size` is its held-out pairs' batch).
-            num_logged_samples: evaluation completions written to TensorBoard as text.
-            keep_best: the final checkpoint holds the policy with the best `eval/accuracy` on `val` among the
-                evaluations (the latest on ties; the start counts). False: the last policy.
             lora: train LoRA adapters on the policy instead of all of it: {r, alpha (default 2 r), dropout,
                 target_modules}; the reference is the same model with its adapters switched off (no copy). A
                 `policy_ckpt` holding adapters (LoRA SFT) continues them without this option; its reference is
@@ -198,28 +170,10 @@ class DPOModule(StageModule):
                 from `PromptDataModule`'s prompt batches, instead of `PreferenceDataModule`'s fixed pairs.
         """
         super().__init__()
-        names = [loss_type] if isinstance(loss_type, str) else list(loss_type)
-        if not names:
-            raise ConfigError(f"model.init_args.loss_type: an empty list; allowed: one or more of {', '.join(sorted(DPO_LOSSES))}")
-        for name in names:
-            check_choice("loss_type", name, DPO_LOSSES)
-        if loss_weights is not None and (len(loss_weights) != len(names) or not all(math.isfinite(w) for w in loss_weights)):
-            raise ConfigError(
-                f"model.init_args.loss_weights: {list(loss_weights)} does not fit loss_type {names}; "
-                f"allowed: {len(names)} finite number(s), one per loss type, or null (1 each)"
-            )
-        check_number("beta", beta, low=0, low_open=True)
-        check_number("label_smoothing", label_smoothing, low=0, high=0.5, high_open=True)  # eps < 0.5: a label is likelier right than flipped
-        check_number("gamma", gamma)
-        check_number("nll_alpha", nll_alpha, low=0)
-        check_number("lr", lr, low=0, low_open=True)
-        check_number("weight_decay", weight_decay, low=0)
-        check_number("warmup_steps", warmup_steps, low=0, integer=True)
-        check_number("min_lr_ratio", min_lr_ratio, low=0, high=1)
-        check_number("max_new_tokens", max_new_tokens, low=1, integer=True)
-        check_number("max_val_prompts", max_val_prompts, low=1, integer=True, allow_none="all")
+        # the groups check their own fields (one line, exit 2) before anything is built
+        self.loss_cfg, self.optim_cfg, self.eval_cfg = as_group(DPOLossConfig, loss), as_group(OptimConfig, optim), as_group(DPOEvalConfig, eval)
+        names = self.loss_cfg.names
         check_number("inference_batch_size", inference_batch_size, low=1, integer=True)
-        check_number("num_logged_samples", num_logged_samples, low=0, integer=True)
         check_lora(lora)
         check_choice("reference_dtype", reference_dtype, FROZEN_DTYPES)
         if isinstance(online, dict):  # a plain mapping (Python callers); the CLI builds the dataclass itself
@@ -227,9 +181,9 @@ class DPOModule(StageModule):
                 online = OnlineConfig(**online)
             except TypeError as err:
                 raise ConfigError(f"model.init_args.online: {err}; allowed fields: {', '.join(OnlineConfig.__dataclass_fields__)}") from None
-        if online is not None and max_val_prompts is not None:
+        if online is not None and self.eval_cfg.max_val_prompts is not None:
             raise ConfigError(
-                "model.init_args.max_val_prompts: online DPO evaluates its PromptDataModule's val prompts; "
+                "model.init_args.eval.max_val_prompts: online DPO evaluates its PromptDataModule's val prompts; "
                 "set data.init_args.max_val_prompts instead"
             )
         if online is not None and precompute_ref_logprobs:
@@ -245,10 +199,8 @@ class DPOModule(StageModule):
                 f"loss ({', '.join(sorted(REFERENCE_FREE_LOSSES))})"
             )
         self.online = online
-        online = None if online is None else asdict(online)  # plain values in hparams.yaml
-        # online, the DataModule's `max_val_prompts` applies (Lightning refuses two hparams of one name that differ)
-        self.save_hyperparameters(ignore=["max_val_prompts"] if online is not None else [])
-        self.hparams.loss_type = names
+        self.save_options({"loss": self.loss_cfg, "optim": self.optim_cfg, "eval": self.eval_cfg, "online": online})
+        self.hparams.loss["loss_type"] = names
 
         meta: dict[str, Any] = {}
         if policy_ckpt is not None:
@@ -319,7 +271,7 @@ class DPOModule(StageModule):
         It runs after the DataModule's `setup` and before any training dataloader is built."""
         datamodule = getattr(self.trainer, "datamodule", None) if self.attached is not None else None
         task = getattr(datamodule, "hparams", {}).get("task", "toy") if datamodule is not None else "toy"
-        self._val_prompts = PromptDataset(self.tokenizer, load_prompts(task, "val", limit=self.hparams.get("max_val_prompts")), context_length(self.model))
+        self._val_prompts = PromptDataset(self.tokenizer, load_prompts(task, "val", limit=self.eval_cfg.max_val_prompts), context_length(self.model))
         if self.online is not None and getattr(datamodule, "val_set", None) is not None:
             self._val_prompts = datamodule.val_set  # PromptDataModule's `val` prompts (its val_file, max_val_prompts)
         if stage == "fit" and datamodule is not None:
@@ -362,7 +314,7 @@ class DPOModule(StageModule):
             self.judge_source.to(self.device)
 
     def configure_optimizers(self):
-        return adamw_warmup_cosine(self, self.model)
+        return adamw_warmup_cosine(self.optim_cfg, self.model, self.trainer.estimated_stepping_batches)
 
     # ------------------------------------------------------------------ training
 
@@ -380,7 +332,6 @@ class DPOModule(StageModule):
         return PairLogps(chosen, rejected, chosen_tokens, rejected_tokens, ref[:, 0], ref[:, 1])
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
-        hp = self.hparams
         rollout: dict[str, torch.Tensor] = {}
         scale = 1.0
         if self.online is not None:
@@ -394,7 +345,8 @@ class DPOModule(StageModule):
             batch, scale = move_batch(self._pairs, self.device), self._pairs["scale"]
             self._steps_on_pairs += 1
         logps = self.pair_logps(batch)
-        out = dpo_loss(logps, hp.loss_type, hp.beta, hp.loss_weights, hp.label_smoothing, hp.gamma, hp.nll_alpha)
+        cfg = self.loss_cfg
+        out = dpo_loss(logps, cfg.names, cfg.beta, cfg.loss_weights, cfg.label_smoothing, cfg.gamma, cfg.nll_alpha)
         loss = out.pair_loss * scale  # online: this rank's share of every rank's pairs (1.0 offline: equal batches)
         if out.nll_weight:  # RPO's (and ORPO's) NLL per chosen token over every rank's pairs
             loss = loss + out.nll_weight * chosen_nll(logps) * self.token_share(logps.chosen_tokens.sum() if scale else None)
@@ -498,7 +450,7 @@ class DPOModule(StageModule):
         ref = sequence_logps(self.reference, batch)[0] if self.reference is not None else None
         at = lambda t, k: None if t is None else t[pairs[:, k]]  # noqa: E731
         logps = PairLogps(at(sums, 0), at(sums, 1), at(tokens, 0), at(tokens, 1), at(ref, 0), at(ref, 1))
-        chosen, rejected = implicit_rewards(logps, self.hparams.beta, reference_free=self.reference is None)
+        chosen, rejected = implicit_rewards(logps, self.loss_cfg.beta, reference_free=self.reference is None)
         self.val_pair_accuracy.update((chosen > rejected).float())
         self.val_margin.update(chosen - rejected)
 
@@ -517,19 +469,19 @@ class DPOModule(StageModule):
     def evaluate(self) -> dict[str, float]:
         """Greedy task accuracy on the `val` prompts and per stratum (`evaluation.answer`, as SFT's validation);
         every rank evaluates all prompts (deterministic). Recorded in `eval_history`; during fit, the best policy is kept."""
-        hp = self.hparams
+        hp, ev = self.hparams, self.eval_cfg
         data = self._val_prompts
         if data is None:
-            data = self._val_prompts = PromptDataset(self.tokenizer, load_prompts("toy", "val", limit=hp.get("max_val_prompts")), context_length(self.model))
+            data = self._val_prompts = PromptDataset(self.tokenizer, load_prompts("toy", "val", limit=ev.max_val_prompts), context_length(self.model))
         was_training = self.model.training
         self.model.eval()
         evaluation = Evaluation()
         for start in range(0, len(data), hp.inference_batch_size):
             batch = move_batch(data.collate([data[i] for i in range(start, min(start + hp.inference_batch_size, len(data)))]), self.device)
-            answers = answer(self.model, self.tokenizer, batch, hp.max_new_tokens)
+            answers = answer(self.model, self.tokenizer, batch, ev.max_new_tokens)
             evaluation.add(answers)
             if start == 0 and self.attached is not None:
-                log_samples(self, "samples/val", answers.prompts, answers.completions, answers.golds, hp.num_logged_samples)
+                log_samples(self, "samples/val", answers.prompts, answers.completions, answers.golds, ev.num_logged_samples)
         self.model.train(was_training)
         metrics = evaluation.metrics()
         self.eval_history.append({"step": self.global_step, **metrics})
@@ -546,7 +498,7 @@ class DPOModule(StageModule):
 
     def remember_if_best(self, accuracy: float) -> None:
         """Keep a CPU copy of the trained weights when `accuracy` on `val` is at least the best so far."""
-        if not self.hparams.keep_best or accuracy != accuracy:  # NaN: no gold answers to choose by
+        if not self.eval_cfg.keep_best or accuracy != accuracy:  # NaN: no gold answers to choose by
             return
         if self._best is None or accuracy >= self._best["accuracy"]:
             self._best = {"step": self.global_step, "accuracy": accuracy, "state": self.trainable_state()}
@@ -556,11 +508,11 @@ class DPOModule(StageModule):
         one on `val`.
 
         Called by `FinalCheckpoint` before it writes the stage's checkpoint, and at the end of training."""
-        if self.chosen is not None or self.global_step == 0 or not (self.hparams.keep_best or self.online is not None):
+        if self.chosen is not None or self.global_step == 0 or not (self.eval_cfg.keep_best or self.online is not None):
             return
         if not self.eval_history or self.eval_history[-1]["step"] != self.global_step:
             self.log_metrics_now(self.evaluate())  # online DPO evaluates its last policy, kept or not
-        if not self.hparams.keep_best:
+        if not self.eval_cfg.keep_best:
             return
         best = self._best
         if best is not None and best["step"] != self.global_step:

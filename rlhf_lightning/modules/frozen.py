@@ -8,16 +8,13 @@ import copy
 from collections.abc import Callable
 from typing import Any
 
-import torch
 import torch.nn as nn
 
 from rlhf_lightning.lora import BaseOfAdapters, add_adapters, has_adapters, lora_settings, merged, require_peft
+from rlhf_lightning.option_groups import FROZEN_DTYPES
 from rlhf_lightning.options import ConfigError
 
 __all__ = ["FROZEN_DTYPES", "disable_dropout", "hide_reference", "policy_reference"]
-
-#: Precisions a frozen model (reference, reward model) may be held in.
-FROZEN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def disable_dropout(model: nn.Module) -> None:

@@ -18,6 +18,7 @@ from rlhf_lightning.lora import add_reward_adapters, lora_settings, require_peft
 from rlhf_lightning.modules.stage import StageModule
 from rlhf_lightning.losses import bradley_terry_loss, masked_mean, pairwise_accuracy
 from rlhf_lightning.models.reward import RewardModel
+from rlhf_lightning.option_groups import OptimConfig, as_group
 from rlhf_lightning.optim import adamw_warmup_cosine
 from rlhf_lightning.options import ConfigError, check_lora, check_number
 from rlhf_lightning.policy import POLICY_STAGES, base_record, load_plain_policy
@@ -60,10 +61,7 @@ class RewardModule(StageModule):
         init_from_sft: bool = True,
         use_margin: bool = True,
         chosen_nll: float = 0.0,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        warmup_steps: int = 10,
-        min_lr_ratio: float = 0.1,
+        optim: OptimConfig = OptimConfig(lr=1e-3, weight_decay=0.0, warmup_steps=10, min_lr_ratio=0.1),
         lora: dict[str, Any] | None = None,
     ) -> None:
         """
@@ -79,10 +77,7 @@ class RewardModule(StageModule):
             chosen_nll: weight of the chosen completions' mean token NLL under the LM head, added to the
                 loss (needs `lm_feature`). It keeps the likelihood feature a calibrated language model while
                 the Bradley-Terry loss pushes rejected completions down.
-            lr: peak AdamW learning rate.
-            weight_decay: AdamW weight decay on matrices (none on biases and norms).
-            warmup_steps: linear warm-up steps, then cosine decay to `min_lr_ratio * lr`.
-            min_lr_ratio: final learning rate as a fraction of `lr`.
+            optim: AdamW, its warm-up and cosine decay over the run's optimizer steps (`OptimConfig`).
             lora: train LoRA adapters on the reward model's backbone instead of all of it: {r, alpha (default
                 2 r), dropout, target_modules}; the score head (and the likelihood feature's scale) train fully,
                 the LM head stays the SFT policy's. Needs a trained base: `sft_ckpt` with `init_from_sft`, or an
@@ -90,10 +85,7 @@ class RewardModule(StageModule):
         """
         super().__init__()
         check_number("chosen_nll", chosen_nll, low=0)
-        check_number("lr", lr, low=0, low_open=True)
-        check_number("weight_decay", weight_decay, low=0)
-        check_number("warmup_steps", warmup_steps, low=0, integer=True)
-        check_number("min_lr_ratio", min_lr_ratio, low=0, high=1)
+        self.optim_cfg = as_group(OptimConfig, optim, OptimConfig(lr=1e-3, weight_decay=0.0, warmup_steps=10, min_lr_ratio=0.1))
         check_lora(lora)
         sft = read_checkpoint(sft_ckpt, POLICY_STAGES, "model.init_args.sft_ckpt") if sft_ckpt else None
         self.sft_sha256 = sha256_file(sft_ckpt) if sft_ckpt else None  # a resumed run must start from the same file
@@ -121,7 +113,7 @@ class RewardModule(StageModule):
         self.train_adapters(record)
         if chosen_nll and not self.model.lm_feature:
             raise ConfigError("model.init_args.chosen_nll needs a reward model with the likelihood feature (model: {lm_feature: true})")
-        self.save_hyperparameters()
+        self.save_options({"optim": self.optim_cfg})
         self.hparams.model = config  # resolved: the checkpoint rebuilds exactly this model
         self.hparams.tokenizer = self.tokenizer.to_dict()
         self.val_accuracy = MeanMetric()
@@ -220,7 +212,7 @@ class RewardModule(StageModule):
             metric.reset()
 
     def configure_optimizers(self):
-        return adamw_warmup_cosine(self, self.model)
+        return adamw_warmup_cosine(self.optim_cfg, self.model, self.trainer.estimated_stepping_batches)
 
     def checkpoint_meta(self) -> dict[str, Any]:
         return {

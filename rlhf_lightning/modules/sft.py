@@ -11,6 +11,7 @@ from rlhf_lightning.losses import masked_mean
 from rlhf_lightning.optim import adamw_warmup_cosine
 from rlhf_lightning.lora import add_adapters, lora_settings, require_peft
 from rlhf_lightning.modules.stage import StageModule
+from rlhf_lightning.option_groups import OptimConfig, as_group
 from rlhf_lightning.options import ConfigError, check_lora, check_number
 from rlhf_lightning.policy import base_record, build_policy, context_length, load_plain_policy, load_policy
 from rlhf_lightning.evaluation import Evaluation, answer
@@ -28,10 +29,7 @@ class SFTModule(StageModule):
         model: dict[str, Any] | None = None,
         tokenizer: dict[str, Any] | None = None,
         prompt_loss: bool = False,
-        lr: float = 3e-3,
-        weight_decay: float = 0.1,
-        warmup_steps: int = 50,
-        min_lr_ratio: float = 0.1,
+        optim: OptimConfig = OptimConfig(lr=3e-3, weight_decay=0.1, warmup_steps=50, min_lr_ratio=0.1),
         max_new_tokens: int = EVAL_MAX_NEW_TOKENS,
         num_logged_samples: int = 8,
         init_ckpt: str | None = None,
@@ -44,10 +42,7 @@ class SFTModule(StageModule):
                 `vocab_size` is taken from the tokenizer.
             tokenizer: `CharTokenizer.to_dict()` output; default: the toy task's alphabet.
             prompt_loss: also train on prompt tokens (default: completion tokens only).
-            lr: peak AdamW learning rate.
-            weight_decay: AdamW weight decay on matrices (none on biases and norms).
-            warmup_steps: linear warm-up steps, then cosine decay to `min_lr_ratio * lr`.
-            min_lr_ratio: final learning rate as a fraction of `lr`.
+            optim: AdamW, its warm-up and cosine decay over the run's optimizer steps (`OptimConfig`).
             max_new_tokens: completion budget of greedy evaluation.
             num_logged_samples: evaluation completions written to TensorBoard as text.
             init_ckpt: start from the policy in this SFT or PPO checkpoint (or exported folder) instead of
@@ -59,10 +54,7 @@ class SFTModule(StageModule):
                 an exported folder; an HF model (`model.type: hf`) is its own base.
         """
         super().__init__()
-        check_number("lr", lr, low=0, low_open=True)
-        check_number("weight_decay", weight_decay, low=0)
-        check_number("warmup_steps", warmup_steps, low=0, integer=True)
-        check_number("min_lr_ratio", min_lr_ratio, low=0, high=1)
+        self.optim_cfg = as_group(OptimConfig, optim, OptimConfig(lr=3e-3, weight_decay=0.1, warmup_steps=50, min_lr_ratio=0.1))
         check_number("max_new_tokens", max_new_tokens, low=1, integer=True)
         check_number("num_logged_samples", num_logged_samples, low=0, integer=True)
         check_lora(lora)
@@ -90,7 +82,7 @@ class SFTModule(StageModule):
         else:
             self.model, self.tokenizer, model_config = build_policy(model, tokenizer)
         self.train_adapters(record)
-        self.save_hyperparameters()
+        self.save_options({"optim": self.optim_cfg})
         self.hparams.model = model_config  # resolved: the checkpoint rebuilds exactly this model
         self.hparams.tokenizer = self.tokenizer.to_dict()
         self.val_answers = Evaluation()  # this validation's answers so far
@@ -130,7 +122,7 @@ class SFTModule(StageModule):
             self.log(name, value, prog_bar=name == "eval/accuracy")
 
     def configure_optimizers(self):
-        return adamw_warmup_cosine(self, self.model)
+        return adamw_warmup_cosine(self.optim_cfg, self.model, self.trainer.estimated_stepping_batches)
 
     def checkpoint_meta(self) -> dict[str, Any]:
         return {"model": dict(self.hparams.model), "tokenizer": dict(self.hparams.tokenizer)}

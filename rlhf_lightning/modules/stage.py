@@ -6,11 +6,14 @@
   only (the frozen base is rebuilt from the record) and loads without the base's tensors;
 - checkpoint metadata: `checkpoint["rlhf"]` is ``{"stage", **checkpoint_meta(), **LoRA record}``, which `rlhf eval`,
   `rlhf export` and the next stage read;
+- options: `save_options(groups)` stores the `__init__` arguments as `hparams`, its option groups
+  (`option_groups`) as plain dicts, so a checkpoint loads with `weights_only` and `hparams.yaml` reads as the config;
 - the trainable state: `trainable_state()` copies what trains (the adapters only under LoRA), for `keep_best`.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import lightning as L
@@ -18,6 +21,7 @@ import torch
 
 from rlhf_lightning.callbacks import attached_trainer, write_step_metrics
 from rlhf_lightning.lora import keep_trainable
+from rlhf_lightning.option_groups import plain
 
 __all__ = ["StageModule"]
 
@@ -33,6 +37,12 @@ class StageModule(L.LightningModule):
     def attached(self) -> L.Trainer | None:
         """The Trainer this stage runs in, or None (a module used on its own: a test, a script, a benchmark)."""
         return attached_trainer(self)
+
+    def save_options(self, groups: dict[str, Any], ignore: tuple[str, ...] = ()) -> None:
+        """`save_hyperparameters` of the calling `__init__`, with `groups` (name -> the resolved group) stored as
+        plain dicts in place of what was passed."""
+        self.save_hyperparameters(ignore=list(ignore), frame=inspect.currentframe().f_back)
+        self.hparams.update({name: plain(group) for name, group in groups.items()})
 
     def train_adapters(self, record: dict[str, Any] | None) -> None:
         """Record the adapters that train (None: the whole model trains)."""

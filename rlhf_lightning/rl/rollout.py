@@ -189,9 +189,9 @@ class RolloutCollector:
         rewards, shaped, kl = samples.rewards, samples.rewards, None
         if use_reference:  # reference log-probs: batched forwards of the frozen model
             ref_logprobs = self.reference_logprobs(input_ids, attention_mask, gen.completion_mask)  # (B, N)
-            kl_tokens = kl_penalty(self.kl.kl_estimator, gen.logprobs, ref_logprobs)  # (B, N) on the sampled tokens
+            kl_tokens = kl_penalty(self.kl.estimator, gen.logprobs, ref_logprobs)  # (B, N) on the sampled tokens
             kl = masked_sum(kl_tokens, gen.completion_mask, dim=-1)  # (B,)
-            if self.kl.kl_in_reward:
+            if self.kl.in_reward:
                 shaped = kl_in_reward(rewards, kl_tokens, gen.completion_mask, beta)
         else:  # beta = 0: the KL term is zero whatever the reference says
             ref_logprobs = gen.logprobs

@@ -16,22 +16,22 @@ import torch.nn as nn
 
 from rlhf_lightning.distributed import sum_over_ranks, world_size
 from rlhf_lightning.losses import PPOLossOutput, drop_truncated, masked_mean, ppo_loss
-from rlhf_lightning.option_groups import KLConfig, LossConfig, OptimConfig, RolloutConfig
+from rlhf_lightning.option_groups import KLConfig, LossConfig, RolloutConfig, UpdateConfig
 from rlhf_lightning.rl.rollout import Rollout, row_slices
 
-__all__ = ["UpdateConfig", "loss_counts", "loss_mask", "masked_abs_max", "minibatch_loss", "ppo_update"]
+__all__ = ["PPOConfig", "loss_counts", "loss_mask", "masked_abs_max", "minibatch_loss", "ppo_update"]
 
 METRICS = ("ppo/loss", "ppo/policy_loss", "ppo/kl", "ppo/clipfrac", "ppo/approx_kl")  # `PPOLossOutput`'s fields, named
 
 
 @dataclass(frozen=True)
-class UpdateConfig:
-    """The option groups the update reads."""
+class PPOConfig:
+    """The option groups a PPO rollout and update read."""
 
     rollout: RolloutConfig
     loss: LossConfig
     kl: KLConfig
-    optim: OptimConfig
+    update: UpdateConfig
 
 
 def masked_abs_max(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -56,7 +56,7 @@ def loss_counts(mb: Rollout, cfg: LossConfig) -> torch.Tensor:
 
 
 def minibatch_loss(
-    policy: nn.Module, mb: Rollout, cfg: UpdateConfig, beta: float, counts: torch.Tensor | None = None
+    policy: nn.Module, mb: Rollout, cfg: PPOConfig, beta: float, counts: torch.Tensor | None = None
 ) -> tuple[PPOLossOutput, torch.Tensor, torch.Tensor]:
     """(loss output, new log-probs (B, N), entropy) of a minibatch, from one policy forward.
 
@@ -69,7 +69,7 @@ def minibatch_loss(
     logprobs, entropy = mb.logprobs(policy, cfg.rollout.temperature, return_entropy=True)  # (B, N), (B, N) no gradient
     out = ppo_loss(
         logprobs, mb.old_logprobs, mb.ref_logprobs, mb.advantages, mask, cfg.loss, counts,
-        beta=0.0 if cfg.kl.kl_in_reward else beta, kl_estimator=cfg.kl.kl_estimator, max_new_tokens=cfg.rollout.max_new_tokens,
+        beta=0.0 if cfg.kl.in_reward else beta, kl_estimator=cfg.kl.estimator, max_new_tokens=cfg.rollout.max_new_tokens,
     )
     world = world_size()
     if world > 1:
@@ -83,7 +83,7 @@ def ppo_update(
     policy: nn.Module,
     optimizer: torch.optim.Optimizer,
     rollout: Rollout,
-    cfg: UpdateConfig,
+    cfg: PPOConfig,
     beta: float,
     generator: torch.Generator,
     backward: Callable[[torch.Tensor], None],
@@ -97,11 +97,11 @@ def ppo_update(
     (and may refuse a non-finite loss or norm) before `optimizer.step()`; `scheduler`, if any, steps after it.
     The minibatches' order comes from `generator`."""
     B = rollout.completion_ids.size(0)
-    chunks = max(1, min(cfg.optim.num_minibatches, B))
+    chunks = max(1, min(cfg.update.num_minibatches, B))
     sums: dict[str, torch.Tensor] = {}
     first_ratio_error = None
     steps = 0
-    for _ in range(cfg.optim.ppo_epochs):
+    for _ in range(cfg.update.ppo_epochs):
         perm = torch.randperm(B, generator=generator, device=rollout.completion_ids.device)
         parts = list(perm.chunk(chunks))  # at most `chunks` parts (5 rows in 4 chunks: 3 parts)
         steps += len(parts)
