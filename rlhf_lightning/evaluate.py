@@ -13,7 +13,7 @@ from rlhf_lightning.data.jsonl import write_jsonl
 from rlhf_lightning.data.prompts import PromptDataset, load_prompts
 from rlhf_lightning.options import SEED_MAX, check_choice, check_number
 from rlhf_lightning.policy import context_length, load_policy
-from rlhf_lightning.evaluation import Evaluation, answer
+from rlhf_lightning.evaluation import evaluate_batches
 from rlhf_lightning.tasks.arithmetic import EVAL_MAX_NEW_TOKENS, TASKS
 from rlhf_lightning.tasks.strata import task_strata_names
 
@@ -37,10 +37,9 @@ def evaluate_policy(
     records = load_prompts(task, split, prompts, limit)
     dataset = PromptDataset(tokenizer, records, context_length(model))
     generator = torch.Generator().manual_seed(seed)
-    evaluation = Evaluation()
-    for start in range(0, len(dataset), batch_size):
-        batch = dataset.collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        evaluation.add(answer(model, tokenizer, batch, max_new_tokens, greedy=greedy, temperature=temperature, top_k=top_k, generator=generator))
+    evaluation = evaluate_batches(
+        model, tokenizer, dataset.batches(batch_size), max_new_tokens, greedy=greedy, temperature=temperature, top_k=top_k, generator=generator,
+    )
     rows = [
         {"prompt": p, "completion": c, "gold": g, "eos": e, "correct": None if g is None else bool(s)}
         for a in evaluation.parts

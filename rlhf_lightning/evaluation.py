@@ -2,7 +2,8 @@
 optionally a reward source scores them and the exact KL to a reference is measured on them.
 
 SFT's validation, PPO's and DPO's evaluations on `val`, `rlhf eval` and the pipeline's test table all call
-`answer` per batch of prompts and read their figures from an `Evaluation` of the batches:
+`answer` per batch of prompts (`evaluate_batches` over a loader) and read their figures from an `Evaluation` of the
+batches:
 
 - `eval/accuracy`: the judge's mean over prompts with a gold answer (float32, as `Tensor.mean`);
 - `eval/accuracy/<stratum>`: the same per stratum (`tasks.strata.strata_metrics`);
@@ -25,7 +26,7 @@ from rlhf_lightning.tasks.arithmetic import judge_scores
 from rlhf_lightning.tasks.strata import strata_metrics
 from rlhf_lightning.tokenizer import Tokenizer
 
-__all__ = ["Answers", "Evaluation", "answer"]
+__all__ = ["Answers", "Evaluation", "answer", "evaluate_batches"]
 
 #: (prompts, completions, EOS flags (B,), gold answers) -> scores (B,): a reward source
 Score = Callable[[list[str], list[str], torch.Tensor, list[str | None]], torch.Tensor]
@@ -79,6 +80,26 @@ def answer(
         kl = completion_kl(policy, reference, ids, mask, gen.completion_ids.size(1), kl_temperature)  # (B, N)
         out.kl_sum, out.tokens = masked_sum(kl, gen.completion_mask), gen.completion_mask.sum()
     return out
+
+
+@torch.no_grad()
+def evaluate_batches(
+    policy: nn.Module, tokenizer: Tokenizer, batches: Iterable[dict], max_new_tokens: int,
+    first: Callable[["Answers"], None] | None = None, **options,
+) -> "Evaluation":
+    """`answer` (with `options`) to every batch, the policy in eval mode (its mode put back after): their
+    `Evaluation`. `first(answers)` sees the first batch's answers (to log a few as samples)."""
+    was_training = policy.training
+    policy.eval()
+    evaluation = Evaluation()
+    try:
+        for i, batch in enumerate(batches):
+            evaluation.add(answer(policy, tokenizer, batch, max_new_tokens, **options))
+            if i == 0 and first is not None:
+                first(evaluation.parts[0])
+    finally:
+        policy.train(was_training)
+    return evaluation
 
 
 @dataclass

@@ -8,6 +8,7 @@ Every source is called as ``source(prompts, completions, ended, golds) -> Tensor
 
 Sources work on text, so a learned reward model may have its own tokenizer. They are chosen by name from
 `REWARD_SOURCES` and built with `build_reward_source`; `checked_rewards` validates what any source returns.
+`Scorer` is PPO's use of them: a `RewardConfig`'s source, validated, with its missing-EOS penalty.
 
 >>> judge = JudgeReward()
 >>> judge(["Q: 2+3=\\nA:", "Q: 2+3=\\nA:"], ["5", "6"], torch.tensor([True, True]), ["5", None])
@@ -22,7 +23,8 @@ from typing import Protocol
 
 import torch
 
-from rlhf_lightning.checkpoints import CheckpointError
+from rlhf_lightning.checkpoints import CheckpointError, sha256_file
+from rlhf_lightning.option_groups import FROZEN_DTYPES, RewardConfig
 from rlhf_lightning.tasks.arithmetic import gold_answer, judge_scores
 from rlhf_lightning.tokenizer import Tokenizer
 
@@ -33,6 +35,7 @@ __all__ = [
     "RewardError",
     "RewardSettings",
     "RewardSource",
+    "Scorer",
     "WeightedSum",
     "build_reward_source",
     "checked_rewards",
@@ -202,3 +205,40 @@ def build_reward_source(name: str, settings: RewardSettings) -> RewardSource:
     if name not in REWARD_SOURCES:
         raise RewardError(f"unknown reward source {name!r}; valid: {sorted(REWARD_SOURCES)}")
     return REWARD_SOURCES[name].build(settings)
+
+
+class Scorer:
+    """PPO's rewards from a `RewardConfig`: its source, validated (`checked_rewards`), minus `missing_eos_penalty`
+    for a completion without EOS; and the task's judge beside a learned reward (`gold`), the gold reward it proxies.
+
+    Holds the source's frozen model(s) (`models`), the learned checkpoint's SHA-256 (a resumed run must be scored by
+    the same file), and moves them with `to`."""
+
+    def __init__(self, cfg: RewardConfig, policy_tokenizer: Tokenizer | None = None, policy_ckpt: str | None = None) -> None:
+        self.cfg = cfg
+        settings = RewardSettings(cfg.ckpt, cfg.weights, cfg.normalize, policy_tokenizer, policy_ckpt)
+        self.source = build_reward_source(cfg.source, settings)
+        if cfg.dtype != "float32" and hasattr(self.source, "to"):
+            self.source.to(FROZEN_DTYPES[cfg.dtype])
+        self.sha256 = sha256_file(cfg.ckpt) if cfg.ckpt and cfg.uses_learned else None
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str], ended: torch.Tensor, golds: Sequence[str | None]) -> torch.Tensor:
+        """Rewards (B,): the source's, validated, minus the missing-EOS penalty."""
+        rewards = checked_rewards(self.cfg.source, self.source(prompts, completions, ended, golds), len(prompts), prompts)
+        return rewards.to(ended.device) - self.cfg.missing_eos_penalty * (~ended).float()
+
+    def gold(self, completions: Sequence[str], golds: Sequence[str | None], ended: torch.Tensor) -> torch.Tensor | None:
+        """The task's judge (B,) when the reward is learned and every gold answer is known, else None."""
+        if not self.cfg.uses_learned or any(g is None for g in golds):
+            return None
+        return judge_scores(list(completions), list(golds), ended).to(ended.device)
+
+    def models(self) -> list[torch.nn.Module]:
+        """The frozen reward model(s) (none for the judge)."""
+        sources = [source for _, source in self.source.parts.values()] if hasattr(self.source, "parts") else [self.source]
+        return [s.model for s in sources if isinstance(getattr(s, "model", None), torch.nn.Module)]
+
+    def to(self, device: torch.device) -> "Scorer":
+        if hasattr(self.source, "to"):
+            self.source.to(device)
+        return self

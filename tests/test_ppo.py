@@ -296,10 +296,10 @@ def test_advantage_estimators_through_the_module(sft_ckpt, name):
 def test_reward_source_errors_surface_from_the_step(sft_ckpt):
     module = ppo(sft_ckpt)
     batch = prompt_batch(module, 2)
-    object.__setattr__(module, "reward_source", lambda p, c, e, g: torch.full((len(p),), float("nan")))
+    object.__setattr__(module.scorer, "source", lambda p, c, e, g: torch.full((len(p),), float("nan")))
     with pytest.raises(RewardError, match="'judge' returned a non-finite reward"):
         module.make_rollout(batch)
-    object.__setattr__(module, "reward_source", lambda p, c, e, g: torch.zeros(len(p), 2))
+    object.__setattr__(module.scorer, "source", lambda p, c, e, g: torch.zeros(len(p), 2))
     with pytest.raises(RewardError, match=r"returned shape \(8, 2\), expected \(8,\)"):
         module.make_rollout(batch)
 

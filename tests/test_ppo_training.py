@@ -92,7 +92,7 @@ def dynamic_run(sft_ckpt, tmp_path, reward, *extra):
     os.chdir(tmp_path)
     try:
         cli = lightning_cli(args, run=False)
-        cli.model.reward_source = reward
+        cli.model.scorer.source = reward
         seen, update = [], cli.model.ppo_update
         cli.model.ppo_update = lambda rollout: seen.append(rollout) or update(rollout)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)

@@ -75,6 +75,11 @@ class PromptDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[list[int], PromptRecord]:
         return self.ids[i], self.records[i]
 
+    def batches(self, size: int, device: torch.device | str = "cpu"):
+        """The prompts in order, `size` a batch, collated and on `device` (an evaluation's loader without a DataLoader)."""
+        for start in range(0, len(self), size):
+            yield move_batch(self.collate([self[i] for i in range(start, min(start + size, len(self)))]), device)
+
     def collate(self, items: list[tuple[list[int], PromptRecord]]) -> dict:
         prompt_ids, prompt_mask = left_pad([ids for ids, _ in items], self.pad_id)
         return {

@@ -47,7 +47,7 @@ from rlhf_lightning.optim import adamw_warmup_cosine
 from rlhf_lightning.options import SEED_MAX, ConfigError, check_choice, check_lora, check_number
 from rlhf_lightning.policy import base_record, build_policy, context_length, load_policy
 from rlhf_lightning.rewards import LearnedReward
-from rlhf_lightning.evaluation import Evaluation, answer
+from rlhf_lightning.evaluation import evaluate_batches
 from rlhf_lightning.scoring import token_logprobs
 
 __all__ = ["DPOModule", "OnlineConfig", "WithReferenceLogps", "sequence_logps"]
@@ -236,7 +236,6 @@ class DPOModule(StageModule):
         self.val_pair_accuracy = MeanMetric()
         self.val_margin = MeanMetric()
         self.eval_history: list[dict[str, float]] = []
-        self._best: dict[str, Any] | None = None  # {step, accuracy, state} of the best policy on val
         self.chosen: dict[str, float] | None = None  # what `finalize_policy` kept
         self._val_prompts: PromptDataset | None = None
 
@@ -469,21 +468,15 @@ class DPOModule(StageModule):
     def evaluate(self) -> dict[str, float]:
         """Greedy task accuracy on the `val` prompts and per stratum (`evaluation.answer`, as SFT's validation);
         every rank evaluates all prompts (deterministic). Recorded in `eval_history`; during fit, the best policy is kept."""
-        hp, ev = self.hparams, self.eval_cfg
+        ev = self.eval_cfg
         data = self._val_prompts
         if data is None:
             data = self._val_prompts = PromptDataset(self.tokenizer, load_prompts("toy", "val", limit=ev.max_val_prompts), context_length(self.model))
-        was_training = self.model.training
-        self.model.eval()
-        evaluation = Evaluation()
-        for start in range(0, len(data), hp.inference_batch_size):
-            batch = move_batch(data.collate([data[i] for i in range(start, min(start + hp.inference_batch_size, len(data)))]), self.device)
-            answers = answer(self.model, self.tokenizer, batch, ev.max_new_tokens)
-            evaluation.add(answers)
-            if start == 0 and self.attached is not None:
-                log_samples(self, "samples/val", answers.prompts, answers.completions, answers.golds, ev.num_logged_samples)
-        self.model.train(was_training)
-        metrics = evaluation.metrics()
+        log = lambda a: log_samples(self, "samples/val", a.prompts, a.completions, a.golds, ev.num_logged_samples)  # noqa: E731
+        metrics = evaluate_batches(
+            self.model, self.tokenizer, data.batches(self.hparams.inference_batch_size, self.device), ev.max_new_tokens,
+            first=log if self.attached is not None else None,
+        ).metrics()
         self.eval_history.append({"step": self.global_step, **metrics})
         if self.attached is not None and self.trainer.state.fn == "fit":
             self.remember_if_best(metrics["eval/accuracy"])
@@ -498,10 +491,8 @@ class DPOModule(StageModule):
 
     def remember_if_best(self, accuracy: float) -> None:
         """Keep a CPU copy of the trained weights when `accuracy` on `val` is at least the best so far."""
-        if not self.eval_cfg.keep_best or accuracy != accuracy:  # NaN: no gold answers to choose by
-            return
-        if self._best is None or accuracy >= self._best["accuracy"]:
-            self._best = {"step": self.global_step, "accuracy": accuracy, "state": self.trainable_state()}
+        if self.eval_cfg.keep_best:
+            self.keep_if_best({"step": self.global_step}, accuracy)
 
     def finalize_policy(self) -> None:
         """With `keep_best` (or online): evaluate the last policy if it has not been; with `keep_best`, keep the best
@@ -514,9 +505,7 @@ class DPOModule(StageModule):
             self.log_metrics_now(self.evaluate())  # online DPO evaluates its last policy, kept or not
         if not self.eval_cfg.keep_best:
             return
-        best = self._best
-        if best is not None and best["step"] != self.global_step:
-            self.load_trainable_state(best["state"])
+        best = self.restore_best("step", self.global_step)
         self.chosen = {"step": best["step"], "eval/accuracy": best["accuracy"]} if best is not None else None
 
     # ------------------------------------------------------------------ checkpoints

@@ -3,17 +3,17 @@
 One training step is one rollout (manual optimization); this module orchestrates it, the phases live in `rl`:
 
 1. `rl.rollout.RolloutCollector.collect`: sample K completions per prompt with the KV cache, keeping generation's
-   log-probs as the old log-probs; score them with the reward source (learned model, judge, or a weighted sum),
-   minus a missing-EOS penalty; reference log-probs from the frozen SFT model, batched (`micro_batch_size` rows a
+   log-probs as the old log-probs; score them (`rewards.Scorer`: learned model, judge, or a weighted sum, minus a
+   missing-EOS penalty); reference log-probs from the frozen SFT model, batched (`rollout.micro_batch_size` rows a
    forward; skipped when beta is 0 and fixed); advantages by the configured estimator over the global batch;
-2. `rl.update.ppo_update`: `ppo_epochs` x shuffled minibatches: new log-probs in one forward, clipped surrogate +
-   beta * KL, `manual_backward`, clipping, optimizer step;
-3. the adaptive KL controller, the step's metrics, and every `eval_every` rollouts an evaluation on `val`.
+2. `rl.update.ppo_update`: `update.ppo_epochs` x shuffled minibatches: new log-probs in one forward, clipped surrogate
+   + beta * KL, `manual_backward`, clipping, optimizer step;
+3. the adaptive KL controller, the step's metrics, and every `eval.every` rollouts an evaluation on `val`.
 
 Loss (the default: the plain clipped surrogate with a token-mean KL):
-``-token_mean(min(rho A, clip(rho, 1-eps, 1+eps) A)) + beta * token_mean(KL)``; `loss_agg`, `clip_eps_low` /
-`clip_eps_high`, `clip_c`, `ratio_level` and `mask_truncated` vary it (`losses.ppo_loss`).
-The options are read through their groups (`option_groups`: rollout, loss, KL, optimizer, evaluation).
+``-token_mean(min(rho A, clip(rho, 1-eps, 1+eps) A)) + beta * token_mean(KL)``; the `loss` group's `loss_agg`,
+`clip_eps_low` / `clip_eps_high`, `clip_c`, `ratio_level` and `mask_truncated` vary it (`losses.ppo_loss`).
+The options come in groups (`option_groups`: reward, rollout, loss, kl, update, optim, eval).
 """
 
 from __future__ import annotations
@@ -39,11 +39,10 @@ from rlhf_lightning.option_groups import (
 from rlhf_lightning.optim import adamw, warmup_cosine
 from rlhf_lightning.options import ConfigError, check_choice, check_lora
 from rlhf_lightning.policy import base_record, context_length, load_policy
-from rlhf_lightning.rewards import RewardSettings, build_reward_source, checked_rewards
+from rlhf_lightning.rewards import Scorer
 from rlhf_lightning.rl.rollout import Drawn, Rollout, RolloutCollector, Samples, global_advantages, informative_groups, rollout_metrics
-from rlhf_lightning.rl.update import PPOConfig, minibatch_loss, ppo_update
-from rlhf_lightning.evaluation import Evaluation, answer
-from rlhf_lightning.tasks.arithmetic import judge_scores
+from rlhf_lightning.rl.update import PPOConfig, clip_and_check, minibatch_loss, ppo_update
+from rlhf_lightning.evaluation import evaluate_batches
 
 __all__ = ["PPOModule", "Rollout", "Samples", "informative_groups"]
 
@@ -110,14 +109,11 @@ class PPOModule(StageModule):
             enable_gradient_checkpointing(self.model)
         hide_reference(self)
         self.policy_meta = {"model": dict(meta["model"], **({"dropout": 0.0} if "dropout" in meta["model"] else {})), "tokenizer": dict(meta["tokenizer"])}
-        self.reward_sha256 = sha256_file(reward.ckpt) if reward.ckpt and reward.uses_learned else None
-        # the reward source: a plain object holding its own frozen model(s), rebuilt from `reward.ckpt` on resume
-        self.reward_source = build_reward_source(reward.source, RewardSettings(reward.ckpt, reward.weights, reward.normalize, self.tokenizer, policy_ckpt))
-        if reward.dtype != "float32" and hasattr(self.reward_source, "to"):
-            self.reward_source.to(FROZEN_DTYPES[reward.dtype])
+        # the rewards: a plain object holding its own frozen model(s), rebuilt from `reward.ckpt` on resume
+        self.scorer = Scorer(reward, self.tokenizer, policy_ckpt)
         self.kl_ctl = make_kl_controller(kl.beta, kl.target, kl.horizon)
         self.collector = RolloutCollector(
-            self.model, self.reference, self.tokenizer, self.score, rollout, kl, draw_prompts=lambda n: self.trainer.datamodule.draw_prompts(n),
+            self.model, self.reference, self.tokenizer, self.scorer, rollout, kl, draw_prompts=lambda n: self.trainer.datamodule.draw_prompts(n),
         )
         self.eval_history: list[dict[str, float]] = []
         self.last_update: dict[str, float] = {}
@@ -125,7 +121,6 @@ class PPOModule(StageModule):
         self._generator_state: torch.Tensor | None = None
         self._rollouts = 0
         self._skipped_updates = 0
-        self._best: dict[str, Any] | None = None  # {rollout, accuracy, state} of the best policy on val
         self.chosen: dict[str, float] | None = None  # what `finalize_policy` kept
 
     @property
@@ -135,8 +130,7 @@ class PPOModule(StageModule):
     def frozen_models(self) -> list[nn.Module]:
         """The frozen models: the reference (no weights of its own with adapters off) and the learned reward
         model(s)."""
-        sources = [source for _, source in self.reward_source.parts.values()] if hasattr(self.reward_source, "parts") else [self.reward_source]
-        return [self.reference, *(s.model for s in sources if isinstance(getattr(s, "model", None), nn.Module))]
+        return [self.reference, *self.scorer.models()]
 
     @property
     def needs_reference(self) -> bool:
@@ -153,8 +147,7 @@ class PPOModule(StageModule):
     # ------------------------------------------------------------------ setup
 
     def on_fit_start(self) -> None:
-        if hasattr(self.reward_source, "to"):
-            self.reward_source.to(self.device)
+        self.scorer.to(self.device)
 
     def configure_optimizers(self):
         # fused AdamW, except under mixed precision: Lightning refuses to clip a fused optimizer's gradients there
@@ -185,9 +178,8 @@ class PPOModule(StageModule):
     # ------------------------------------------------------------------ one step
 
     def score(self, prompts: list[str], completions: list[str], ended: torch.Tensor, golds: list[str | None]) -> torch.Tensor:
-        """Rewards (B,) from the reward source, validated, minus the missing-EOS penalty."""
-        rewards = checked_rewards(self.reward_cfg.source, self.reward_source(prompts, completions, ended, golds), len(prompts), prompts)
-        return rewards.to(ended.device) - self.reward_cfg.missing_eos_penalty * (~ended).float()
+        """Rewards (B,) from the reward source, validated, minus the missing-EOS penalty (`rewards.Scorer`)."""
+        return self.scorer(prompts, completions, ended, golds)
 
     def sample(self, batch: dict) -> Samples:
         return self.collector.sample(batch, self.sampling_generator())
@@ -206,12 +198,8 @@ class PPOModule(StageModule):
     def gold_scores(self, drawn: Drawn) -> torch.Tensor | None:
         """The task judge on every sampled completion (B,) when the reward is learned and every gold is known:
         the gold reward beside the proxy the policy is trained on. None otherwise."""
-        if not self.reward_cfg.uses_learned:
-            return None
-        golds = [g for d in drawn.samples for g in d.golds]
-        if any(g is None for g in golds):
-            return None
-        return torch.cat([judge_scores(d.completions, d.golds, d.gen.finished) for d in drawn.samples]).to(self.device)
+        parts = drawn.samples
+        return self.scorer.gold([c for d in parts for c in d.completions], [g for d in parts for g in d.golds], torch.cat([d.gen.finished for d in parts]))
 
     def global_advantages(self, rewards: torch.Tensor) -> torch.Tensor:
         """Advantages (B,) of this rank's rows, with every rank's rewards' statistics (`rl.rollout`)."""
@@ -232,29 +220,12 @@ class PPOModule(StageModule):
         return metrics
 
     def clip_and_check(self, loss: torch.Tensor) -> None:
-        """Clip the (already synchronized) gradients' norm to `max_grad_norm` and stop before the optimizer step if
-        the loss or the norm is not finite.
-
-        In full precision the clip's own norm is the one checked: one norm over the gradients, not two. Under a
-        mixed-precision plugin Lightning's `clip_gradients` clips (it owns the gradient scaler) after the check."""
-        max_norm = self.cfg.update.max_grad_norm
+        """`rl.update.clip_and_check` of the policy's gradients; under a mixed-precision plugin Lightning's
+        `clip_gradients` clips (it owns the gradient scaler)."""
+        mixed = self.attached is not None and type(self.attached.precision_plugin) is not Precision
+        clip = (lambda norm: self.clip_gradients(self.optimizers(), gradient_clip_val=norm, gradient_clip_algorithm="norm")) if mixed else None
         params = [p for p in self.model.parameters() if p.grad is not None]
-        full_precision = self.attached is None or type(self.attached.precision_plugin) is Precision
-        if max_norm is not None and full_precision:
-            self.check_finite(loss, torch.nn.utils.clip_grad_norm_(params, max_norm))
-            return
-        self.check_finite(loss, torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(()))
-        if max_norm is not None:
-            self.clip_gradients(self.optimizers(), gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
-
-    def check_finite(self, loss: torch.Tensor, norm: torch.Tensor) -> None:
-        """Stop before the optimizer step if the loss or the gradient norm is not finite."""
-        if not (torch.isfinite(loss) and torch.isfinite(norm)):
-            raise FloatingPointError(
-                f"PPO loss {float(loss)} / gradient norm {float(norm)} is not finite at rollout {self._rollouts}: "
-                "stopping before the optimizer step (no checkpoint of these weights is written); "
-                "lower lr or check the reward"
-            )
+        clip_and_check(params, loss, self.cfg.update.max_grad_norm, clip, where=f" at rollout {self._rollouts}")
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         if self._rollouts == 0:
@@ -301,10 +272,7 @@ class PPOModule(StageModule):
             return
         if self.eval_history and self.eval_history[-1]["rollout"] != self._rollouts:
             self.evaluate()
-        best = self._best
-        if self.eval_cfg.keep_best and best is not None and best["rollout"] != self._rollouts:
-            self.load_trainable_state(best["state"])
-        chosen = best if self.eval_cfg.keep_best and best is not None else None
+        chosen = self.restore_best("rollout", self._rollouts) if self.eval_cfg.keep_best else None
         self.chosen = {
             "rollout": chosen["rollout"] if chosen else self._rollouts,
             "eval/accuracy": chosen["accuracy"] if chosen else (self.eval_history[-1]["eval/accuracy"] if self.eval_history else float("nan")),
@@ -313,10 +281,8 @@ class PPOModule(StageModule):
     def remember_if_best(self, accuracy: float) -> None:
         """Keep a CPU copy of the policy's weights when `accuracy` on `val` is at least the best so far plus
         `keep_best_min_gain`."""
-        if not self.eval_cfg.keep_best or accuracy != accuracy:  # NaN: no gold answers to choose by
-            return
-        if self._best is None or accuracy >= self._best["accuracy"] + self.eval_cfg.keep_best_min_gain:
-            self._best = {"rollout": self._rollouts, "accuracy": accuracy, "state": self.trainable_state()}
+        if self.eval_cfg.keep_best:
+            self.keep_if_best({"rollout": self._rollouts}, accuracy, self.eval_cfg.keep_best_min_gain)
 
     # ------------------------------------------------------------------ evaluation
 
@@ -334,19 +300,11 @@ class PPOModule(StageModule):
             if datamodule is None or not hasattr(datamodule, "eval_dataloader"):
                 return None
             loader = datamodule.eval_dataloader()
-        was_training = self.model.training
-        self.model.eval()
-        evaluation = Evaluation()
-        for i, batch in enumerate(loader):
-            answers = answer(
-                self.model, self.tokenizer, move_batch(batch, self.device), rollout.max_new_tokens, compile=rollout.compile,
-                score=self.score, reference=self.reference, kl_temperature=rollout.temperature,
-            )
-            evaluation.add(answers)
-            if i == 0:
-                log_samples(self, "samples/val", answers.prompts, answers.completions, answers.golds, self.eval_cfg.num_logged_samples)
-        self.model.train(was_training)
-        metrics = evaluation.metrics()
+        metrics = evaluate_batches(
+            self.model, self.tokenizer, (move_batch(batch, self.device) for batch in loader), rollout.max_new_tokens,
+            first=lambda a: log_samples(self, "samples/val", a.prompts, a.completions, a.golds, self.eval_cfg.num_logged_samples),
+            compile=rollout.compile, score=self.score, reference=self.reference, kl_temperature=rollout.temperature,
+        ).metrics()
         self.eval_history.append({"rollout": self._rollouts, **metrics})
         if self.attached is not None and self.trainer.state.fn == "fit":
             self.remember_if_best(metrics["eval/accuracy"])
@@ -363,13 +321,13 @@ class PPOModule(StageModule):
             "policy_ckpt": self.hparams.policy_ckpt,
             "policy_sha256": self.policy_sha256,
             "reward_ckpt": self.reward_cfg.ckpt,
-            "reward_sha256": self.reward_sha256,
+            "reward_sha256": self.scorer.sha256,
             "kl_controller": self.kl_ctl.state_dict(),
             "sampling_generator": self.sampling_generator().get_state(),
             "rollouts": self._rollouts,
             "eval_history": [dict(h) for h in self.eval_history],
             "skipped_updates": self._skipped_updates,
-            "best": None if self._best is None else {"rollout": self._best["rollout"], "accuracy": self._best["accuracy"], "state": self._best["state"]},
+            "best": None if self._best is None else dict(self._best),
             "chosen": self.chosen,
         }
 
@@ -377,7 +335,7 @@ class PPOModule(StageModule):
         meta = checkpoint.get("rlhf", {})
         for option, key, path, current in (
             ("policy_ckpt", "policy", self.hparams.policy_ckpt, self.policy_sha256),
-            ("reward.ckpt", "reward", self.reward_cfg.ckpt, self.reward_sha256),
+            ("reward.ckpt", "reward", self.reward_cfg.ckpt, self.scorer.sha256),
         ):
             if meta.get(f"{key}_sha256") != current:
                 raise CheckpointError(

@@ -8,7 +8,8 @@
   `rlhf export` and the next stage read;
 - options: `save_options(groups)` stores the `__init__` arguments as `hparams`, its option groups
   (`option_groups`) as plain dicts, so a checkpoint loads with `weights_only` and `hparams.yaml` reads as the config;
-- the trainable state: `trainable_state()` copies what trains (the adapters only under LoRA), for `keep_best`.
+- the trainable state: `trainable_state()` copies what trains (the adapters only under LoRA); `keep_if_best` and
+  `restore_best` keep the copy with the best `val` accuracy and put it back at the end (`keep_best`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class StageModule(L.LightningModule):
 
     stage: str = ""
     lora: dict[str, Any] | None = None  # {"lora": settings, "base": record} while adapters train
+    _best: dict[str, Any] | None = None  # {<when>: int, "accuracy", "state"}: the best policy on `val` so far
 
     @property
     def attached(self) -> L.Trainer | None:
@@ -68,3 +70,16 @@ class StageModule(L.LightningModule):
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         """Put back a `trainable_state` copy."""
         self.model.load_state_dict(state, strict=self.lora is None)
+
+    def keep_if_best(self, when: dict[str, int], accuracy: float, min_gain: float = 0.0) -> None:
+        """Keep a `trainable_state` copy when `accuracy` on `val` is at least the best so far plus `min_gain` (0: the
+        latest of equals wins); `when` names the point (`{"rollout": 4}`). NaN (no gold answer to choose by) keeps nothing."""
+        if accuracy == accuracy and (self._best is None or accuracy >= self._best["accuracy"] + min_gain):
+            self._best = {**when, "accuracy": accuracy, "state": self.trainable_state()}
+
+    def restore_best(self, key: str, current: int) -> dict[str, Any] | None:
+        """Put the kept copy back unless it is the current policy (`best[key] == current`); returns the kept record."""
+        best = self._best
+        if best is not None and best[key] != current:
+            self.load_trainable_state(best["state"])
+        return best

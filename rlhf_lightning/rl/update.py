@@ -19,7 +19,7 @@ from rlhf_lightning.losses import PPOLossOutput, drop_truncated, masked_mean, pp
 from rlhf_lightning.option_groups import KLConfig, LossConfig, RolloutConfig, UpdateConfig
 from rlhf_lightning.rl.rollout import Rollout, row_slices
 
-__all__ = ["PPOConfig", "loss_counts", "loss_mask", "masked_abs_max", "minibatch_loss", "ppo_update"]
+__all__ = ["PPOConfig", "clip_and_check", "loss_counts", "loss_mask", "masked_abs_max", "minibatch_loss", "ppo_update"]
 
 METRICS = ("ppo/loss", "ppo/policy_loss", "ppo/kl", "ppo/clipfrac", "ppo/approx_kl")  # `PPOLossOutput`'s fields, named
 
@@ -133,3 +133,23 @@ def ppo_update(
     if rollout.kl is None:  # no reference forward (beta = 0): the loss's KL term measured nothing
         metrics.pop("ppo/kl")
     return metrics, first_ratio_error
+
+
+def clip_and_check(params: list[torch.Tensor], loss: torch.Tensor, max_norm: float | None, clip: Callable[[float], None] | None = None, where: str = "") -> None:
+    """Clip the (already synchronized) gradients of `params` to norm `max_norm` (None: no clipping) and raise
+    `FloatingPointError` before the optimizer step if the loss or the norm is not finite.
+
+    `clip(max_norm)`, if given, clips instead of `clip_grad_norm_` after the check (Lightning's, which owns a mixed-precision
+    gradient scaler); otherwise the clip's own norm is the one checked: one norm over the gradients, not two."""
+    if max_norm is not None and clip is None:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
+    if not (torch.isfinite(loss) and torch.isfinite(norm)):
+        raise FloatingPointError(
+            f"PPO loss {float(loss)} / gradient norm {float(norm)} is not finite{where}: stopping before the optimizer "
+            "step (no checkpoint of these weights is written); lower lr or check the reward"
+        )
+    if max_norm is not None and clip is not None:
+        clip(max_norm)
+
