@@ -4,6 +4,12 @@ Ids 0, 1, 2 are ``<pad>``, ``<bos>``, ``<eos>``; the characters of the alphabet 
 A prompt is encoded as BOS + text, a completion as text + EOS. The tokenizer is described by plain
 JSON-able values (:meth:`CharTokenizer.to_dict`), so it can travel inside a checkpoint's hyperparameters.
 
+The chat vocabulary (``chat=True``) is an explicit extension: the three role tokens `CHAT_TOKENS` get the ids
+after the characters (so every flat id is unchanged), and in a text the strings ``<|system|>``, ``<|user|>``,
+``<|assistant|>`` and ``<eos>`` are read as those tokens and EOS. Conversations are rendered by a chat template
+(default `CHAR_CHAT_TEMPLATE`), recorded with its SHA-256 in `to_dict()`. A flat tokenizer's `to_dict()` is
+what it always was, so flat checkpoints are unchanged.
+
 >>> tok = CharTokenizer("0123456789")
 >>> tok.encode_prompt("12"), tok.decode(tok.encode_completion("12"))
 ([1, 4, 5], '12')
@@ -14,18 +20,23 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from rlhf_lightning.tokenizer.base import UnknownCharacterError, require_mapping, require_text
+import re
 
-__all__ = ["CharTokenizer", "SPECIAL_TOKENS"]
+from rlhf_lightning.tokenizer.base import UnknownCharacterError, require_mapping, require_text
+from rlhf_lightning.tokenizer.chat_template import CHAR_CHAT_TEMPLATE, ROLES, render_chat, template_sha256
+
+__all__ = ["CHAT_TOKENS", "CharTokenizer", "SPECIAL_TOKENS"]
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<bos>", "<eos>")
+CHAT_TOKENS: tuple[str, ...] = tuple(f"<|{role}|>" for role in ROLES)
 _PAD_ID, _BOS_ID, _EOS_ID = 0, 1, 2
+_CHAT_SPLIT = re.compile("(" + "|".join(re.escape(t) for t in CHAT_TOKENS + ("<eos>",)) + ")")
 
 
 class CharTokenizer:
     """Maps characters of a fixed alphabet to ids, after three specials (pad=0, bos=1, eos=2)."""
 
-    def __init__(self, alphabet: Iterable[str]) -> None:
+    def __init__(self, alphabet: Iterable[str], chat: bool = False, template: str | None = None) -> None:
         if isinstance(alphabet, str):
             chars = list(alphabet)
         else:
@@ -39,6 +50,14 @@ class CharTokenizer:
         self._alphabet = "".join(unique)
         self._itos: tuple[str, ...] = SPECIAL_TOKENS + tuple(unique)
         self._stoi: dict[str, int] = {c: i + len(SPECIAL_TOKENS) for i, c in enumerate(unique)}
+        self.chat = bool(chat)
+        if template is not None and not self.chat:
+            raise ValueError("a chat template needs the chat vocabulary (chat: true)")
+        self.template = (template or CHAR_CHAT_TEMPLATE) if self.chat else None
+        self._markers: dict[str, int] = {}
+        if self.chat:
+            self._markers = {t: len(self._itos) + i for i, t in enumerate(CHAT_TOKENS)} | {"<eos>": _EOS_ID}
+            self._itos = self._itos + CHAT_TOKENS
 
     # ------------------------------------------------------------------ properties
     @property
@@ -67,8 +86,24 @@ class CharTokenizer:
 
     # ------------------------------------------------------------------ encoding
     def encode(self, text: str, where: str = "") -> list[int]:
-        """Ids of ``text``'s characters, no specials. Raises :class:`UnknownCharacterError`."""
+        """Ids of ``text``'s characters, no specials (in chat mode, role tokens and ``<eos>`` are read as tokens).
+        Raises :class:`UnknownCharacterError`."""
         require_text(text, where)
+        if self._markers:
+            ids, offset = [], 0
+            for piece in _CHAT_SPLIT.split(text):
+                if piece in self._markers:
+                    ids.append(self._markers[piece])
+                else:
+                    try:
+                        ids += self._encode_chars(piece, where)
+                    except UnknownCharacterError as e:
+                        raise UnknownCharacterError(e.char, e.index + offset, where, self._alphabet) from None
+                offset += len(piece)
+            return ids
+        return self._encode_chars(text, where)
+
+    def _encode_chars(self, text: str, where: str) -> list[int]:
         stoi = self._stoi
         try:
             return [stoi[c] for c in text]
@@ -104,9 +139,22 @@ class CharTokenizer:
             out.append(itos[i])
         return "".join(out)
 
+    def token_text(self, i: int) -> str:
+        """The token of id `i` as text, specials included (for error messages)."""
+        return self._itos[i]
+
+    # ------------------------------------------------------------------ chat
+    def render_chat(self, messages: Iterable[Mapping[str, Any]], add_generation_prompt: bool = False) -> str:
+        """The text of a conversation under the chat template (see `tokenizer.chat_template`)."""
+        if self.template is None:
+            raise ValueError("the character tokenizer renders conversations only with its chat vocabulary: set chat: true in its description")
+        return render_chat(self.template, list(messages), add_generation_prompt, eos_token="<eos>", bos_token="")
+
     # ------------------------------------------------------------------ serialization
     def to_dict(self) -> dict[str, Any]:
-        return {"type": "char", "alphabet": self._alphabet}
+        if not self.chat:
+            return {"type": "char", "alphabet": self._alphabet}
+        return {"type": "char", "alphabet": self._alphabet, "chat": True, "template": self.template, "template_sha256": template_sha256(self.template)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "CharTokenizer":
@@ -119,16 +167,22 @@ class CharTokenizer:
         alphabet = d["alphabet"]
         if not isinstance(alphabet, (str, list, tuple)):
             raise ValueError(f"tokenizer 'alphabet' must be a string or a list, got {type(alphabet).__name__}")
-        return cls(alphabet)
+        template = d.get("template")
+        if template is not None and not isinstance(template, str):
+            raise ValueError(f"tokenizer 'template' must be a string, got {type(template).__name__}")
+        if template is not None and d.get("template_sha256") not in (None, template_sha256(template)):
+            raise ValueError("tokenizer 'template_sha256' is not the SHA-256 of its 'template': the description was altered")
+        return cls(alphabet, bool(d.get("chat", False)), template)
 
     # ------------------------------------------------------------------ comparison
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, CharTokenizer):
             return NotImplemented
-        return self._alphabet == other._alphabet
+        return (self._alphabet, self.template) == (other._alphabet, other.template)
 
     def __hash__(self) -> int:
-        return hash(("char", self._alphabet))
+        return hash(("char", self._alphabet, self.template))
 
     def __repr__(self) -> str:
-        return f"CharTokenizer(alphabet={self._alphabet!r})"
+        chat = ", chat=True" if self.chat else ""
+        return f"CharTokenizer(alphabet={self._alphabet!r}{chat})"
