@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from rlhf_lightning.data.base import TokenizedDataModule
-from rlhf_lightning.data.prompts import PromptDataset, load_prompts
+from rlhf_lightning.data.prompts import PromptDataset, load_prompts, source_options
 from rlhf_lightning.options import DATA, SEED_MAX, check_choice, check_number
 from rlhf_lightning.tasks.arithmetic import TASKS
 from rlhf_lightning.tokenizer import Tokenizer
@@ -83,20 +83,30 @@ class PromptDataModule(TokenizedDataModule):
         max_val_prompts: int | None = None,
         num_workers: int = 0,
         seed: int = 0,
+        split: str = "train",
+        val_split: str = "train",
+        fields: dict[str, str] | None = None,
+        shuffle_seed: int | None = None,
         tokenizer: Tokenizer | None = None,
         max_length: int | None = None,
     ) -> None:
         """
         Args:
-            task: "toy" (two-digit arithmetic with hash splits) or "seed" (the seed task's 8 prompts).
-            train_file: JSONL of {"prompt"[, "completion" as gold]} lines; replaces the task's `train` prompts.
-            val_file: JSONL of {"prompt"[, "completion"]} lines for evaluation; default: the task's `val`.
+            task: "toy" (two-digit arithmetic with hash splits), "toy_chat" (the same in conversational form) or
+                "seed" (the seed task's 8 prompts).
+            train_file: prompts replacing the task's `train` prompts: {"prompt"[, "completion" as gold]} records, or
+                conversational ones ({"prompt": [messages ending in a user turn][, "gold"]}, or {"messages": [...]}
+                ending in the gold reply); a JSONL file or a `datasets` source (`[data]` extra).
+            val_file: evaluation prompts, in the same forms; default: the task's `val`.
             batch_size: prompts per rollout (per rank under DDP); each gets `samples_per_prompt` completions.
             eval_batch_size: prompts per batch of greedy evaluation.
             max_train_prompts: use the first N training prompts only (None: all).
             max_val_prompts: evaluate on the first N `val` prompts only (None: all).
             num_workers: DataLoader workers.
             seed: seed of the stream that `draw_prompts` takes extra `train` prompts from.
+            split, val_split: the split of a `datasets` source read for `train_file` and `val_file`.
+            fields: record fields -> the source's column names, e.g. {"prompt": "question"} (`datasets` sources).
+            shuffle_seed: shuffle a `datasets` source's rows with this seed (None: its order).
             tokenizer, max_length: the module's, linked by `rlhf fit` (see `TokenizedDataModule`); here the
                 longest prompt that leaves room for the completion.
         """
@@ -108,6 +118,8 @@ class PromptDataModule(TokenizedDataModule):
         check_number("max_val_prompts", max_val_prompts, low=1, integer=True, allow_none="all", prefix=DATA)
         check_number("num_workers", num_workers, low=0, integer=True, prefix=DATA)
         check_number("seed", seed, low=0, high=SEED_MAX, integer=True, prefix=DATA)
+        source_options(split, fields, shuffle_seed)
+        source_options(val_split)
         self.save_hyperparameters(ignore=["tokenizer", "max_length"])
         self.stream: PromptStream | None = None
         self._stream_state: dict[str, int] | None = None
@@ -116,12 +128,13 @@ class PromptDataModule(TokenizedDataModule):
         tokenizer, context = self.tokenizer_and_length()
         hp = self.hparams
         if stage == "fit":
-            records = load_prompts(hp.task, "train", hp.train_file, hp.max_train_prompts)
+            records = load_prompts(hp.task, "train", hp.train_file, hp.max_train_prompts, source_options(hp.split, hp.fields, hp.shuffle_seed))
             self.train_set = PromptDataset(tokenizer, records, context)
             self.stream = PromptStream(len(self.train_set), hp.seed)
             if self._stream_state is not None:
                 self.stream.load_state_dict(self._stream_state)
-        self.val_set = PromptDataset(tokenizer, load_prompts(hp.task, "val", hp.val_file, hp.max_val_prompts), context)
+        val = load_prompts(hp.task, "val", hp.val_file, hp.max_val_prompts, source_options(hp.val_split, hp.fields, hp.shuffle_seed))
+        self.val_set = PromptDataset(tokenizer, val, context)
 
     def train_dataloader(self) -> DataLoader:
         # drop_last: equal rollouts (and equal ranks under DDP)

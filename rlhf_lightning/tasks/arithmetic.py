@@ -41,7 +41,7 @@ __all__ = [
 
 DEFAULT_MAX_OPERAND = 99
 SPLITS: tuple[str, ...] = ("train", "val", "test")
-TASKS: tuple[str, ...] = ("toy", "seed")
+TASKS: tuple[str, ...] = ("toy", "seed", "toy_chat")  # toy_chat: the toy problems as conversations (tasks.chat)
 #: The completion budget the tasks are evaluated with: the longest answer (3 digits, 99+99) and EOS, and two
 #: tokens to spare, so a wrong longer answer is still read to its end.
 EVAL_MAX_NEW_TOKENS = 6
@@ -190,7 +190,7 @@ def task_problems(task: str, split: str | None = None) -> list[Problem]:
     """Problems of a named task: ``"toy"`` uses the hash split; ``"seed"`` returns its 8 problems for every
     split (it has no held-out split)."""
     _check_split(split)
-    if task == "toy":
+    if task in ("toy", "toy_chat"):
         return problems(split)
     if task == "seed":
         return list(SEED_PROBLEMS)

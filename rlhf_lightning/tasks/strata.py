@@ -67,7 +67,7 @@ def prompt_strata(prompt: str, group: str | None = None) -> tuple[str, ...]:
 
 def task_strata_names(task: str) -> tuple[str, ...]:
     """Strata always reported for a task, even with no prompts (n = 0): the toy strata for arithmetic tasks."""
-    return TOY_STRATA if task in ("toy", "seed") else ()
+    return TOY_STRATA if task in ("toy", "seed", "toy_chat") else ()
 
 
 def strata_metrics(

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from rlhf_lightning.data.base import TokenizedDataModule
 from rlhf_lightning.data.jsonl import DataError, write_jsonl
 from rlhf_lightning.data.preferences.datasets import PairDataset, SampleGroupDataset
-from rlhf_lightning.data.preferences.records import PreferencePair, group_pairs
+from rlhf_lightning.data.preferences.records import PreferencePair, group_pairs, render_group, render_pair
 from rlhf_lightning.data.preferences.sources import PairSource
 from rlhf_lightning.options import DATA, SEED_MAX, check_choice, check_number
 from rlhf_lightning.tasks.arithmetic import TASKS
@@ -58,7 +58,8 @@ class PreferenceDataModule(TokenizedDataModule):
         Args:
             pairs: the pair source, by class_path: `rlhf_lightning.data.preferences.JsonlPairs` (files) or
                 `rlhf_lightning.data.preferences.SampledPairs` (sampled from a policy checkpoint and judged).
-            task: prompts to sample from: "toy" (hash splits) or "seed" (the seed task's 8 prompts).
+            task: prompts to sample from: "toy" (hash splits), "toy_chat" (the same in conversational form) or
+                "seed" (the seed task's 8 prompts).
             seed: seed of the sampling and of the prompt subsets (independent of the global seed, so a resumed
                 run sees the same pairs).
             batch_size: pairs per optimizer step.
@@ -89,6 +90,9 @@ class PreferenceDataModule(TokenizedDataModule):
         tokenizer, max_len = self.tokenizer_and_length()
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
         train_pairs, val_groups = self.pairs.load(hp.task, hp.seed, device)
+        # conversational prompts: the chat template's text from here on (what the reward model and DPO score)
+        train_pairs = [render_pair(tokenizer, p) for p in train_pairs]
+        val_groups = [render_group(tokenizer, g) for g in val_groups]
         if self.pairs.generated:
             self._write("preferences_train.jsonl", train_pairs)
             self._write("preferences_val.jsonl", group_pairs(val_groups))

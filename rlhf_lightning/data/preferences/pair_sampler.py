@@ -15,7 +15,7 @@ import torch
 from rlhf_lightning.completions import complete
 from rlhf_lightning.data.jsonl import DataError
 from rlhf_lightning.data.preferences.records import SampleGroup
-from rlhf_lightning.data.prompts import PromptRecord, encode_prompts
+from rlhf_lightning.data.prompts import PromptRecord, encode_prompts, render_records
 from rlhf_lightning.options import check_choice, check_number
 from rlhf_lightning.padding import left_pad
 from rlhf_lightning.policy import context_length
@@ -100,6 +100,7 @@ def sample_groups(
     replaces the judge named by `judge_name` (online DPO's learned reward)."""
     K = samples_per_prompt
     check_pair_options(K, judge_name, tie_break)
+    records = render_records(tokenizer, records)  # conversations: the chat template's text is the prompt from here on
     device = next(policy.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     judge_generator = torch.Generator().manual_seed(seed + 1)

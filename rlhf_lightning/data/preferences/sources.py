@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from rlhf_lightning.data.preferences.pair_sampler import check_pair_options, sample_groups
 from rlhf_lightning.data.preferences.records import PreferencePair, SampleGroup, group_pairs, pair_groups, read_preferences
-from rlhf_lightning.data.prompts import load_prompts
+from rlhf_lightning.data.prompts import load_prompts, source_options
 from rlhf_lightning.options import PAIRS, check_number
 from rlhf_lightning.policy import load_policy
 from rlhf_lightning.tasks.arithmetic import split_of
@@ -32,21 +32,36 @@ class PairSource:
 
 
 class JsonlPairs(PairSource):
-    """Pairs from JSONL files of ``{"prompt", "chosen", "rejected"[, "margin"]}`` lines."""
+    """Pairs from files of ``{"prompt", "chosen", "rejected"[, "margin"]}`` records, or conversational ones (TRL's
+    forms, `records.read_preferences`): JSONL files, or `datasets` sources (`[data]` extra)."""
 
-    def __init__(self, train_file: str, val_file: str | None = None) -> None:
+    def __init__(
+        self,
+        train_file: str,
+        val_file: str | None = None,
+        split: str = "train",
+        val_split: str = "train",
+        fields: dict[str, str] | None = None,
+        shuffle_seed: int | None = None,
+    ) -> None:
         """
         Args:
-            train_file: the training pairs. Without `val_file`, its pairs whose prompt hashes to `val` are held out
-                (`test` ones dropped).
+            train_file: the training pairs. Without `val_file`, its pairs whose prompt (a conversation's last user
+                turn) hashes to `val` are held out (`test` ones dropped).
             val_file: held-out pairs (default: held out of `train_file`).
+            split, val_split: the split of a `datasets` source read for `train_file` and `val_file`.
+            fields: record fields -> the source's column names, e.g. {"chosen": "preferred"} (`datasets` sources).
+            shuffle_seed: shuffle a `datasets` source's rows with this seed (None: its order).
         """
+        source_options(split, fields, shuffle_seed)
+        source_options(val_split)
         self.train_file, self.val_file = train_file, val_file
+        self.split, self.val_split, self.fields, self.shuffle_seed = split, val_split, fields, shuffle_seed
 
     def load(self, task: str, seed: int, device: torch.device) -> tuple[list[PreferencePair], list[SampleGroup]]:
-        pairs = read_preferences(self.train_file)
+        pairs = read_preferences(self.train_file, source_options(self.split, self.fields, self.shuffle_seed))
         if self.val_file is not None:
-            return pairs, pair_groups(read_preferences(self.val_file))
+            return pairs, pair_groups(read_preferences(self.val_file, source_options(self.val_split, self.fields, self.shuffle_seed)))
         held_out = [p for p in pairs if split_of(p.prompt) == "val"]
         return [p for p in pairs if split_of(p.prompt) == "train"], pair_groups(held_out)
 

@@ -1,0 +1,92 @@
+"""Local sources read through the `datasets` library (the `[data]` extra): json, jsonl, parquet, csv and arrow files,
+and `save_to_disk` folders. Nothing is downloaded: a path that is not a local file or folder is refused as such.
+
+Files are converted once into `datasets`' Arrow cache and memory-mapped, as a `save_to_disk` folder is; rows become
+Python objects one at a time (`iter_rows`). Errors are `DataError`s naming the file, and the row or field.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from rlhf_lightning.data.jsonl import DataError
+from rlhf_lightning.data.sources import DATASETS_SUFFIXES, SourceOptions
+
+__all__ = ["ArrowRows", "open_dataset"]
+
+
+def _import_datasets():
+    # local files only: never reach the Hub, whatever the environment says
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import datasets
+    except ImportError:
+        raise DataError("reading this source needs the `datasets` library: pip install 'rlhf-lightning[data]'") from None
+    datasets.disable_progress_bars()
+    return datasets
+
+
+class ArrowRows:
+    """A memory-mapped `datasets.Dataset` and where it came from."""
+
+    def __init__(self, dataset: Any, path: str, indices: Any = None) -> None:
+        self.dataset, self.path, self.indices = dataset, path, indices  # indices: the shuffled rows' places in the split
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def iter_rows(self) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(row index, row) in the source's (or the shuffled) order; the index is the row's place in the split."""
+        for i, row in enumerate(self.dataset):
+            yield (int(self.indices[i]) if self.indices is not None else i), row
+
+
+def open_dataset(path: str | os.PathLike[str], options: SourceOptions) -> ArrowRows:
+    """The split `options.split` of a local file or `save_to_disk` folder, its columns renamed by `options.fields`
+    (record field -> column) and shuffled by `options.shuffle_seed`."""
+    path = str(path)
+    if not os.path.exists(path):
+        raise DataError(
+            "no such local file or folder (sources are read offline, from local files and save_to_disk folders only: "
+            "nothing is downloaded; download a Hub dataset first and point at the folder)", path=path,
+        )
+    datasets = _import_datasets()
+    if os.path.isdir(path):
+        try:
+            loaded = datasets.load_from_disk(path)
+        except Exception as e:  # the library raises FileNotFoundError, ValueError, ArrowInvalid ... for broken folders
+            raise DataError(f"cannot read as a datasets folder (save_to_disk): {_first_line(e)}", path=path) from None
+        splits = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
+    else:
+        builder = DATASETS_SUFFIXES.get(os.path.splitext(path)[1].lower())
+        if builder is None:
+            raise DataError(f"unknown file type; expected one of {', '.join(sorted(DATASETS_SUFFIXES))} or a save_to_disk folder", path=path)
+        try:
+            splits = {"train": datasets.load_dataset(builder, data_files=path, split="train")}
+        except Exception as e:
+            raise DataError(f"cannot read as {builder}: {_first_line(e)}", path=path) from None
+    if options.split not in splits:
+        raise DataError(f"no split {options.split!r}; the source has: {', '.join(sorted(splits))}", path=path, field="split")
+    dataset = splits[options.split]
+    for name, column in (options.fields or {}).items():
+        if column not in dataset.column_names:
+            raise DataError(f"no column {column!r} (fields maps {name!r} to it); columns: {', '.join(dataset.column_names)}", path=path, field=name)
+        if column != name:
+            if name in dataset.column_names:
+                dataset = dataset.remove_columns(name)
+            dataset = dataset.rename_column(column, name)
+    indices = None
+    if options.shuffle_seed is not None:
+        import numpy as np
+
+        indices = np.random.default_rng(options.shuffle_seed).permutation(len(dataset))
+        dataset = dataset.select(indices)  # an indices mapping over the same memory-mapped table
+    return ArrowRows(dataset, path, indices)
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return (text[0] if text else type(error).__name__)[:200]

@@ -1,0 +1,143 @@
+"""Where a DataModule's records come from: a JSONL file (the strict reader, `file:line` in errors) or a local
+`datasets` source (json, jsonl, parquet, csv files and `save_to_disk` folders; the `[data]` extra; `file:row N`
+in errors), in flat or conversational form, detected per file from its first record.
+
+`read_rows(path, spec)` returns `Rows`: whether the file is conversational, and `(where, record)` pairs with the
+spec's fields only, of the spec's types. A `datasets` source is read through Arrow: a Parquet file or a
+`save_to_disk` folder is memory-mapped, and rows become Python objects one at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from rlhf_lightning.data.jsonl import DataError, _matches, _show, _type_names, read_jsonl
+
+__all__ = ["RecordSpec", "Rows", "SourceOptions", "read_rows"]
+
+DATASETS_SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json", ".arrow": "arrow"}
+
+
+@dataclass(frozen=True)
+class RecordSpec:
+    """The fields of one kind of record: flat (strings) and conversational (lists of messages where a field is one).
+
+    `flat_required` are non-empty strings (strings only, with `non_empty=False`); `optional` fields may appear in
+    either form; `chat_required` must be present in a conversational record (one of them, for `chat_any`)."""
+
+    flat_required: tuple[str, ...]
+    chat_required: tuple[str, ...]
+    optional: Mapping[str, type | tuple[type, ...]] = field(default_factory=dict)
+    chat_fields: tuple[str, ...] = ()  # fields whose list value marks a conversational record
+    chat_any: bool = False
+    non_empty: bool = True
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """How a `datasets` source is read: the `split`, a mapping of record fields to the source's columns (e.g.
+    {"messages": "conversation"}), and a shuffle seed (None: the source's order)."""
+
+    split: str = "train"
+    fields: Mapping[str, str] | None = None
+    shuffle_seed: int | None = None
+
+
+@dataclass
+class Rows:
+    conversational: bool
+    rows: list[tuple[str, dict[str, Any]]]
+
+
+def is_datasets_source(path: str | os.PathLike[str]) -> bool:
+    """A folder or a non-JSONL file of a format `datasets` reads (JSONL files keep the strict reader)."""
+    path = str(path)
+    return os.path.isdir(path) or os.path.splitext(path)[1].lower() in set(DATASETS_SUFFIXES) - {".jsonl"}
+
+
+def read_rows(path: str | os.PathLike[str], spec: RecordSpec, options: SourceOptions | None = None) -> Rows:
+    """The records of `path`: JSONL through the strict reader, anything else through `datasets`."""
+    options = options or SourceOptions()
+    if is_datasets_source(path) or options.fields or options.shuffle_seed is not None:
+        from rlhf_lightning.data.datasets_source import open_dataset  # imported on use: needs the [data] extra
+
+        table = open_dataset(path, options)
+        return _check_rows(str(path), spec, ((f"{path}:row {i}", r) for i, r in table.iter_rows()), typed=False)
+    if _first_is_conversational(path, spec):
+        rows = read_jsonl(path, required=(), optional={**spec.optional, **{k: (str, list) for k in spec.chat_required + spec.chat_fields}})
+        return _check_rows(str(path), spec, ((f"{path}:{n}", r) for n, r in rows), typed=True, conversational=True)
+    rows = read_jsonl(path, required=spec.flat_required, optional=spec.optional, non_empty=spec.non_empty)
+    return Rows(False, [(f"{path}:{n}", r) for n, r in rows])
+
+
+def _first_is_conversational(path: str | os.PathLike[str], spec: RecordSpec) -> bool:
+    """Whether the first record of a JSONL file has a list in a conversational field (False on anything the strict
+    reader will report)."""
+    try:
+        with open(path, "rb") as f:
+            for raw in f:
+                if raw.strip():
+                    obj = json.loads(raw.decode("utf-8-sig"))
+                    return isinstance(obj, dict) and _conversational(obj, spec)
+    except (OSError, ValueError):
+        return False
+    return False
+
+
+def _conversational(record: Mapping[str, Any], spec: RecordSpec) -> bool:
+    """A list in a conversational field, or a conversational field (e.g. `messages`) in place of the flat ones."""
+    chat = [k for k in spec.chat_required + spec.chat_fields if k not in spec.flat_required]
+    if any(isinstance(record.get(k), (list, tuple)) for k in spec.chat_required + spec.chat_fields):
+        return True
+    return any(record.get(k) is not None for k in chat) and not all(record.get(k) is not None for k in spec.flat_required)
+
+
+def _check_rows(path: str, spec: RecordSpec, rows: Iterator[tuple[str, dict]], typed: bool, conversational: bool | None = None) -> Rows:
+    """Every row of the file's form (its first row's), with the spec's fields only; `typed`: the reader checked the
+    optional fields' types already."""
+    out: list[tuple[str, dict[str, Any]]] = []
+    for where, raw in rows:
+        if conversational is None:
+            conversational = _conversational(raw, spec)
+        wanted = spec.chat_required if conversational else spec.flat_required
+        record: dict[str, Any] = {}
+        present = [name for name in wanted if raw.get(name) is not None]
+        if spec.chat_any and conversational:
+            if not present:
+                raise DataError(f"missing required field (one of {', '.join(wanted)})", path=where, field=wanted[0])
+        else:
+            for name in wanted:
+                if raw.get(name) is None:
+                    raise DataError("missing required field", path=where, field=name)
+        for name in present:
+            value = raw[name]
+            if conversational and name in spec.chat_required + spec.chat_fields:
+                if not isinstance(value, (list, tuple)):
+                    raise DataError(f"expected a list of messages (the file's first record is conversational), got {_show(value)}", path=where, field=name)
+                value = [dict(m) if isinstance(m, Mapping) else m for m in value]
+            elif not isinstance(value, str) or spec.non_empty and not value.strip():
+                kind = "a non-empty string" if spec.non_empty else "a string"
+                hint = " (the file's first record is flat)" if isinstance(value, (list, tuple)) else ""
+                raise DataError(f"expected {kind}{hint}, got {_show(value)}", path=where, field=name)
+            record[name] = value
+        for name in spec.chat_fields if conversational else ():
+            value = raw.get(name)
+            if value is not None and not isinstance(value, (list, tuple)):
+                raise DataError(f"expected a list of messages (the file's first record is conversational), got {_show(value)}", path=where, field=name)
+            if value is not None:
+                record[name] = [dict(m) if isinstance(m, Mapping) else m for m in value]
+        for name, expected in spec.optional.items():
+            value = raw.get(name)
+            if value is None:
+                continue
+            if not typed and not _matches(value, expected):
+                raise DataError(f"expected {_type_names(expected)}, got {_show(value)}", path=where, field=name)
+            record[name] = value
+        out.append((where, record))
+    if not out:
+        raise DataError("no records", path=path)
+    return Rows(bool(conversational), out)
