@@ -1,6 +1,7 @@
 """Local sources read through the `datasets` library (the `[data]` extra): json, jsonl, parquet, csv and arrow files,
 and `save_to_disk` folders. Nothing is downloaded: a path that is not a local file or folder is refused as such.
 
+A CSV file is read as text (its cells are strings: answers such as "3" stay strings; it holds flat records only).
 Files are converted once into `datasets`' Arrow cache and memory-mapped, as a `save_to_disk` folder is; rows become
 Python objects one at a time (`iter_rows`). Errors are `DataError`s naming the file, and the row or field.
 """
@@ -65,7 +66,8 @@ def open_dataset(path: str | os.PathLike[str], options: SourceOptions) -> ArrowR
         if builder is None:
             raise DataError(f"unknown file type; expected one of {', '.join(sorted(DATASETS_SUFFIXES))} or a save_to_disk folder", path=path)
         try:
-            splits = {"train": datasets.load_dataset(builder, data_files=path, split="train")}
+            text = {"features": _text_columns(datasets, path), "keep_default_na": False} if builder == "csv" else {}
+            splits = {"train": datasets.load_dataset(builder, data_files=path, split="train", **text)}
         except Exception as e:
             raise DataError(f"cannot read as {builder}: {_first_line(e)}", path=path) from None
     if options.split not in splits:
@@ -85,6 +87,15 @@ def open_dataset(path: str | os.PathLike[str], options: SourceOptions) -> ArrowR
         indices = np.random.default_rng(options.shuffle_seed).permutation(len(dataset))
         dataset = dataset.select(indices)  # an indices mapping over the same memory-mapped table
     return ArrowRows(dataset, path, indices)
+
+
+def _text_columns(datasets, path: str):
+    """Every column of a CSV file as text (a cell such as "3" stays the string "3")."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        header = next(csv.reader(f), [])
+    return datasets.Features({name: datasets.Value("string") for name in header})
 
 
 def _first_line(error: Exception) -> str:
