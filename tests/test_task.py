@@ -159,4 +159,4 @@ def test_problem_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError, match="cannot assign to field 'answer'"):
         p.answer = "3"
     assert Counter([p, Problem("Q: 1+1=\nA:", "2")])[p] == 2
-    assert A.TASKS == ("toy", "seed")
+    assert A.TASKS == ("toy", "seed", "toy_chat")

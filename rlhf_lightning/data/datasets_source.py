@@ -1,5 +1,5 @@
 """Local sources read through the `datasets` library (the `[data]` extra): json, jsonl, parquet, csv and arrow files,
-and `save_to_disk` folders. Nothing is downloaded: a path that is not a local file or folder is refused as such.
+and `save_to_disk` folders. `datasets` itself is imported on first use. Nothing is downloaded: a path that is not a local file or folder is refused as such.
 
 A CSV file is read as text (its cells are strings: answers such as "3" stay strings; it holds flat records only).
 Files are converted once into `datasets`' Arrow cache and memory-mapped, as a `save_to_disk` folder is; rows become
@@ -9,19 +9,30 @@ Python objects one at a time (`iter_rows`). Errors are `DataError`s naming the f
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from rlhf_lightning.data.jsonl import DataError
-from rlhf_lightning.data.sources import DATASETS_SUFFIXES, SourceOptions
 
-__all__ = ["ArrowRows", "open_dataset"]
+__all__ = ["ArrowRows", "DATASETS_SUFFIXES", "SourceOptions", "open_dataset"]
+
+DATASETS_SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json", ".arrow": "arrow"}
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """How a `datasets` source is read: the `split`, a mapping of record fields to the source's columns (e.g.
+    {"messages": "conversation"}), and a shuffle seed (None: the source's order)."""
+
+    split: str = "train"
+    fields: Mapping[str, str] | None = None
+    shuffle_seed: int | None = None
 
 
 def _import_datasets():
-    # local files only: never reach the Hub, whatever the environment says
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # local files only: `datasets` must not reach the Hub (set before its import, which reads it)
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
     try:
         import datasets
     except ImportError:

@@ -15,11 +15,11 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from rlhf_lightning.data.datasets_source import DATASETS_SUFFIXES, SourceOptions, open_dataset
 from rlhf_lightning.data.jsonl import DataError, _matches, _show, _type_names, read_jsonl
 
 __all__ = ["RecordSpec", "Rows", "SourceOptions", "read_rows"]
 
-DATASETS_SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json", ".arrow": "arrow"}
 
 
 @dataclass(frozen=True)
@@ -35,16 +35,6 @@ class RecordSpec:
     chat_fields: tuple[str, ...] = ()  # fields whose list value marks a conversational record
     chat_any: bool = False
     non_empty: bool = True
-
-
-@dataclass(frozen=True)
-class SourceOptions:
-    """How a `datasets` source is read: the `split`, a mapping of record fields to the source's columns (e.g.
-    {"messages": "conversation"}), and a shuffle seed (None: the source's order)."""
-
-    split: str = "train"
-    fields: Mapping[str, str] | None = None
-    shuffle_seed: int | None = None
 
 
 @dataclass
@@ -63,8 +53,6 @@ def read_rows(path: str | os.PathLike[str], spec: RecordSpec, options: SourceOpt
     """The records of `path`: JSONL through the strict reader, anything else through `datasets`."""
     options = options or SourceOptions()
     if is_datasets_source(path) or options.fields or options.shuffle_seed is not None:
-        from rlhf_lightning.data.datasets_source import open_dataset  # imported on use: needs the [data] extra
-
         table = open_dataset(path, options)
         return _check_rows(str(path), spec, ((f"{path}:row {i}", r) for i, r in table.iter_rows()), typed=False)
     if _first_is_conversational(path, spec):
