@@ -109,6 +109,8 @@ print("versions:", json.dumps(found))
 EOF
 
 cd "$REPO"
+# the tests that start `rlhf` in a subprocess must find this environment's, not another install's on PATH
+export PATH="$VENV/bin:$PATH"
 start=$(date +%s)
 set +e
 "$PY" -m pytest -q -p no:cacheprovider "$@" 2>&1 | tee "$VENV/pytest.log"
