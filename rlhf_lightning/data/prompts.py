@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from rlhf_lightning.padding import left_pad
 from rlhf_lightning.data.conversations import Messages, check_messages, last_user_text, render_prompt
 from rlhf_lightning.data.jsonl import DataError
-from rlhf_lightning.data.sources import RecordSpec, SourceOptions, read_rows
+from rlhf_lightning.data.sources import RecordSpec, SourceOptions, data_error, read_rows
 from rlhf_lightning.options import DATA, SEED_MAX, ConfigError, check_number
 from rlhf_lightning.tasks.arithmetic import gold_answer, task_problems
 from rlhf_lightning.tasks.chat import prompt_messages
@@ -44,10 +44,12 @@ class PromptRecord:
 
 
 def read_group(path: str, line: int | None, record: dict) -> str | None:
-    """A record's optional `group` (its stratum): a non-empty string, else a `DataError` naming file, line, field."""
+    """A record's optional `group` (its stratum): a non-empty string, else a `DataError` naming file, line, field
+    (`path` may be a row's "file:line" or "file:row N", with `line` None)."""
     group = record.get("group")
     if group is not None and not group.strip():
-        raise DataError(f"expected a non-empty string, got {group!r}", path=path, line=line, field="group")
+        problem = f"expected a non-empty string, got {group!r}"
+        raise data_error(problem, path, "group") if line is None else DataError(problem, path=path, line=line, field="group")
     return group
 
 

@@ -18,7 +18,7 @@ from typing import Any
 from rlhf_lightning.data.datasets_source import DATASETS_SUFFIXES, SourceOptions, open_dataset
 from rlhf_lightning.data.jsonl import DataError, _matches, _show, _type_names, read_jsonl
 
-__all__ = ["RecordSpec", "Rows", "SourceOptions", "read_rows"]
+__all__ = ["RecordSpec", "Rows", "SourceOptions", "data_error", "read_rows"]
 
 
 
@@ -41,6 +41,13 @@ class RecordSpec:
 class Rows:
     conversational: bool
     rows: list[tuple[str, dict[str, Any]]]
+
+
+def data_error(problem: str, where: str, field: str | None = None) -> DataError:
+    """A `DataError` at a row's `where`: "file:line" keeps the file and the line apart (as the JSONL reader's errors
+    do), "file:row N" is the location as it is."""
+    path, _, line = where.rpartition(":")
+    return DataError(problem, path, int(line), field) if path and line.isdigit() else DataError(problem, where, None, field)
 
 
 def is_datasets_source(path: str | os.PathLike[str]) -> bool:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 
 from rlhf_lightning.data.conversations import Messages, check_messages, check_reply, last_user_text, render_prompt, split_implicit_prompt
 from rlhf_lightning.data.jsonl import DataError
-from rlhf_lightning.data.sources import RecordSpec, SourceOptions, read_rows
+from rlhf_lightning.data.sources import RecordSpec, SourceOptions, data_error, read_rows
 from rlhf_lightning.tasks.arithmetic import gold_answer, judge_scores
 from rlhf_lightning.tokenizer import Tokenizer
 
@@ -76,10 +76,10 @@ def read_preferences(path: str, options: SourceOptions | None = None) -> list[Pr
             for name in ("prompt", "chosen", "rejected"):
                 # a sampled completion may be empty (EOS right away); our files say so with "<name>_ended"
                 if not r[name].strip() and f"{name}_ended" not in r:
-                    raise DataError(f"expected a non-empty string, got {json.dumps(r[name])}", where, None, name)
+                    raise data_error(f"expected a non-empty string, got {json.dumps(r[name])}", where, name)
         chosen_ended, rejected_ended = r.get("chosen_ended", True), r.get("rejected_ended", True)
         if r["chosen"] == r["rejected"] and chosen_ended == rejected_ended:
-            raise DataError("identical to 'chosen': a pair must compare two different completions", where, None, "rejected")
+            raise data_error("identical to 'chosen': a pair must compare two different completions", where, "rejected")
         margin = r.get("margin")
         pairs.append(PreferencePair(
             r["prompt"], r["chosen"], r["rejected"], None if margin is None else float(margin),
