@@ -44,6 +44,7 @@ __all__ = [
     "simpo_loss",
     "slic_hinge_loss",
     "KL_ESTIMATORS",
+    "POLICY_LOSSES",
     "LOSS_AGGREGATIONS",
     "PPOLossOutput",
     "RATIO_LEVELS",
@@ -380,15 +381,16 @@ KLFn = Callable[[Tensor, Tensor], Tensor]
 KL_ESTIMATORS: dict[str, KLFn] = {"k1": kl_k1, "k3": kl_k3}
 
 
-def kl_penalty(name: str, logp: Tensor, ref_logp: Tensor) -> Tensor:
-    """Per-token KL ``(B, T)`` with the estimator registered under ``name``.
+def kl_penalty(name: str, logp: Tensor, ref_logp: Tensor, clamp: float | None = 10.0) -> Tensor:
+    """Per-token KL ``(B, T)`` with the estimator registered under ``name``; ``clamp`` bounds k3 (``kl_k3``; k1 is
+    linear in the log-ratio and left as it is, as verl does).
 
     >>> kl_penalty("k1", torch.tensor([[0.0]]), torch.tensor([[-1.0]]))
     tensor([[1.]])
     """
     if name not in KL_ESTIMATORS:
         raise ValueError(f"unknown KL estimator {name!r}; valid: {sorted(KL_ESTIMATORS)}")
-    return KL_ESTIMATORS[name](logp, ref_logp)
+    return kl_k3(logp, ref_logp, clamp) if name == "k3" else KL_ESTIMATORS[name](logp, ref_logp)
 
 
 def kl_in_reward(rewards: Tensor, kl_tokens: Tensor, mask: Tensor, beta: float) -> Tensor:
@@ -596,12 +598,18 @@ def ppo_loss(
     beta: float = 0.0,
     kl_estimator: str = "k1",
     max_new_tokens: int | None = None,
+    kl_clamp: float | None = 10.0,
+    is_weights: Tensor | None = None,
 ) -> PPOLossOutput:
     """``-agg(min(rho A, clip(rho) A)) + beta * agg(KL)``, ``agg`` a registered loss aggregation.
 
     ``cfg`` is the loss's option group (`option_groups.LossConfig`: ``clip_range``, ``clip_c``, ``ratio_level``,
-    ``loss_agg``; None: its defaults, the plain clipped surrogate: the token mean over the valid tokens of the whole
-    batch, the per-token ratio, the symmetric clip 0.2). ``counts`` = (tokens, rows) the aggregation divides by (the
+    ``loss_agg``, ``policy_loss``; None: its defaults, the plain clipped surrogate: the token mean over the valid tokens
+    of the whole batch, the per-token ratio, the symmetric clip 0.2). ``policy_loss`` other than ``"ppo"`` replaces the
+    clipped surrogate by that variant's per-token terms (``POLICY_LOSSES``: CISPO, SAPO, GMPO), aggregated the same way.
+    ``is_weights`` (B, T), if given, multiply the policy's per-token terms (``rollout_is_weights``: the correction
+    for a rollout engine whose log-probs differ from the trainer's; 0 drops a token). ``kl_clamp`` bounds k3
+    (``kl_penalty``). ``counts`` = (tokens, rows) the aggregation divides by (the
     global minibatch's, under data parallelism; None: this batch's own), ``max_new_tokens`` the constant of
     ``seq_mean_token_sum_norm`` (see ``LOSS_AGGREGATIONS``), ``clip_range`` and ``clip_c`` the clipping
     (``clipped_surrogate``). ``kl`` is always reported, also with ``beta=0`` (which is what the caller passes when
@@ -626,11 +634,21 @@ def ppo_loss(
     if advantages.dim() == 2:
         advantages = torch.where(valid, advantages, zero)  # (B, T)
 
-    log_ratio = log_importance_ratio(ratio_level, logp, old_logp, valid)  # (B, T)
-    objective, ratio, clipped = clipped_surrogate(log_ratio, advantages, clip_low, clip_high, clip_c)
+    name = cfg.policy_loss if cfg is not None else "ppo"
+    if name == "ppo":
+        log_ratio = log_importance_ratio(ratio_level, logp, old_logp, valid).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)  # (B, T)
+        objective, ratio, clipped = clipped_surrogate(log_ratio, advantages, clip_low, clip_high, clip_c)
+        terms = None
+    else:
+        terms, ratio, clipped = POLICY_LOSSES[name](logp, old_logp, advantages, valid, **cfg.policy_loss_options)
+    if is_weights is not None:
+        if terms is None:
+            objective = objective * is_weights
+        else:
+            terms = terms * is_weights
     counts = (total_tokens, total_rows, max_new_tokens)
-    policy_loss = -aggregate_loss(loss_agg, objective, valid, *counts)
-    kl = aggregate_loss(loss_agg, kl_penalty(kl_estimator, logp, ref_logp), valid, *counts)
+    policy_loss = -aggregate_loss(loss_agg, objective, valid, *counts) if terms is None else aggregate_loss(loss_agg, terms, valid, *counts)
+    kl = aggregate_loss(loss_agg, kl_penalty(kl_estimator, logp, ref_logp, kl_clamp), valid, *counts)
     loss = policy_loss + beta * kl
 
     with torch.no_grad():
@@ -790,6 +808,10 @@ def gmpo_loss(
     loss = torch.where(valid, (-seq_advantage * ratio).unsqueeze(-1), 0.0)  # (B, T) the sequence's term on each token
     clipped = (log_ratio != log_ratio_clipped) & valid  # (B, T)
     return PolicyLossTerms(loss=loss, ratio=ratio.detach().unsqueeze(-1).expand_as(loss), clipped=clipped)
+
+
+#: The policy losses by name (`LossConfig.policy_loss`); "ppo" is `clipped_surrogate`, the rest return `PolicyLossTerms`.
+POLICY_LOSSES: dict[str, Callable[..., PolicyLossTerms] | None] = {"ppo": None, "cispo": cispo_loss, "sapo": sapo_loss, "gmpo": gmpo_loss}
 
 
 # --------------------------------------------------------------------------- value function (PPO with a critic)

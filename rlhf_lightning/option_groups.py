@@ -29,7 +29,8 @@ from typing import Any, ClassVar, TypeVar
 import torch
 
 from rlhf_lightning.losses import (
-    ADVANTAGE_ESTIMATORS, DPO_LOSSES, GROUP_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS, RATIO_LEVELS,
+    ADVANTAGE_ESTIMATORS, DPO_LOSSES, GROUP_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES, RATIO_LEVELS,
+    ROLLOUT_IS_LEVELS, ROLLOUT_IS_MODES,
 )
 from rlhf_lightning.options import MODEL, SEED_MAX, ConfigError, check_choice, check_number
 from rlhf_lightning.tasks.arithmetic import EVAL_MAX_NEW_TOKENS
@@ -75,6 +76,16 @@ class RolloutConfig:
         compile: capture the decode step on a CUDA device (CUDA graphs through `torch.compile(mode="reduce-overhead")`
             on a static KV cache). On CPU: a warning and the eager decode.
         seed: sampling seed; rank r samples with seed + r.
+        dtype: the decode's precision: "float32", or "bfloat16" (autocast), as a rollout engine in lower precision
+            than the trainer samples: its log-probs then differ from the update's (`rollout/logprob_mismatch`).
+        rollout_is: correct for that mismatch with importance weights pi_train / pi_rollout on the policy loss:
+            "tis" (truncated: weights capped at `rollout_is_threshold`) or "mis" (masked: tokens, or sequences,
+            outside [`rollout_is_threshold_lower`, `rollout_is_threshold`] get weight 0); None: off. The old log-probs
+            are then the trainer's (one more no-grad forward of the rollout), the rollout's kept for the weights
+            (verl `rollout_is`, TRL `vllm_importance_sampling_mode`).
+        rollout_is_level: "token" (a weight per token) or "sequence" (the product over the sequence's tokens).
+        rollout_is_threshold: upper bound of the weights (verl's default 2.0).
+        rollout_is_threshold_lower: lower bound (None: none for "tis"; for "mis", no lower rejection).
     """
 
     group: ClassVar[str] = "rollout"
@@ -88,6 +99,11 @@ class RolloutConfig:
     micro_batch_size: int | None = None
     compile: bool = False
     seed: int = 0
+    dtype: str = "float32"
+    rollout_is: str | None = None
+    rollout_is_level: str = "token"
+    rollout_is_threshold: float = 2.0
+    rollout_is_threshold_lower: float | None = None
 
     def __post_init__(self) -> None:
         p = _prefix(self)
@@ -99,6 +115,16 @@ class RolloutConfig:
         check_number("generation_batch_size", self.generation_batch_size, low=1, integer=True, allow_none="all rows at once", prefix=p)
         check_number("micro_batch_size", self.micro_batch_size, low=1, integer=True, allow_none="all rows at once", prefix=p)
         check_number("seed", self.seed, low=0, high=SEED_MAX, integer=True, prefix=p)
+        check_choice("dtype", self.dtype, FROZEN_DTYPES, prefix=p)
+        check_choice("rollout_is", self.rollout_is, (*ROLLOUT_IS_MODES, None), prefix=p)
+        check_choice("rollout_is_level", self.rollout_is_level, ROLLOUT_IS_LEVELS, prefix=p)
+        check_number("rollout_is_threshold", self.rollout_is_threshold, low=0, low_open=True, prefix=p)
+        check_number("rollout_is_threshold_lower", self.rollout_is_threshold_lower, low=0, low_open=True, allow_none="no lower bound", prefix=p)
+        if self.rollout_is_threshold_lower is not None and self.rollout_is_threshold_lower >= self.rollout_is_threshold:
+            raise ConfigError(
+                f"{p}rollout_is_threshold_lower: {self.rollout_is_threshold_lower} is not below rollout_is_threshold "
+                f"{self.rollout_is_threshold}; allowed: lower < upper (or null)"
+            )
         if self.filter_groups and self.advantage not in GROUP_ESTIMATORS:
             raise ConfigError(
                 f"{p}filter_groups: true needs an advantage with groups; advantage {self.advantage!r} has none "
@@ -145,9 +171,15 @@ class RewardConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """PPO's clipped surrogate: clip range, dual clip, ratio level, aggregation, truncated completions.
+    """PPO's policy loss: the clipped surrogate (clip range, dual clip, ratio level) or a variant, its aggregation,
+    truncated completions.
 
     Args:
+        policy_loss: "ppo" (the clipped surrogate), "cispo" (REINFORCE weighted by the clipped, stop-gradient
+            importance ratio: no token loses its gradient; MiniMax-M1), "sapo" (a smooth sigmoid gate instead of the
+            hard clip, temperatures per advantage sign; Qwen's SAPO) or "gmpo" (the geometric mean of a sequence's
+            token ratios, clipped in log space; GMPO). The variants have their own clipping: the PPO clip options
+            (`clip_eps_low` / `clip_eps_high`, `clip_c`) and `ratio_level: sequence` are refused with them.
         clip_eps: the ratio is clipped to [1 - clip_eps, 1 + clip_eps].
         clip_eps_low: lower clip range (None: `clip_eps`).
         clip_eps_high: upper clip range, >= the lower one (None: `clip_eps`); above it is clip-higher (DAPO; TRL
@@ -161,9 +193,15 @@ class LossConfig:
             (token sums / `max_new_tokens`, mean over sequences; Dr. GRPO) (verl `loss_agg_mode`, TRL `loss_type`).
         mask_truncated: completions that hit `max_new_tokens` without EOS get no loss; they still count in the reward
             and advantage statistics (TRL `mask_truncated_completions`).
+        cispo_clip: CISPO's cap on its importance weight, rho <= 1 + cispo_clip (no lower bound; TRL's recommended
+            `epsilon_high` 5.0 is cispo_clip 4.0).
+        sapo_tau_pos: SAPO's gate temperature for positive advantages.
+        sapo_tau_neg: SAPO's gate temperature for negative advantages (larger: their gradient fades faster off policy).
+        gmpo_clip: GMPO's clip of each token's log-ratio, to [-gmpo_clip, gmpo_clip] (the paper's 0.4).
     """
 
     group: ClassVar[str] = "loss"
+    policy_loss: str = "ppo"
     clip_eps: float = 0.2
     clip_eps_low: float | None = None
     clip_eps_high: float | None = None
@@ -171,9 +209,30 @@ class LossConfig:
     ratio_level: str = "token"
     loss_agg: str = "token_mean"
     mask_truncated: bool = False
+    cispo_clip: float = 4.0
+    sapo_tau_pos: float = 1.0
+    sapo_tau_neg: float = 1.05
+    gmpo_clip: float = 0.4
 
     def __post_init__(self) -> None:
         p = _prefix(self)
+        check_choice("policy_loss", self.policy_loss, POLICY_LOSSES, prefix=p)
+        check_number("cispo_clip", self.cispo_clip, low=0, low_open=True, prefix=p)
+        check_number("sapo_tau_pos", self.sapo_tau_pos, low=0, low_open=True, prefix=p)
+        check_number("sapo_tau_neg", self.sapo_tau_neg, low=0, low_open=True, prefix=p)
+        check_number("gmpo_clip", self.gmpo_clip, low=0, low_open=True, prefix=p)
+        if self.policy_loss != "ppo":
+            for name, value in (("clip_eps_low", self.clip_eps_low), ("clip_eps_high", self.clip_eps_high), ("clip_c", self.clip_c)):
+                if value is not None:
+                    raise ConfigError(
+                        f"{p}{name}: {value} is PPO's clip and does not combine with policy_loss {self.policy_loss!r}, which "
+                        f"clips its own way ({self._own_clip()}); leave {name} null"
+                    )
+            if self.ratio_level != "token":
+                raise ConfigError(
+                    f"{p}ratio_level: 'sequence' does not combine with policy_loss {self.policy_loss!r} "
+                    f"({'a sequence-level ratio by its own geometric mean' if self.policy_loss == 'gmpo' else 'a per-token importance weight'}); use 'token'"
+                )
         check_number("clip_eps", self.clip_eps, low=0, low_open=True, prefix=p)
         check_number("clip_eps_low", self.clip_eps_low, low=0, low_open=True, allow_none="clip_eps", prefix=p)
         check_number("clip_eps_high", self.clip_eps_high, low=0, low_open=True, allow_none="clip_eps", prefix=p)
@@ -186,6 +245,18 @@ class LossConfig:
                 f"{p}clip_eps_high: {high} is below clip_eps_low {low}; "
                 f"allowed: clip_eps_high >= clip_eps_low (each defaults to clip_eps = {self.clip_eps})"
             )
+
+    def _own_clip(self) -> str:
+        return {"cispo": "cispo_clip", "sapo": "the gate's sapo_tau_pos / sapo_tau_neg", "gmpo": "gmpo_clip, in log space"}[self.policy_loss]
+
+    @property
+    def policy_loss_options(self) -> dict[str, float]:
+        """The keyword arguments of `losses.POLICY_LOSSES[policy_loss]` (none for "ppo", which reads the clip range)."""
+        return {
+            "ppo": {}, "cispo": {"clip_low": None, "clip_high": self.cispo_clip},
+            "sapo": {"tau_pos": self.sapo_tau_pos, "tau_neg": self.sapo_tau_neg},
+            "gmpo": {"clip_low": self.gmpo_clip, "clip_high": self.gmpo_clip},
+        }[self.policy_loss]
 
     @property
     def clip_range(self) -> tuple[float, float]:
@@ -205,6 +276,10 @@ class KLConfig:
         in_reward: subtract beta * the sequence's summed KL from the reward instead of adding it to the loss.
         target: adapt beta toward this per-token KL (None: fixed beta).
         horizon: the adaptive controller's horizon, in samples.
+        clamp: bound on the k3 estimate per token, [-clamp, clamp], its log-ratio first bounded to [-20, 20]: verl's
+            `low_var_kl` convention and default (10). k3 = e^x - x - 1 grows exponentially where the policy makes a
+            sampled token far less likely than the reference (x = log p_ref - log p = 3 gives 16.1): unclamped, a few
+            such tokens dominate a batch's KL and its gradient. The clamp binds from x of about 2.6 on. None: unbounded.
     """
 
     group: ClassVar[str] = "kl"
@@ -213,9 +288,11 @@ class KLConfig:
     in_reward: bool = False
     target: float | None = None
     horizon: float = 10000.0
+    clamp: float | None = 10.0
 
     def __post_init__(self) -> None:
         p = _prefix(self)
+        check_number("clamp", self.clamp, low=0, low_open=True, allow_none="unbounded", prefix=p)
         check_number("beta", self.beta, low=0, prefix=p)
         check_choice("estimator", self.estimator, KL_ESTIMATORS, prefix=p)
         check_number("target", self.target, low=0, low_open=True, allow_none="fixed beta", prefix=p)

@@ -138,7 +138,7 @@ def test_print_config_shows_the_groups_nested(tmp_path, monkeypatch, capsys):
     assert done.value.code in (0, None)
     init_args = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
     assert init_args["rollout"]["temperature"] == 0.5 and init_args["rollout"]["samples_per_prompt"] == 8
-    assert init_args["kl"] == {"beta": 0.05, "estimator": "k3", "in_reward": False, "target": None, "horizon": 10000.0}
+    assert init_args["kl"] == {"beta": 0.05, "estimator": "k3", "in_reward": False, "target": None, "horizon": 10000.0, "clamp": 10.0}
     assert set(init_args) == set(inspect.signature(PPOModule.__init__).parameters) - {"self"}
 
 

@@ -14,7 +14,7 @@ from conftest import CONFIGS, QUIET, run_cli, with_groups
 from tolerance import RATIO_ATOL
 from rlhf_lightning.cli import main
 from rlhf_lightning.data.prompts import PromptDataset, load_prompts
-from rlhf_lightning.losses import drop_truncated
+from rlhf_lightning.losses import aggregate_loss, cispo_loss, drop_truncated, gmpo_loss, sapo_loss
 from test_losses import ppo_loss
 from rlhf_lightning.modules.ppo import PPOModule, Rollout
 from rlhf_lightning.policy import load_policy
@@ -84,6 +84,62 @@ def test_each_option_reaches_the_loss(sft_ckpt, case):
     assert abs(out.loss.item() - default.loss.item()) > 1e-4, case
 
 
+# (the loss group's options, the variant's function and its keyword arguments)
+VARIANTS = {
+    "cispo": ({"policy_loss": "cispo", "cispo_clip": 0.2}, cispo_loss, {"clip_low": None, "clip_high": 0.2}),
+    "sapo": ({"policy_loss": "sapo", "sapo_tau_pos": 1.0, "sapo_tau_neg": 2.0}, sapo_loss, {"tau_pos": 1.0, "tau_neg": 2.0}),
+    "gmpo": ({"policy_loss": "gmpo", "gmpo_clip": 0.4, "loss_agg": "seq_mean_token_mean"}, gmpo_loss, {"clip_low": 0.4, "clip_high": 0.4}),
+}
+
+
+@pytest.mark.parametrize("case", list(VARIANTS))
+def test_each_policy_loss_variant_reaches_the_loss(sft_ckpt, case):
+    options, fn, kwargs = VARIANTS[case]
+    module = ppo(sft_ckpt, loss=options)
+    rollout = menu_rollout(module)
+    out, logprobs, _ = module.minibatch_loss(rollout)
+    mask = rollout.completion_mask
+    terms = fn(logprobs.detach(), rollout.old_logprobs, rollout.advantages, mask, **kwargs)
+    agg = options.get("loss_agg", "token_mean")
+    assert_close(out.policy_loss, aggregate_loss(agg, terms.loss, mask))
+    assert_close(out.clipfrac, terms.clipped[mask].float().mean())
+    kl = aggregate_loss(agg, torch.full_like(rollout.old_logprobs, 0.1), mask)  # k1 = logp - ref = 0.1 on every token
+    assert_close(out.loss, out.policy_loss + 0.1 * kl)
+    default, _, _ = ppo(sft_ckpt, loss={"loss_agg": agg}).minibatch_loss(rollout)
+    assert abs(out.policy_loss.item() - default.policy_loss.item()) > 1e-3, case
+    # the gradient is the variant's: CISPO's reaches every token, weighted by its capped ratio (no clipped-out token)
+    module.model.zero_grad()
+    out.loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in module.model.parameters() if p.requires_grad)
+
+
+def test_the_kl_clamp_bounds_k3(sft_ckpt):
+    module = ppo(sft_ckpt, kl={"estimator": "k3", "beta": 1.0})
+    unclamped = ppo(sft_ckpt, kl={"estimator": "k3", "beta": 1.0, "clamp": None})
+    rollout = menu_rollout(module)
+    rollout.ref_logprobs = torch.where(rollout.completion_mask, rollout.ref_logprobs + 3.0, 0.0)  # log p_ref - log p = 2.9
+    clamped_kl = module.minibatch_loss(rollout)[0].kl
+    raw_kl = unclamped.minibatch_loss(rollout)[0].kl
+    x = torch.tensor(2.9)
+    assert_close(raw_kl, torch.expm1(x) - x, atol=1e-4, rtol=1e-4)  # e^2.9 - 2.9 - 1 = 14.27 on every token
+    assert_close(clamped_kl, torch.tensor(10.0))
+
+
+@pytest.mark.parametrize("name", ["cispo", "sapo", "gmpo"])
+def test_cli_fit_with_each_policy_loss(sft_ckpt, tmp_path, name):
+    cli = run_cli([
+        "fit", "--config", PPO_YAML, *QUIET, "--trainer.logger=false", f"--model.init_args.policy_ckpt={sft_ckpt}",
+        "--model.init_args.reward.source=judge", "--model.init_args.eval.every=0", "--data.init_args.max_val_prompts=16",
+        "--trainer.limit_train_batches=2", "--data.init_args.batch_size=4", "--model.init_args.eval.keep_best=false",
+        f"--model.init_args.loss.policy_loss={name}", "--model.init_args.optim.lr=1e-3",
+    ], tmp_path)
+    module = cli.model
+    assert module._rollouts == 2 and module.hparams.loss["policy_loss"] == name
+    assert all(torch.isfinite(torch.tensor(v)) for v in module.last_update.values())
+    start, _, _ = load_policy(str(sft_ckpt))
+    assert any(not torch.equal(a, b.cpu()) for a, b in zip(start.parameters(), module.model.parameters()))
+
+
 def test_clip_range_defaults_to_clip_eps_on_each_side(sft_ckpt):
     assert ppo(sft_ckpt, loss=dict(clip_eps=0.3)).clip_range == (0.3, 0.3)
     assert ppo(sft_ckpt, loss=dict(clip_eps=0.3, clip_eps_high=0.4)).clip_range == (0.3, 0.4)
@@ -146,6 +202,14 @@ BAD_OPTIONS = {
     "clip_c": ("loss.clip_c=1.0", ["model.init_args.loss.clip_c", "1.0", "> 1"]),
     "advantage": ("rollout.advantage=whiten", ["model.init_args.rollout.advantage", "'whiten'", "group_mean"]),
     "max_grad_norm": ("update.max_grad_norm=0", ["model.init_args.update.max_grad_norm", "0", "> 0, or null"]),
+    "policy_loss": ("loss.policy_loss=grpo", ["model.init_args.loss.policy_loss", "'grpo'", "cispo, gmpo, ppo, sapo"]),
+    "cispo_dual_clip": ("loss={policy_loss: cispo, clip_c: 3.0}", ["model.init_args.loss.clip_c", "does not combine with policy_loss 'cispo'"]),
+    "sapo_clip_high": ("loss={policy_loss: sapo, clip_eps_high: 0.3}", ["model.init_args.loss.clip_eps_high", "policy_loss 'sapo'"]),
+    "gmpo_sequence": ("loss={policy_loss: gmpo, ratio_level: sequence}", ["model.init_args.loss.ratio_level", "policy_loss 'gmpo'"]),
+    "kl_clamp": ("kl.clamp=0", ["model.init_args.kl.clamp", "0", "a number > 0, or null (unbounded)"]),
+    "rollout_is_order": ("rollout={rollout_is: mis, rollout_is_threshold: 1.5, rollout_is_threshold_lower: 2.0}",
+                         ["model.init_args.rollout.rollout_is_threshold_lower", "2.0 is not below rollout_is_threshold 1.5"]),
+    "rollout_is_mode": ("rollout.rollout_is=clip", ["model.init_args.rollout.rollout_is", "'clip'", "mis, tis, null"]),
 }
 
 

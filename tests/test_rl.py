@@ -10,7 +10,7 @@ import torch
 from torch.testing import assert_close
 
 from rlhf_lightning.data.prompts import PromptDataset, load_prompts
-from rlhf_lightning.losses import batch_mean, group_mean, kl_penalty, masked_sum, ppo_loss
+from rlhf_lightning.losses import batch_mean, group_mean, kl_penalty, masked_sum, ppo_loss, rollout_is_weights
 from rlhf_lightning.option_groups import KLConfig, LossConfig, RolloutConfig, UpdateConfig
 from rlhf_lightning.policy import build_policy
 from rlhf_lightning.rl.rollout import RolloutCollector
@@ -110,7 +110,9 @@ def test_an_update_is_the_losses_gradient_step_and_takes_epochs_times_minibatche
     for p, b, g in zip(policy.parameters(), before, grad):
         assert_close(p.detach(), b - 0.5 * g)  # one SGD step along the hand loss's gradient
     assert_close(metrics["ppo/loss"], expected.loss.detach())
-    assert set(metrics) == {"ppo/loss", "ppo/policy_loss", "ppo/kl", "ppo/clipfrac", "ppo/approx_kl", "ppo/entropy"}
+    assert set(metrics) == {"ppo/loss", "ppo/policy_loss", "ppo/kl", "ppo/clipfrac", "ppo/approx_kl", "ppo/entropy",
+                            "rollout/logprob_mismatch", "rollout/logprob_mismatch_max_ratio"}
+    assert metrics["rollout/logprob_mismatch"] < RATIO_ATOL  # fp32 decode: the trainer's log-probs are generation's
 
     CountingSGD.steps = 0
     ppo_update(policy, CountingSGD(policy.parameters(), lr=0.0), rollout, update_config(ppo_epochs=3, num_minibatches=2), 0.1,
@@ -134,3 +136,43 @@ def test_micro_batches_sum_to_the_minibatch_gradient(setup):
     from tolerance import grad_atol
 
     assert_close(parts, whole, atol=grad_atol(whole, terms=8 * 4), rtol=0)
+
+
+@pytest.mark.parametrize("mode, lower", [("tis", False), ("mis", True)])
+def test_a_bf16_rollout_is_measured_and_corrected_by_importance_weights(setup, mode, lower):
+    """The decode in bf16 (a lower-precision rollout engine): its log-probs differ from the trainer's fp32 ones. With
+    `rollout_is` the old log-probs are the trainer's (the first ratio is 1 again) and the weights are
+    pi_train / pi_rollout, truncated or masked, on the policy loss."""
+    policy, reference, tokenizer, batch = setup
+    kl = KLConfig(beta=0.1)
+    plain = RolloutConfig(samples_per_prompt=2, max_new_tokens=4, dtype="bfloat16")
+    raw, _ = RolloutCollector(policy, reference, tokenizer, parity, plain, kl).collect(batch, torch.Generator().manual_seed(1), 0.1)
+    mask = raw.completion_mask
+    with torch.no_grad():
+        trainer = raw.logprobs(policy, 1.0)  # fp32
+    gap = (trainer - raw.old_logprobs).abs()[mask]
+    assert gap.max() > 1e-4  # bf16 and fp32 disagree on some token
+    ratios = (trainer - raw.old_logprobs).exp()[mask]
+    upper = float(ratios.quantile(0.75))  # bounds that bind on some tokens, whatever this CPU's bf16 rounding
+    lower = float(ratios.quantile(0.25)) if lower else None
+    corrected = RolloutConfig(samples_per_prompt=2, max_new_tokens=4, dtype="bfloat16", rollout_is=mode,
+                              rollout_is_threshold=upper, rollout_is_threshold_lower=lower)
+    cfg = PPOConfig(corrected, LossConfig(), kl, UpdateConfig(ppo_epochs=1))
+    fixed, _ = RolloutCollector(policy, reference, tokenizer, parity, corrected, kl).collect(batch, torch.Generator().manual_seed(1), 0.1)
+    assert torch.equal(raw.completion_ids, fixed.completion_ids)  # the same draws: only the old log-probs differ
+    assert_close(fixed.old_logprobs[mask], trainer[mask], atol=RATIO_ATOL, rtol=0)
+    assert torch.equal(fixed.rollout_logprobs, raw.old_logprobs)  # generation's, kept for the weights
+    expected = rollout_is_weights(fixed.old_logprobs, fixed.rollout_logprobs, mask, mode, "token", lower, upper)
+    assert torch.equal(fixed.is_weights, expected.weights) and fixed.is_affected == expected.affected and expected.affected > 0
+    # the loss weighs each token's term by its weight
+    out, logprobs, _ = minibatch_loss(policy, fixed, cfg, 0.1)
+    by_hand = ppo_loss(logprobs, fixed.old_logprobs, fixed.ref_logprobs, fixed.advantages, mask, cfg.loss, beta=0.1,
+                       max_new_tokens=4, is_weights=expected.weights)
+    assert_close(out.loss, by_hand.loss)
+    # the update reports the mismatch the weights correct: the mean |trainer - rollout| gap and its largest ratio
+    metrics, first_ratio_error = ppo_update(policy, torch.optim.SGD(policy.parameters(), lr=0.0), fixed, cfg, 0.1,
+                                            torch.Generator().manual_seed(5), backward=lambda loss: loss.backward(), clip=lambda loss: None)
+    assert first_ratio_error < RATIO_ATOL  # the old log-probs are the trainer's
+    assert_close(metrics["rollout/logprob_mismatch"], gap.mean(), atol=RATIO_ATOL, rtol=0)
+    assert_close(metrics["rollout/logprob_mismatch_max_ratio"], gap.max().exp(), atol=RATIO_ATOL, rtol=0)
+    assert metrics["rollout/is_affected_frac"] == expected.affected

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from rlhf_lightning.distributed import gather_rows, max_over_ranks, min_over_ranks, rank, sum_over_ranks
 from rlhf_lightning.generation import Generation
-from rlhf_lightning.losses import compute_advantages, kl_in_reward, kl_penalty, masked_sum
+from rlhf_lightning.losses import compute_advantages, kl_in_reward, kl_penalty, masked_sum, rollout_is_weights
 from rlhf_lightning.option_groups import KLConfig, RolloutConfig
 from rlhf_lightning.padding import pad_columns
 from rlhf_lightning.completions import complete
@@ -37,12 +37,15 @@ class Rollout:
     attention_mask: torch.Tensor  # (B, P + N) bool: prompt_mask ++ completion_mask
     completion_ids: torch.Tensor  # (B, N)
     completion_mask: torch.Tensor  # (B, N) bool, True up to and including EOS
-    old_logprobs: torch.Tensor  # (B, N) generation's log-probs (temperature-scaled softmax)
+    old_logprobs: torch.Tensor  # (B, N) generation's log-probs (temperature-scaled softmax); the trainer's with `rollout_is`
     ref_logprobs: torch.Tensor  # (B, N) frozen reference, same temperature (the old log-probs when beta = 0: unused)
     rewards: torch.Tensor  # (B,) from the reward source (penalty included, before any KL shaping)
     advantages: torch.Tensor  # (B,) per sequence, broadcast to tokens
     finished: torch.Tensor | None = None  # (B,) bool, True where the completion emitted EOS
     kl: torch.Tensor | None = None  # (B,) summed per-token KL estimate to the reference (None: not computed, beta = 0)
+    rollout_logprobs: torch.Tensor | None = None  # (B, N) generation's log-probs, when the old ones are the trainer's
+    is_weights: torch.Tensor | None = None  # (B, N) `rollout_is` weights on the policy loss (None: off)
+    is_affected: torch.Tensor | None = None  # () share of tokens whose weight was truncated or masked
 
     def logprobs(self, model: nn.Module, temperature: float, return_entropy: bool = False):
         """`model`'s log-probs (B, N) of the completion tokens at `temperature` (and each position's entropy (B, N)
@@ -50,7 +53,7 @@ class Rollout:
         return token_logprobs(model, self.input_ids, self.attention_mask, temperature, self.completion_ids.size(1), return_entropy=return_entropy)
 
     def select(self, idx: torch.Tensor | slice) -> "Rollout":
-        return Rollout(**{k: None if v is None else v[idx] for k, v in self.__dict__.items()})
+        return Rollout(**{k: v if v is None or k == "is_affected" else v[idx] for k, v in self.__dict__.items()})
 
 
 @dataclass
@@ -162,10 +165,13 @@ class RolloutCollector:
         prompt_mask = batch["prompt_mask"].bool().repeat_interleave(K, 0)  # (B, P)
         prompts = [p for p in batch["prompts"] for _ in range(K)]
         golds = [g for g in batch["golds"] for _ in range(K)]
-        completions, gen = complete(  # each prompt's forward once, its K samples from it
-            self.policy, self.tokenizer, batch["prompt_ids"], batch["prompt_mask"], cfg.max_new_tokens, temperature=cfg.temperature,
-            generator=generator, batch_size=cfg.generation_batch_size, samples_per_prompt=K, compile=cfg.compile,
-        )
+        device = batch["prompt_ids"].device.type
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):  # a lower-precision engine
+            completions, gen = complete(  # each prompt's forward once, its K samples from it
+                self.policy, self.tokenizer, batch["prompt_ids"], batch["prompt_mask"], cfg.max_new_tokens, temperature=cfg.temperature,
+                generator=generator, batch_size=cfg.generation_batch_size, samples_per_prompt=K, compile=cfg.compile,
+            )
+        gen.logprobs = gen.logprobs.float()
         rewards = self.score(prompts, completions, gen.finished, golds)  # (B,) text in, penalty included
         return Samples(prompt_ids, prompt_mask, gen, rewards, prompts, completions, golds)
 
@@ -187,19 +193,28 @@ class RolloutCollector:
         gen = samples.gen
         input_ids, attention_mask = gen.joined(samples.prompt_ids, samples.prompt_mask)  # (B, P + N) each
         rewards, shaped, kl = samples.rewards, samples.rewards, None
+        old_logprobs, correction = gen.logprobs, None
+        if cfg.rollout_is is not None:  # the trainer's log-probs are the old ones; generation's weigh them
+            old_logprobs = self.frozen_logprobs(self.policy, input_ids, attention_mask, gen.completion_mask)  # (B, N)
+            correction = rollout_is_weights(
+                old_logprobs, gen.logprobs, gen.completion_mask, cfg.rollout_is, cfg.rollout_is_level,
+                cfg.rollout_is_threshold_lower, cfg.rollout_is_threshold,
+            )
         if use_reference:  # reference log-probs: batched forwards of the frozen model
             ref_logprobs = self.reference_logprobs(input_ids, attention_mask, gen.completion_mask)  # (B, N)
-            kl_tokens = kl_penalty(self.kl.estimator, gen.logprobs, ref_logprobs)  # (B, N) on the sampled tokens
+            kl_tokens = kl_penalty(self.kl.estimator, old_logprobs, ref_logprobs, self.kl.clamp)  # (B, N) on the sampled tokens
             kl = masked_sum(kl_tokens, gen.completion_mask, dim=-1)  # (B,)
             if self.kl.in_reward:
                 shaped = kl_in_reward(rewards, kl_tokens, gen.completion_mask, beta)
         else:  # beta = 0: the KL term is zero whatever the reference says
-            ref_logprobs = gen.logprobs
+            ref_logprobs = old_logprobs
         advantages = global_advantages(shaped, cfg.advantage, cfg.samples_per_prompt)  # over the global batch
         rollout = Rollout(
-            input_ids, attention_mask, gen.completion_ids, gen.completion_mask, gen.logprobs, ref_logprobs,
+            input_ids, attention_mask, gen.completion_ids, gen.completion_mask, old_logprobs, ref_logprobs,
             rewards, advantages, gen.finished, kl=kl,
         )
+        if correction is not None:
+            rollout.rollout_logprobs, rollout.is_weights, rollout.is_affected = gen.logprobs, correction.weights, correction.affected
         return rollout, drawn
 
     def _informative(self, drawn: Drawn, target: int, generator: torch.Generator) -> Samples | None:
@@ -222,14 +237,19 @@ class RolloutCollector:
         return kept.select(torch.arange(drawn.kept_groups * K, device=device)) if drawn.kept_groups else None
 
     def reference_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
-        """The frozen reference's log-probs (B, N) of the completion tokens of prompt ++ completion rows, at the
+        """The frozen reference's log-probs (B, N) of the completion tokens (`frozen_logprobs`)."""
+        return self.frozen_logprobs(self.reference, input_ids, attention_mask, completion_mask)
+
+    @torch.no_grad()
+    def frozen_logprobs(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+        """`model`'s log-probs (B, N) of the completion tokens of prompt ++ completion rows, without gradient, at the
         rollout temperature, `micro_batch_size` rows a forward; 0 outside `completion_mask` (B, N)."""
         N = completion_mask.size(1)
-        ref = torch.cat([
-            token_logprobs(self.reference, input_ids[rows], attention_mask[rows], self.cfg.temperature, N)
+        out = torch.cat([
+            token_logprobs(model, input_ids[rows], attention_mask[rows], self.cfg.temperature, N)
             for rows in row_slices(input_ids.size(0), self.cfg.micro_batch_size)
         ])  # (B, N)
-        return ref.masked_fill(~completion_mask, 0.0)
+        return out.masked_fill(~completion_mask, 0.0)
 
 
 def rollout_metrics(drawn: Drawn, samples_per_prompt: int, filter_groups: bool, gold: torch.Tensor | None) -> dict[str, torch.Tensor]:

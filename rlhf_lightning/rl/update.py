@@ -70,6 +70,7 @@ def minibatch_loss(
     out = ppo_loss(
         logprobs, mb.old_logprobs, mb.ref_logprobs, mb.advantages, mask, cfg.loss, counts,
         beta=0.0 if cfg.kl.in_reward else beta, kl_estimator=cfg.kl.estimator, max_new_tokens=cfg.rollout.max_new_tokens,
+        kl_clamp=cfg.kl.clamp, is_weights=mb.is_weights,
     )
     world = world_size()
     if world > 1:
@@ -100,6 +101,7 @@ def ppo_update(
     chunks = max(1, min(cfg.update.num_minibatches, B))
     sums: dict[str, torch.Tensor] = {}
     first_ratio_error = None
+    gap_sum = gap_tokens = gap_max = None  # the first minibatch's |trainer - rollout| log-prob gaps, before any step
     steps = 0
     for _ in range(cfg.update.ppo_epochs):
         perm = torch.randperm(B, generator=generator, device=rollout.completion_ids.device)
@@ -117,6 +119,11 @@ def ppo_update(
                 if first_ratio_error is None:  # before any step: must be 1 (same log-probs as generation)
                     error = masked_abs_max(torch.exp(logprobs.detach() - micro.old_logprobs) - 1, micro.completion_mask)
                     ratio_error = error if ratio_error is None else torch.maximum(ratio_error, error)
+                    sampled = micro.old_logprobs if micro.rollout_logprobs is None else micro.rollout_logprobs
+                    gap = torch.where(micro.completion_mask, (logprobs.detach() - sampled).abs(), 0.0)  # (b, N)
+                    gap_sum = gap.sum() if gap_sum is None else gap_sum + gap.sum()
+                    gap_tokens = micro.completion_mask.sum() if gap_tokens is None else gap_tokens + micro.completion_mask.sum()
+                    gap_max = gap.amax() if gap_max is None else torch.maximum(gap_max, gap.amax())
                 backward(out.loss)
                 for name, value in zip(METRICS, out):
                     step[name] = step.get(name, 0.0) + value.detach()
@@ -130,6 +137,11 @@ def ppo_update(
             for name, value in step.items():
                 sums[name] = sums.get(name, 0.0) + value
     metrics = {k: v / steps for k, v in sums.items()}  # means over the optimizer steps taken
+    # how far the trainer's log-probs of the sampled tokens lie from the rollout's (`losses.logprob_mismatch`)
+    metrics["rollout/logprob_mismatch"] = gap_sum / gap_tokens.clamp(min=1)
+    metrics["rollout/logprob_mismatch_max_ratio"] = torch.exp(gap_max)
+    if rollout.is_affected is not None:
+        metrics["rollout/is_affected_frac"] = rollout.is_affected
     if rollout.kl is None:  # no reference forward (beta = 0): the loss's KL term measured nothing
         metrics.pop("ppo/kl")
     return metrics, first_ratio_error
