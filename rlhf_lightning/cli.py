@@ -89,7 +89,7 @@ def moved_options(args: list[str]) -> list[str]:
                 out[i + 1 if separate else i] = text if separate else f"{name}={text}"
         elif name.startswith("--model.init_args."):
             option, _, rest = name[len("--model.init_args."):].partition(".")
-            if option in moved and not (option == "reward" and rest):  # `--model.init_args.reward.source`: the new form
+            if option in moved and not (rest and option == moved[option].partition(".")[0]):  # `--model.init_args.reward.source`: a group's field, the new form
                 new = moved[option] + (f".{rest}" if rest else "")
                 out[i] = f"--model.init_args.{new}" + ("" if separate else f"={value}")
                 renamed.append((f"--model.init_args.{option}", moved[option]))

@@ -503,7 +503,7 @@ def regroup(stage: str, init_args: dict[str, Any]) -> tuple[dict[str, Any], list
     out: dict[str, Any] = {}
     renamed: list[tuple[str, str]] = []
     for key, value in init_args.items():
-        if key not in moved or (key in ("reward",) and isinstance(value, dict)):  # `reward` is a group now
+        if key not in moved or (isinstance(value, dict) and key == moved[key].partition(".")[0]):  # a group by its own name: the new form
             out[key] = value if not isinstance(value, dict) or key not in out else {**out[key], **value}
             continue
         group, _, field = moved[key].partition(".")

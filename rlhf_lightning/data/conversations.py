@@ -114,14 +114,20 @@ def _ids(tokenizer: Tokenizer, text: str, where: str, field: str) -> list[int]:
     return tokenizer.encode_prompt(text, where=f"{where}: field {field!r}")
 
 
+def _first_difference(tokenizer: Tokenizer, a: list[int], b: list[int]) -> tuple[int, str, str]:
+    """(index, token of `a`, token of `b`) at the first position where the two id lists differ ("the end" past one)."""
+    i = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    shown = lambda ids: repr(_token(tokenizer, ids[i])) if i < len(ids) else "the end"  # noqa: E731
+    return i, shown(a), shown(b)
+
+
 def _check_prefix(tokenizer: Tokenizer, prefix: list[int], full: list[int], what: str, where: str, field: str) -> None:
     if full[: len(prefix)] == prefix:
         return
-    i = next((k for k, (a, b) in enumerate(zip(prefix, full)) if a != b), min(len(prefix), len(full)))
-    shown = lambda ids: repr(_token(tokenizer, ids[i])) if i < len(ids) else "the end"  # noqa: E731
+    i, ours, theirs = _first_difference(tokenizer, prefix, full)
     raise DataError(
         f"the chat template breaks the prefix property: {what} is not a prefix of the conversation's tokens; "
-        f"first difference at token {i}: {shown(prefix)} vs {shown(full)}",
+        f"first difference at token {i}: {ours} vs {theirs}",
         path=where, field=field,
     )
 
@@ -165,11 +171,10 @@ def check_reply(tokenizer: Tokenizer, prompt: Messages, prompt_text: str, reply:
     ids, trained = encode_conversation(tokenizer, (*prompt, {"role": "assistant", "content": reply}), where, field)
     templated = ids[: max(i for i, t in enumerate(trained) if t) + 1]
     if flat != templated:
-        i = next((k for k, (a, b) in enumerate(zip(flat, templated)) if a != b), min(len(flat), len(templated)))
-        shown = lambda ids: repr(_token(tokenizer, ids[i])) if i < len(ids) else "the end"  # noqa: E731
+        i, ours, theirs = _first_difference(tokenizer, flat, templated)
         raise DataError(
             f"the chat template writes the reply otherwise than prompt + reply + EOS, as the stages encode them; "
-            f"first difference at token {i}: {shown(flat)} vs the template's {shown(templated)}",
+            f"first difference at token {i}: {ours} vs the template's {theirs}",
             path=where, field=field,
         )
 

@@ -4,7 +4,7 @@ in errors), in flat or conversational form, detected per file from its first rec
 
 `read_rows(path, spec)` returns `Rows`: whether the file is conversational, and `(where, record)` pairs with the
 spec's fields only, of the spec's types. A `datasets` source is read through Arrow: a Parquet file or a
-`save_to_disk` folder is memory-mapped, and rows become Python objects one at a time.
+`save_to_disk` folder is memory-mapped, and its rows become Python objects one at a time (then all held in `Rows`).
 """
 
 from __future__ import annotations
@@ -111,20 +111,15 @@ def _check_rows(path: str, spec: RecordSpec, rows: Iterator[tuple[str, dict]], t
         for name in present:
             value = raw[name]
             if conversational and name in spec.chat_required + spec.chat_fields:
-                if not isinstance(value, (list, tuple)):
-                    raise DataError(f"expected a list of messages (the file's first record is conversational), got {_show(value)}", path=where, field=name)
-                value = [dict(m) if isinstance(m, Mapping) else m for m in value]
+                value = _message_list(value, where, name)
             elif not isinstance(value, str) or spec.non_empty and not value.strip():
                 kind = "a non-empty string" if spec.non_empty else "a string"
                 hint = " (the file's first record is flat)" if isinstance(value, (list, tuple)) else ""
                 raise DataError(f"expected {kind}{hint}, got {_show(value)}", path=where, field=name)
             record[name] = value
         for name in spec.chat_fields if conversational else ():
-            value = raw.get(name)
-            if value is not None and not isinstance(value, (list, tuple)):
-                raise DataError(f"expected a list of messages (the file's first record is conversational), got {_show(value)}", path=where, field=name)
-            if value is not None:
-                record[name] = [dict(m) if isinstance(m, Mapping) else m for m in value]
+            if raw.get(name) is not None:
+                record[name] = _message_list(raw[name], where, name)
         for name, expected in spec.optional.items():
             value = raw.get(name)
             if value is None:
@@ -136,3 +131,11 @@ def _check_rows(path: str, spec: RecordSpec, rows: Iterator[tuple[str, dict]], t
     if not out:
         raise DataError("no records", path=path)
     return Rows(bool(conversational), out)
+
+
+def _message_list(value: Any, where: str, name: str) -> list:
+    """A conversational field's messages as a list of dicts, or the one-line error of a file whose first record is
+    conversational."""
+    if not isinstance(value, (list, tuple)):
+        raise DataError(f"expected a list of messages (the file's first record is conversational), got {_show(value)}", path=where, field=name)
+    return [dict(m) if isinstance(m, Mapping) else m for m in value]
