@@ -227,9 +227,9 @@ def _as_dict(options) -> dict:
 
 
 def last_checkpoint(trainer) -> Path | None:
-    """`last.ckpt` in the folder of the first checkpoint callback that has one."""
+    """`last.ckpt` in the folder of the first checkpoint callback that has one (a file, or a sharded run's folder)."""
     folders = [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
-    return next((f / "last.ckpt" for f in folders if (f / "last.ckpt").is_file()), None)
+    return next((f / "last.ckpt" for f in folders if (f / "last.ckpt").exists()), None)
 
 
 def _project_error(err: BaseException) -> BaseException | None:
