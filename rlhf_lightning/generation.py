@@ -18,8 +18,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from rlhf_lightning.distributed import max_over_ranks
 from rlhf_lightning.models.gpt import positions_from_mask
 from rlhf_lightning.padding import pad_columns
+from rlhf_lightning.sharding import all_ranks, compute_dtype, gathered_for_decode, in_lockstep
 
 
 @dataclass
@@ -107,6 +109,14 @@ def generate(
     graphs): the model runs on a static cache kept per model and shape (`new_cache(..., static=True)`), every
     step sees the same shapes (the attention mask of the whole buffer, the write position a device tensor), and
     each prompt's forward runs once per sample. Elsewhere it warns once and decodes eagerly.
+
+    A model sharded over several ranks (`sharding.in_lockstep`) decodes in lockstep: each forward all-gathers the
+    blocks' weights, a collective every rank must join, so the ranks make the same number of passes (a rank with
+    fewer prompts runs extra greedy passes whose rows are dropped) and of steps: whether every row has ended is
+    agreed by an all-reduce, and a rank whose rows have all ended keeps stepping until every rank's have. Its rows
+    are unchanged by the extra steps (tokens after EOS become padding). The cache is allocated in the dtype the
+    sharded model computes in; with the policy's `gather_for_generation` the weights stay gathered through a pass
+    (`sharding.gathered_for_decode`). `max_new_tokens` must be the same on every rank.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature} (use greedy=True for argmax)")
@@ -118,14 +128,29 @@ def generate(
     prompts, P = prompt_ids.shape
     N = max_new_tokens
     per_pass = None if batch_size is None else max(1, batch_size // K)  # prompts a pass
-    if per_pass is not None and prompts > per_pass:
-        passes = [
-            generate(model, prompt_ids[s : s + per_pass], prompt_mask[s : s + per_pass], max_new_tokens=N, eos_id=eos_id,
-                     pad_id=pad_id, temperature=temperature, top_k=top_k, greedy=greedy, generator=generator,
-                     samples_per_prompt=K, compile=compile)
-            for s in range(0, prompts, per_pass)
+    lockstep = in_lockstep(model)
+    passes = 1 if per_pass is None else -(-prompts // per_pass)
+    total = int(max_over_ranks(torch.tensor(passes))) if lockstep else passes  # every rank makes as many passes
+    if total > 1:
+        step = per_pass or prompts
+        options = dict(max_new_tokens=N, eos_id=eos_id, pad_id=pad_id, temperature=temperature, top_k=top_k, samples_per_prompt=K, compile=compile)
+        parts = [
+            generate(model, prompt_ids[s : s + step], prompt_mask[s : s + step], greedy=greedy, generator=generator, **options)
+            for s in range(0, prompts, step)
         ]
-        return Generation.cat(passes, pad_id)
+        for _ in range(total - passes):  # in step with ranks that have more prompts; greedy: no draw from `generator`
+            generate(model, prompt_ids[:1], prompt_mask[:1], greedy=True, **options)
+        return Generation.cat(parts, pad_id)
+    with gathered_for_decode(model):
+        return _generate_pass(model, prompt_ids, prompt_mask, N, eos_id, pad_id, temperature, top_k, greedy, generator, K, compile, lockstep)
+
+
+def _generate_pass(
+    model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, N: int, eos_id: int, pad_id: int, temperature: float,
+    top_k: int | None, greedy: bool, generator: torch.Generator | None, K: int, compile: bool, lockstep: bool,
+) -> Generation:
+    """One pass of `generate` over every row given."""
+    prompts, P = prompt_ids.shape
     B = prompts * K
     device = prompt_ids.device
     prompt_mask = prompt_mask.bool()
@@ -139,7 +164,7 @@ def generate(
 
     was_training = model.training
     model.eval()
-    captured = compile and _can_capture(model, prompt_ids.device)
+    captured = compile and not lockstep and _can_capture(model, prompt_ids.device)
     if captured:
         # static shapes: the prompts repeated before their forward, the mask of the whole (reused) buffer every step
         prompt_ids, prompt_mask, prompt_lengths = (t.repeat_interleave(K, 0) for t in (prompt_ids, prompt_mask, prompt_lengths))
@@ -151,7 +176,8 @@ def generate(
         logits = model(prompt_ids, mask, position_ids=positions_from_mask(prompt_mask), cache=cache)[:, -1]  # (B, V)
         step_fn = _compiled_step()
     else:
-        cache = model.new_cache(prompts, P + N)
+        dtype = compute_dtype(model)  # a sharded model computing in bf16 keeps bf16 keys
+        cache = model.new_cache(prompts, P + N) if dtype is None else model.new_cache(prompts, P + N, dtype=dtype)
         logits = model(prompt_ids, prompt_mask, position_ids=positions_from_mask(prompt_mask), cache=cache)[:, -1]  # (prompts, V)
         if K > 1:  # the prompt's forward once, its state K times
             cache.repeat_rows(K)
@@ -173,7 +199,7 @@ def generate(
         raw_ids[:, t] = token
         # under the full (untruncated) scaled softmax: only (B, N) is kept, never (N, B, V)
         logprobs[:, t] = step.gather(-1, token[:, None])[:, 0] - torch.logsumexp(step, -1)
-        if t == N - 1 or (t % _CHECK_EVERY == _CHECK_EVERY - 1 and bool((raw_ids[:, : t + 1] == eos_id).any(1).all())):
+        if t == N - 1 or (t % _CHECK_EVERY == _CHECK_EVERY - 1 and _every_row_ended(raw_ids[:, : t + 1], eos_id, lockstep)):
             break
         # one new token per row; a finished row's token is never used
         if step_fn is None:
@@ -194,6 +220,12 @@ def generate(
         lengths=alive.sum(-1),
         finished=finished,
     )
+
+
+def _every_row_ended(raw_ids: torch.Tensor, eos_id: int, lockstep: bool) -> bool:
+    """Whether every row of `raw_ids` (B, t) has an EOS, on every rank in lockstep (a collective)."""
+    ended = bool((raw_ids == eos_id).any(1).all())
+    return all_ranks(ended) if lockstep else ended
 
 
 _CHECK_EVERY = 4

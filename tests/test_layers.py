@@ -15,9 +15,9 @@ LAYERS = {
     "rlhf_lightning": 0, "losses": 0, "kl_control": 0, "options": 0, "optim": 0, "padding": 0, "files": 0,
     "hf_files": 0, "tokenizer": 0, "tasks": 0, "distributed": 0, "option_groups": 0,
     "models": 1,
-    "generation": 2, "evaluation": 2, "completions": 2, "sampling": 2, "scoring": 2, "rewards": 2, "policy": 2, "lora": 2, "checkpoints": 2, "export": 2,
+    "generation": 2, "evaluation": 2, "completions": 2, "sampling": 2, "scoring": 2, "rewards": 2, "policy": 2, "lora": 2, "checkpoints": 2, "export": 2, "sharding": 2,
     "data": 3, "rl": 3,
-    "modules": 4, "callbacks": 4,
+    "modules": 4, "callbacks": 4, "strategy": 4,
     "cli": 5, "pipeline": 5, "evaluate": 5, "__main__": 5,
 }
 NAMES = {0: "L0 pure", 1: "L1 models", 2: "L2 engines", 3: "L3 data", 4: "L4 modules", 5: "L5 commands"}

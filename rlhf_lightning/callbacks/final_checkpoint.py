@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
@@ -45,4 +47,6 @@ class FinalCheckpoint(Callback):
         finalize = getattr(pl_module, "finalize_policy", None)
         if callable(finalize):  # e.g. PPO: the final evaluation, then the best policy on `val`
             finalize()
-        save_checkpoint_atomically(trainer, self.path)
+        # a sharded strategy (`strategy.ShardedStrategy`) gathers this one whole: a file read with no process group
+        with getattr(trainer.strategy, "full_checkpoint", contextlib.nullcontext)():
+            save_checkpoint_atomically(trainer, self.path)

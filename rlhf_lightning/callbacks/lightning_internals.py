@@ -100,3 +100,14 @@ def tensorboard_prefix(logger: Any) -> str:
     one TensorBoard event instead of one per scalar (`step_metrics`), with the tags `log_metrics` would write.
     """
     return logger._prefix
+
+
+def set_data_parallel_size(strategy: Any, size: int) -> None:
+    """Give a `ModelParallelStrategy` its data-parallel size once the world size is known.
+
+    Relies on `ModelParallelStrategy._data_parallel_size`, which its `setup_environment` reads to build the device
+    mesh ("auto" there means the number of nodes: one node's processes would all be tensor-parallel). The sharded
+    strategy (`strategy.ShardedStrategy`) means "auto" as every process, which is known only after the Trainer gave
+    the strategy its devices and nodes; the constructor argument is the only public route and comes too early.
+    """
+    strategy._data_parallel_size = size

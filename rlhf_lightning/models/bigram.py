@@ -42,7 +42,7 @@ class BigramLM(nn.Module):
         self.tok = nn.Embedding(config.vocab_size, config.n_embd)
         self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
 
-    def new_cache(self, batch_size: int, max_len: int, static: bool = False) -> _NoCache:
+    def new_cache(self, batch_size: int, max_len: int, static: bool = False, dtype: torch.dtype | None = None) -> _NoCache:
         return _NoCache()
 
     def forward(

@@ -169,9 +169,11 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def new_cache(self, batch_size: int, max_len: int, static: bool = False) -> KVCache:
+    def new_cache(self, batch_size: int, max_len: int, static: bool = False, dtype: torch.dtype | None = None) -> KVCache:
+        """An empty cache in the weights' dtype, or `dtype` (what a model computes in when that differs: a sharded
+        model whose weights are gathered in bf16)."""
         p = self.lm_head.weight
-        return KVCache(self.config, batch_size, max_len, p.device, p.dtype, static)
+        return KVCache(self.config, batch_size, max_len, p.device, dtype or p.dtype, static)
 
     def forward(
         self,

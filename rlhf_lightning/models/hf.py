@@ -155,9 +155,10 @@ class HFCausalLM(nn.Module):
         self.config.gradient_checkpointing = True
         _enable_checkpointing(self.lm)
 
-    def new_cache(self, batch_size: int, max_len: int, static: bool = False) -> HFCache:
+    def new_cache(self, batch_size: int, max_len: int, static: bool = False, dtype: torch.dtype | None = None) -> HFCache:
         """An empty cache for `max_len` positions: transformers' `StaticCache` (`static_cache: true`), or a
-        `DynamicCache` that grows per token. `static=True` (a captured decode step) needs the static one."""
+        `DynamicCache` that grows per token. `static=True` (a captured decode step) needs the static one. Both take
+        the dtype of the first keys written (`dtype` is GPT's argument, unused here)."""
         if not self.config.static_cache:
             if static:
                 raise ConfigError("a captured decode step (compile: true) needs the hf model's `static_cache: true`")

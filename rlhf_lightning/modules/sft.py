@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from rlhf_lightning.callbacks import log_samples, log_step_metrics
+from rlhf_lightning.distributed import sum_over_ranks, world_size
 from rlhf_lightning.losses import masked_mean
 from rlhf_lightning.optim import adamw_warmup_cosine
 from rlhf_lightning.lora import add_adapters, lora_settings, require_peft
@@ -103,8 +104,11 @@ class SFTModule(StageModule):
         loss_mask = batch["loss_mask"] | batch["prompt_loss_mask"] if self.hparams.prompt_loss else batch["loss_mask"]  # (B, T)
         targets, loss_mask = ids[:, 1:], loss_mask[:, 1:]  # (B, T-1): position t predicts token t+1
         loss = -masked_mean(logprobs[:, 1:], loss_mask)
-        token_accuracy = masked_mean((logits.argmax(-1) == targets).float(), loss_mask)
-        metrics = {"sft/loss": loss.detach(), "sft/token_accuracy": token_accuracy}
+        metrics = {"sft/loss": loss.detach(), "sft/token_accuracy": masked_mean((logits.argmax(-1) == targets).float(), loss_mask)}
+        if world_size() > 1:
+            # the rank's token sum over a rank's mean token count: the ranks' mean gradient (DDP's, FSDP2's) is then
+            # the one a single process takes on the global batch, however the tokens fall across the ranks
+            loss = -masked_mean(logprobs[:, 1:], loss_mask, total=sum_over_ranks(loss_mask.sum()) / world_size())
         log_step_metrics(self, metrics, prog_bar={name: name for name in metrics})  # rank 0's values, as self.log without sync_dist
         return loss
 

@@ -9,7 +9,10 @@
 - options: `save_options(groups)` stores the `__init__` arguments as `hparams`, its option groups
   (`option_groups`) as plain dicts, so a checkpoint loads with `weights_only` and `hparams.yaml` reads as the config;
 - the trainable state: `trainable_state()` copies what trains (the adapters only under LoRA); `keep_if_best` and
-  `restore_best` keep the copy with the best `val` accuracy and put it back at the end (`keep_best`).
+  `restore_best` keep the copy with the best `val` accuracy and put it back at the end (`keep_best`);
+- sharding: under Lightning's `ModelParallelStrategy` (`strategy.ShardedStrategy`), `configure_model` applies FSDP2
+  to each model a stage lists in `shardable_roots` (trained) and `frozen_roots` (a reference, a reward model), with
+  the strategy's `sharding` policy (`sharding.shard_model`); under any other strategy it does nothing.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.nn as nn
 
 from rlhf_lightning.callbacks import attached_trainer, write_step_metrics
 from rlhf_lightning.lora import keep_trainable
@@ -54,6 +58,30 @@ class StageModule(L.LightningModule):
     def checkpoint_meta(self) -> dict[str, Any]:
         """The stage's part of `checkpoint["rlhf"]` (besides "stage" and the LoRA record)."""
         return {}
+
+    def shardable_roots(self) -> dict[str, nn.Module]:
+        """The trained models a sharded strategy shards, by attribute name (the optimizer is built after, over their
+        shards): `self.model`."""
+        return {"model": self.model}
+
+    def frozen_roots(self) -> dict[str, nn.Module]:
+        """Frozen models to shard as roots of their own (kept whole below the policy's `replicate_frozen_below`)."""
+        return {}
+
+    def configure_model(self) -> None:
+        """FSDP2 on `shardable_roots` and `frozen_roots` over the strategy's data-parallel mesh (Lightning's
+        `ModelParallelStrategy` sets `device_mesh`; None elsewhere: nothing to do). Applied once."""
+        mesh = self.device_mesh
+        if mesh is None:
+            return
+        from rlhf_lightning.sharding import data_parallel_mesh, shard_model
+
+        policy = getattr(self.trainer.strategy, "sharding", None)  # `strategy.ShardedStrategy`'s; defaults otherwise
+        mesh = data_parallel_mesh(mesh)
+        for name, root in self.shardable_roots().items():
+            shard_model(root, mesh, policy, role=name)
+        for name, root in self.frozen_roots().items():
+            shard_model(root, mesh, policy, frozen=True, role=name)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         write_step_metrics(self)  # the loggers' part of this step's `log_step_metrics`
