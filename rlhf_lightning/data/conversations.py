@@ -151,8 +151,11 @@ def encode_conversation(tokenizer: Tokenizer, messages: Messages, where: str, fi
             continue
         start = _ids(tokenizer, _render(tokenizer, messages[:i], True, where, field), where, field)
         _check_prefix(tokenizer, start, full, f"the prompt of turn {i} (turns 0..{i - 1} and the generation prompt)", where, f"{field}[{i}]")
-        through = _ids(tokenizer, _render(tokenizer, messages[: i + 1], False, where, field), where, field)
-        _check_prefix(tokenizer, through, full, f"the conversation through turn {i}", where, f"{field}[{i}]")
+        if i + 1 < len(messages):  # through the last turn is the whole conversation
+            through = _ids(tokenizer, _render(tokenizer, messages[: i + 1], False, where, field), where, field)
+            _check_prefix(tokenizer, through, full, f"the conversation through turn {i}", where, f"{field}[{i}]")
+        else:
+            through = full
         turn = full[len(start) : len(through)]
         if tokenizer.eos_id not in turn:
             raise DataError(

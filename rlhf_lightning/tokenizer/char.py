@@ -30,6 +30,7 @@ __all__ = ["CHAT_TOKENS", "CharTokenizer", "SPECIAL_TOKENS"]
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<bos>", "<eos>")
 CHAT_TOKENS: tuple[str, ...] = tuple(f"<|{role}|>" for role in ROLES)
 _PAD_ID, _BOS_ID, _EOS_ID = 0, 1, 2
+_NOT_IN_ALPHABET = 255  # in the ASCII translation table: a character without an id
 _CHAT_SPLIT = re.compile("(" + "|".join(re.escape(t) for t in CHAT_TOKENS + ("<eos>",)) + ")")
 
 
@@ -58,6 +59,12 @@ class CharTokenizer:
         if self.chat:
             self._markers = {t: len(self._itos) + i for i, t in enumerate(CHAT_TOKENS)} | {"<eos>": _EOS_ID}
             self._itos = self._itos + CHAT_TOKENS
+        # while every id fits a byte: ASCII code -> id as a bytes translation table (_NOT_IN_ALPHABET where none)
+        self._ascii_ids: bytes | None = None
+        self._marker_bytes: dict[str, bytes] = {}
+        if len(self._itos) < _NOT_IN_ALPHABET:
+            self._marker_bytes = {t: bytes([i]) for t, i in self._markers.items()}
+            self._ascii_ids = bytes(self._stoi.get(chr(code), _NOT_IN_ALPHABET) for code in range(128)) + bytes([_NOT_IN_ALPHABET]) * 128
 
     # ------------------------------------------------------------------ properties
     @property
@@ -89,6 +96,9 @@ class CharTokenizer:
         """Ids of ``text``'s characters, no specials (in chat mode, role tokens and ``<eos>`` are read as tokens).
         Raises :class:`UnknownCharacterError`."""
         require_text(text, where)
+        fast = self._encode_ascii(text)
+        if fast is not None:
+            return fast
         if self._markers:
             ids, offset = [], 0
             for piece in _CHAT_SPLIT.split(text):
@@ -102,6 +112,18 @@ class CharTokenizer:
                 offset += len(piece)
             return ids
         return self._encode_chars(text, where)
+
+    def _encode_ascii(self, text: str) -> list[int] | None:
+        """`encode` of an ASCII text in a few C passes (long texts: SFT on large files); None for a text that is not
+        ASCII or has a character outside the alphabet, which the general path encodes or reports."""
+        if self._ascii_ids is None or not text.isascii():
+            return None
+        if self._markers:  # split on the markers: every odd piece is one
+            pieces = _CHAT_SPLIT.split(text)
+            ids = b"".join(self._marker_bytes[p] if i % 2 else p.encode("ascii").translate(self._ascii_ids) for i, p in enumerate(pieces))
+        else:
+            ids = text.encode("ascii").translate(self._ascii_ids)
+        return None if _NOT_IN_ALPHABET in ids else list(ids)
 
     def _encode_chars(self, text: str, where: str) -> list[int]:
         stoi = self._stoi
