@@ -165,3 +165,24 @@ def test_a_flat_record_in_a_conversational_file_is_refused(tmp_path):
     path = write(tmp_path / "f", [{"messages": [user("a"), assistant("3")]}, {"prompt": "Q: 1+2=\nA:", "completion": "3"}])
     with pytest.raises(DataError, match=r":2: field 'messages': missing required field"):
         SFTDataModule(train_file=path, tokenizer=TOK, max_length=64, max_val_prompts=1).setup("fit")
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_ascii_fast_path_encodes_and_refuses_as_the_general_path(chat, monkeypatch):
+    import random
+
+    tok = CharTokenizer(CHAT_ALPHABET, chat=chat)
+    pieces = [*CHAT_ALPHABET, "<|user|>", "<|system|>", "<|assistant|>", "<eos>", "<|bot|>", "*", "é"]
+    rng = random.Random(0)
+    texts = ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 40))) for _ in range(400)]
+
+    def outcome(text):
+        try:
+            return tok.encode(text, where="f:1")
+        except ValueError as e:
+            return str(e)
+
+    fast = [outcome(t) for t in texts]
+    monkeypatch.setattr(tok, "_encode_ascii", lambda text: None)  # the general path alone
+    assert fast == [outcome(t) for t in texts]
+    assert sum(isinstance(r, str) for r in fast) > 50 and sum(isinstance(r, list) for r in fast) > 50  # both kinds met
