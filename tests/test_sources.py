@@ -115,3 +115,55 @@ def test_bad_sources_name_the_file_and_row(tmp_path):
         sft_batch(disk, fields={"nope": "x"})
     with pytest.raises(ConfigError, match=r"data.init_args.shuffle_seed"):
         SFTDataModule(shuffle_seed=-1)
+
+
+def test_a_datasets_source_stays_in_its_arrow_table(tmp_path, monkeypatch):
+    """SFT on a `datasets` source keeps no Python list of its rows: setup streams each row once from the split's Arrow
+    files (never through the memory map), keeping its token count; an example is read and tokenized when drawn, and
+    is the one the strict JSONL path tokenizes up front, in the shuffled order and with the stratum weights too."""
+    from rlhf_lightning.data.datasets_source import ArrowRows
+    from rlhf_lightning.data.sft import ArrowSFTDataset, SFTDataset
+
+    rows = [{"conv": r["messages"], "kind": r["group"]} for r in SFT_ROWS] * 3
+    jsonl, _, _, folder = write_all(tmp_path, [{"messages": r["conv"], "group": r["kind"]} for r in rows])
+    write_all(tmp_path / "mapped", rows)
+    mapped = str(tmp_path / "mapped" / "disk")
+    touched = []
+    read = ArrowRows.__getitem__
+    monkeypatch.setattr(ArrowRows, "__getitem__", lambda self, k: touched.append(k) or read(self, k))
+    options = dict(fields={"messages": "conv", "group": "kind"}, stratum_weights={"g0": 3.0}, batch_size=4, max_val_prompts=1)
+    lazy = SFTDataModule(train_file=mapped, shuffle_seed=5, tokenizer=TOK, max_length=64, **options)
+    lazy.setup("fit")
+    assert isinstance(lazy.train_set, ArrowSFTDataset) and touched == []  # checked by streaming, nothing read by index
+    assert lazy.train_set.lengths.tolist() == [len(SFTDataset(TOK, [(r["conv"], "x")], 64)[0][0]) for r in rows]
+    eager = SFTDataModule(train_file=jsonl, tokenizer=TOK, max_length=64, **{**options, "fields": None})
+    eager.setup("fit")
+    assert isinstance(eager.train_set, SFTDataset)
+    order = lazy.train_set.rows.table.indices.tolist()
+    assert sorted(order) == list(range(len(rows))) and order != sorted(order)
+    assert [lazy.train_set[k] for k in range(len(rows))] == [eager.train_set[i] for i in order]
+    assert touched == list(range(len(rows)))
+    assert torch.equal(lazy.train_sampler.weights, eager.train_sampler.weights[order])
+    assert sorted(set(lazy.train_sampler.weights.tolist())) == [1.0, 3.0]
+    # a plain source (no shuffle, no field mapping) and a folder read the same
+    plain = SFTDataModule(train_file=folder, tokenizer=TOK, max_length=64, **{**options, "fields": None})
+    plain.setup("fit")
+    assert [plain.train_set[k] for k in range(len(rows))] == [eager.train_set[i] for i in range(len(rows))]
+
+
+def test_streaming_a_split_reads_its_files_as_the_table_does(tmp_path):
+    from rlhf_lightning.data.datasets_source import ArrowRows, SourceOptions, open_dataset
+
+    rows = [{"a": i, "b": f"x{i}", "c": [i, i + 1]} for i in range(2500)]
+    ds = datasets.Dataset.from_list(rows)
+    datasets.DatasetDict({"train": ds, "other": ds.select(range(7))}).save_to_disk(str(tmp_path / "d"), max_shard_size="20KB")
+    table = open_dataset(str(tmp_path / "d"), SourceOptions(fields={"z": "b"}, shuffle_seed=1))
+    assert len(table.split.cache_files) > 1  # several shards, streamed in order
+    streamed = list(table.scan(batch_rows=300))
+    assert streamed == [(i, {"a": i, "z": f"x{i}", "c": [i, i + 1]}) for i in range(2500)]
+    assert [table[k] for k in (0, 1, 2499)] == [(int(table.indices[k]), streamed[int(table.indices[k])][1]) for k in (0, 1, 2499)]
+    assert list(table.iter_rows()) == [table[k] for k in range(len(table))]
+    # a split with no files of its own (in memory, or rows selected from its files) is read through its table
+    assert ArrowRows(ds, "memory").split.cache_files == [] and list(ArrowRows(ds.select([5, 3]), "memory").scan()) == [(0, rows[5]), (1, rows[3])]
+    on_disk = open_dataset(str(tmp_path / "d"), SourceOptions()).split.select([9, 4])
+    assert list(ArrowRows(on_disk, "d").scan()) == [(0, rows[9]), (1, rows[4])]

@@ -2,8 +2,11 @@
 and `save_to_disk` folders. `datasets` itself is imported on first use. Nothing is downloaded: a path that is not a local file or folder is refused as such.
 
 A CSV file is read as text (its cells are strings: answers such as "3" stay strings; it holds flat records only).
-Files are converted once into `datasets`' Arrow cache and memory-mapped, as a `save_to_disk` folder is; rows become
-Python objects one at a time (`iter_rows`). Errors are `DataError`s naming the file, and the row or field.
+Files are converted once into `datasets`' Arrow cache and memory-mapped, as a `save_to_disk` folder is. Rows become
+Python objects only when read, through Arrow's own conversion (`pyarrow.Table.to_pylist`) on every path: all of them
+in order (`iter_rows`), one by index (`ArrowRows[k]`, through the memory map), or every row of the split streamed in
+batches from its Arrow files (`scan`: plain reads, so a pass over a large source leaves none of it resident in the
+process). Errors are `DataError`s naming the file, and the row or field.
 """
 
 from __future__ import annotations
@@ -42,18 +45,77 @@ def _import_datasets():
 
 
 class ArrowRows:
-    """A memory-mapped `datasets.Dataset` and where it came from."""
+    """A memory-mapped `datasets.Dataset` and where it came from: `len`, rows by index (`self[k]`: the row's index in
+    the split and the row) in the source's or the shuffled order, and `scan`, every row of the split in its order."""
 
-    def __init__(self, dataset: Any, path: str, indices: Any = None) -> None:
+    def __init__(self, dataset: Any, path: str, indices: Any = None, split: Any = None, columns: Mapping[str, str] | None = None) -> None:
         self.dataset, self.path, self.indices = dataset, path, indices  # indices: the shuffled rows' places in the split
+        self.split = dataset if split is None else split  # the split in its own order (columns renamed)
+        self.columns = dict(columns or {})  # record field -> the column of the source's files it was renamed from
+        self._rows = dataset.with_format("arrow")
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def iter_rows(self) -> Iterator[tuple[int, dict[str, Any]]]:
+    def __getitem__(self, k: int) -> tuple[int, dict[str, Any]]:
+        """(row index in the split, row) of the k-th row, read through the memory map alone."""
+        return self.row_index(k), self._rows[k].to_pylist()[0]
+
+    def first_row(self) -> dict[str, Any]:
+        """The split's first row (in its own order, shuffled or not): what decides a file's form."""
+        return self.split.with_format("arrow")[0].to_pylist()[0]
+
+    def row_index(self, k: int) -> int:
+        return int(self.indices[k]) if self.indices is not None else int(k)
+
+    def iter_rows(self, batch_rows: int = 1000) -> Iterator[tuple[int, dict[str, Any]]]:
         """(row index, row) in the source's (or the shuffled) order; the index is the row's place in the split."""
-        for i, row in enumerate(self.dataset):
-            yield (int(self.indices[i]) if self.indices is not None else i), row
+        k = 0
+        for batch in self._rows.iter(batch_size=batch_rows):
+            for row in batch.to_pylist():
+                yield self.row_index(k), row
+                k += 1
+
+    def scan(self, batch_rows: int = 1000) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(row index, row) for every row of the split in its own order, `batch_rows` rows in memory at a time.
+
+        Read from the split's Arrow files with plain reads, not through the memory map: pages of a memory-mapped
+        file count in the process's resident memory once touched, so a pass over a source of several GB through
+        it would hold the whole file resident. A split whose table is not its files' (none, or transformed in
+        memory) is read through its table."""
+        files = [f["filename"] for f in self.split.cache_files]
+        if not files or _stream_rows(files) != len(self.split):
+            yield from enumerate(row for batch in self.split.with_format("arrow").iter(batch_size=batch_rows) for row in batch.to_pylist())
+            return
+        import pyarrow as pa
+
+        names = self.split.column_names
+        sources = [self.columns.get(name, name) for name in names]
+        index = 0
+        for filename in files:
+            with pa.OSFile(filename) as f:
+                for batch in pa.ipc.open_stream(f):
+                    batch = batch.select(sources).rename_columns(names)
+                    for start in range(0, batch.num_rows, batch_rows):
+                        for row in batch.slice(start, batch_rows).to_pylist():
+                            yield index, row
+                            index += 1
+
+
+def _stream_rows(files: list[str]) -> int:
+    """Rows of Arrow stream files (the format of `datasets`' cache files and `save_to_disk` folders), from their
+    batches' headers; -1 where one is not a stream file."""
+    import pyarrow as pa
+
+    total = 0
+    try:
+        for filename in files:
+            with pa.memory_map(filename) as f:  # batch headers only: the data's pages are never touched
+                reader = pa.ipc.open_stream(f)
+                total += sum(b.num_rows for b in reader)
+    except (OSError, pa.ArrowInvalid):
+        return -1
+    return total
 
 
 def open_dataset(path: str | os.PathLike[str], options: SourceOptions) -> ArrowRows:
@@ -84,6 +146,7 @@ def open_dataset(path: str | os.PathLike[str], options: SourceOptions) -> ArrowR
     if options.split not in splits:
         raise DataError(f"no split {options.split!r}; the source has: {', '.join(sorted(splits))}", path=path, field="split")
     dataset = splits[options.split]
+    renamed = {}  # record field -> the files' column
     for name, column in (options.fields or {}).items():
         if column not in dataset.column_names:
             raise DataError(f"no column {column!r} (fields maps {name!r} to it); columns: {', '.join(dataset.column_names)}", path=path, field=name)
@@ -91,13 +154,14 @@ def open_dataset(path: str | os.PathLike[str], options: SourceOptions) -> ArrowR
             if name in dataset.column_names:
                 dataset = dataset.remove_columns(name)
             dataset = dataset.rename_column(column, name)
-    indices = None
+            renamed[name] = column
+    split, indices = dataset, None
     if options.shuffle_seed is not None:
         import numpy as np
 
         indices = np.random.default_rng(options.shuffle_seed).permutation(len(dataset))
         dataset = dataset.select(indices)  # an indices mapping over the same memory-mapped table
-    return ArrowRows(dataset, path, indices)
+    return ArrowRows(dataset, path, indices, split, renamed)
 
 
 def _text_columns(datasets, path: str):
