@@ -3,6 +3,7 @@ alphabet plus role tokens, built locally with `tokenizers` and saved beside a ti
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -118,3 +119,40 @@ def test_sft_on_conversations_through_the_cli_records_the_template(chat_dir, tmp
     from rlhf_lightning.tokenizer import load_tokenizer
 
     assert load_tokenizer(recorded).template == TEMPLATE and tok.chat_template == TEMPLATE
+
+
+def test_reward_model_records_its_own_template_and_scores_with_it(chat_dir, tmp_path):
+    """A reward model on an HF folder (no SFT checkpoint) takes the folder's tokenizer and chat template, records
+    them with the template's SHA-256, and reads back with the recorded template after the folder's has changed."""
+    import shutil
+
+    from rlhf_lightning.scoring import load_reward_model
+
+    folder = Path(shutil.copytree(chat_dir, tmp_path / "rm"))
+    prompt = CONVERSATION[:2]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(
+        json.dumps({"prompt": prompt, "chosen": [{"role": "assistant", "content": "3"}], "rejected": [{"role": "assistant", "content": r}]}) + "\n"
+        for r in ("4", "5", "6", "7")
+    ))
+    run_cli(
+        [
+            "fit", "--config", str(CONFIGS / "hf" / "reward.yaml"), *QUIET, "--trainer.logger=false", "--trainer.max_epochs=1",
+            "--model.init_args.sft_ckpt=null", f"--model.init_args.model={{type: hf, path: {folder}}}",
+            "--data.init_args.pairs=JsonlPairs", f"--data.init_args.pairs.train_file={pairs}", f"--data.init_args.pairs.val_file={pairs}",
+            "--data.init_args.batch_size=4",
+        ],
+        tmp_path,
+    )
+    ckpt_path = tmp_path / "checkpoints" / "hf" / "reward.ckpt"
+    recorded = torch.load(ckpt_path, weights_only=True, map_location="cpu")["rlhf"]["tokenizer"]
+    assert recorded["type"] == "hf" and recorded["template"] == TEMPLATE
+    assert recorded["template_sha256"] == hashlib.sha256(TEMPLATE.encode()).hexdigest()
+    # the folder's template changes; the checkpoint still renders and scores with the one it was trained with
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = BROKEN
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    _, tok, meta = load_reward_model(str(ckpt_path))
+    assert tok.template == TEMPLATE and meta["tokenizer"]["template_sha256"] == recorded["template_sha256"]
+    assert load(folder).template == BROKEN  # what the folder alone would now give

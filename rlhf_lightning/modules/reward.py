@@ -89,7 +89,7 @@ class RewardModule(StageModule):
         check_lora(lora)
         sft = read_checkpoint(sft_ckpt, POLICY_STAGES, "model.init_args.sft_ckpt") if sft_ckpt else None
         self.sft_sha256 = sha256_file(sft_ckpt) if sft_ckpt else None  # a resumed run must start from the same file
-        self.tokenizer = self._resolve_tokenizer(tokenizer, sft)
+        self.tokenizer = self._resolve_tokenizer(tokenizer, sft, model)
         config = self._resolve_model(model, sft if init_from_sft else None)
         self.model = RewardModel(config)
         if sft is not None and init_from_sft:
@@ -123,8 +123,14 @@ class RewardModule(StageModule):
         self.reward_mean, self.reward_std = 0.0, 1.0  # of held-out completions' scores, measured on val
 
     @staticmethod
-    def _resolve_tokenizer(tokenizer: dict[str, Any] | None, sft: dict | None) -> Tokenizer:
+    def _resolve_tokenizer(tokenizer: dict[str, Any] | None, sft: dict | None, model: dict[str, Any] | None) -> Tokenizer:
+        """The SFT checkpoint's tokenizer (its recorded chat template included), the one given, an HF folder's own
+        (with its chat template), or the toy alphabet. `to_dict()` of the result is what the checkpoint records."""
         if sft is None:
+            if not tokenizer and (model or {}).get("type") == "hf" and (model or {}).get("path"):
+                from rlhf_lightning.hf_files import local_folder
+
+                tokenizer = {"type": "hf", "path": local_folder(model["path"])}
             return load_tokenizer(tokenizer) if tokenizer else CharTokenizer(ALPHABET)
         sft_tokenizer = load_tokenizer(sft["rlhf"]["tokenizer"])
         if tokenizer and load_tokenizer(tokenizer) != sft_tokenizer:
