@@ -49,6 +49,7 @@ from rlhf_lightning.policy import base_record, build_policy, context_length, loa
 from rlhf_lightning.rewards import LearnedReward
 from rlhf_lightning.evaluation import evaluate_batches
 from rlhf_lightning.scoring import token_logprobs
+from rlhf_lightning.tokenizer import CharTokenizer
 
 __all__ = ["DPOModule", "OnlineConfig", "WithReferenceLogps", "sequence_logps"]
 
@@ -253,6 +254,17 @@ class DPOModule(StageModule):
         """The longest prompt ++ completion its DataModule may produce: the policy's context."""
         return context_length(self.model)
 
+    @property
+    def task(self) -> str:
+        """The task of the greedy evaluation's `val` prompts (and of online refreshes' prompt records): the
+        DataModule's `task`; used alone, the toy task in the policy's form: `toy_chat` for a character tokenizer with
+        the chat vocabulary (which exists for it), so the prompts are conversations as in its training."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self.attached is not None else None
+        task = getattr(datamodule, "hparams", {}).get("task") if datamodule is not None else None
+        if task is not None:
+            return task
+        return "toy_chat" if isinstance(self.tokenizer, CharTokenizer) and self.tokenizer.chat else "toy"
+
     def frozen_models(self) -> list[nn.Module]:
         """The frozen reference, if any (none with adapters off: it has no weights of its own)."""
         frozen = [] if self.reference is None else [self.reference]
@@ -269,8 +281,7 @@ class DPOModule(StageModule):
         randomness, so on the same machine a resumed run uses bitwise the values of the uninterrupted one.
         It runs after the DataModule's `setup` and before any training dataloader is built."""
         datamodule = getattr(self.trainer, "datamodule", None) if self.attached is not None else None
-        task = getattr(datamodule, "hparams", {}).get("task", "toy") if datamodule is not None else "toy"
-        self._val_prompts = PromptDataset(self.tokenizer, load_prompts(task, "val", limit=self.eval_cfg.max_val_prompts), context_length(self.model))
+        self._val_prompts = PromptDataset(self.tokenizer, load_prompts(self.task, "val", limit=self.eval_cfg.max_val_prompts), context_length(self.model))
         if self.online is not None and getattr(datamodule, "val_set", None) is not None:
             self._val_prompts = datamodule.val_set  # PromptDataModule's `val` prompts (its val_file, max_val_prompts)
         if stage == "fit" and datamodule is not None:
@@ -387,8 +398,7 @@ class DPOModule(StageModule):
         join the gradient all-reduce); when no rank has a pair, the step is skipped."""
         cfg = self.online
         world, this_rank = world_size(), rank()
-        task = getattr(getattr(self.trainer, "datamodule", None), "hparams", {}).get("task", "toy") if self.attached is not None else "toy"
-        records = [PromptRecord(p, g, f"{task}:train", s) for p, g, s in zip(batch["prompts"], batch["golds"], batch["strata"])]
+        records = [PromptRecord(p, g, f"{self.task}:train", s) for p, g, s in zip(batch["prompts"], batch["golds"], batch["strata"])]
         seed = ((cfg.seed * 1_000_003 + self._refreshes) * 1_009 + this_rank) % (2**62)
         groups = sample_groups(
             self.model, self.tokenizer, records, cfg.samples_per_prompt, cfg.judge if cfg.judge in JUDGES else "auto",
@@ -471,7 +481,7 @@ class DPOModule(StageModule):
         ev = self.eval_cfg
         data = self._val_prompts
         if data is None:
-            data = self._val_prompts = PromptDataset(self.tokenizer, load_prompts("toy", "val", limit=ev.max_val_prompts), context_length(self.model))
+            data = self._val_prompts = PromptDataset(self.tokenizer, load_prompts(self.task, "val", limit=ev.max_val_prompts), context_length(self.model))
         log = lambda a: log_samples(self, "samples/val", a.prompts, a.completions, a.golds, ev.num_logged_samples)  # noqa: E731
         metrics = evaluate_batches(
             self.model, self.tokenizer, data.batches(self.hparams.inference_batch_size, self.device), ev.max_new_tokens,
