@@ -15,6 +15,7 @@ from torch import Tensor
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
+    "CRITIC_ESTIMATORS",
     "DPO_LOSSES",
     "LOG_RATIO_BOUND",
     "PolicyLossTerms",
@@ -29,6 +30,7 @@ __all__ = [
     "masked_whiten",
     "rollout_is_weights",
     "sapo_loss",
+    "token_level_rewards",
     "value_loss",
     "DPOLossOutput",
     "PairLogps",
@@ -321,6 +323,10 @@ ADVANTAGE_ESTIMATORS: dict[str, AdvantageFn] = {
 #: The estimators whose baseline is the prompt's own group of K samples (a group whose K rewards are all
 #: equal gets zero advantage under them: what dynamic sampling filters out).
 GROUP_ESTIMATORS: frozenset[str] = frozenset({"group_mean", "group_whiten", "rloo"})
+
+#: The estimators that need a learned value function (per-token advantages from a critic, `gae`), beside the
+#: critic-free ones of `ADVANTAGE_ESTIMATORS`.
+CRITIC_ESTIMATORS: tuple[str, ...] = ("gae",)
 
 
 def compute_advantages(
@@ -852,6 +858,25 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: 
     advantages = torch.where(valid, torch.stack(reversed_advantages[::-1], dim=-1), zero)  # (B, T)
     returns = torch.where(valid, advantages + values, zero)  # (B, T)
     return advantages, returns
+
+
+def token_level_rewards(scores: Tensor, mask: Tensor, kl_tokens: Tensor | None = None, beta: float = 0.0) -> Tensor:
+    """Per-token rewards (B, T) for `gae`: each sequence's score (B,) on its last valid token, minus ``beta`` times
+    the per-token KL estimate (B, T) on every valid token when the KL is in the reward (InstructGPT; TRL's and
+    verl's ``token_level_rewards``). 0 at masked tokens and on rows without a valid token.
+
+    >>> token_level_rewards(torch.tensor([1.0, 2.0]), torch.tensor([[1, 1, 0], [1, 0, 0]]), torch.tensor([[0.5, 1.0, 9.0], [2.0, 9.0, 9.0]]), 0.1)
+    tensor([[-0.0500,  0.9000,  0.0000],
+            [ 1.8000,  0.0000,  0.0000]])
+    """
+    valid = mask.bool()  # (B, T)
+    T = valid.size(-1)
+    last = torch.where(valid, torch.arange(T, device=valid.device), -1).amax(-1)  # (B,) -1: no valid token
+    at_last = torch.arange(T, device=valid.device)[None, :] == last[:, None]  # (B, T)
+    rewards = torch.where(at_last, scores.float()[:, None], 0.0)  # (B, T)
+    if kl_tokens is not None and beta:
+        rewards = rewards - beta * torch.where(valid, kl_tokens, 0.0)
+    return torch.where(valid, rewards, 0.0)
 
 
 def _masked_var(values: Tensor, valid: Tensor, mean: Tensor) -> Tensor:

@@ -29,14 +29,14 @@ from typing import Any, ClassVar, TypeVar
 import torch
 
 from rlhf_lightning.losses import (
-    ADVANTAGE_ESTIMATORS, DPO_LOSSES, GROUP_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES, RATIO_LEVELS,
+    ADVANTAGE_ESTIMATORS, CRITIC_ESTIMATORS, DPO_LOSSES, GROUP_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES, RATIO_LEVELS,
     ROLLOUT_IS_LEVELS, ROLLOUT_IS_MODES,
 )
-from rlhf_lightning.options import MODEL, SEED_MAX, ConfigError, check_choice, check_number
+from rlhf_lightning.options import MODEL, SEED_MAX, ConfigError, check_choice, check_lora, check_number
 from rlhf_lightning.tasks.arithmetic import EVAL_MAX_NEW_TOKENS
 
 __all__ = [
-    "DPOEvalConfig", "DPOLossConfig", "EvalConfig", "FROZEN_DTYPES", "KLConfig", "LossConfig", "MOVED", "OptimConfig",
+    "CriticConfig", "DPOEvalConfig", "DPOLossConfig", "EvalConfig", "FROZEN_DTYPES", "KLConfig", "LossConfig", "MOVED", "OptimConfig",
     "REWARD_SOURCE_NAMES", "RewardConfig", "RolloutConfig", "UpdateConfig", "as_group", "plain", "regroup",
 ]
 
@@ -62,7 +62,8 @@ class RolloutConfig:
         samples_per_prompt: K completions per prompt (the group of the group estimators).
         max_new_tokens: completion budget of rollouts and evaluation.
         temperature: sampling temperature; the old, new and reference log-probs all use it.
-        advantage: "batch_mean" (R - mean R), "batch_whiten", "group_mean", "group_whiten" or "rloo".
+        advantage: "batch_mean" (R - mean R), "batch_whiten", "group_mean", "group_whiten" or "rloo" (critic-free, one
+            advantage per sequence), or "gae" (per token, from a learned value function: needs the `critic` group).
         filter_groups: dynamic sampling (verl `filter_groups`, OpenRLHF `dynamic_filtering`): drop prompt groups
             whose K rewards are all equal and draw more prompts until the rollout holds `batch_size` informative
             groups or `max_sampling_rounds` rounds have run. Needs a group `advantage` and `samples_per_prompt` >= 2.
@@ -110,7 +111,7 @@ class RolloutConfig:
         check_number("samples_per_prompt", self.samples_per_prompt, low=1, integer=True, prefix=p)
         check_number("max_new_tokens", self.max_new_tokens, low=1, integer=True, prefix=p)
         check_number("temperature", self.temperature, low=0, low_open=True, prefix=p)
-        check_choice("advantage", self.advantage, ADVANTAGE_ESTIMATORS, prefix=p)
+        check_choice("advantage", self.advantage, (*ADVANTAGE_ESTIMATORS, *CRITIC_ESTIMATORS), prefix=p)
         check_number("max_sampling_rounds", self.max_sampling_rounds, low=1, integer=True, prefix=p)
         check_number("generation_batch_size", self.generation_batch_size, low=1, integer=True, allow_none="all rows at once", prefix=p)
         check_number("micro_batch_size", self.micro_batch_size, low=1, integer=True, allow_none="all rows at once", prefix=p)
@@ -297,6 +298,60 @@ class KLConfig:
         check_choice("estimator", self.estimator, KL_ESTIMATORS, prefix=p)
         check_number("target", self.target, low=0, low_open=True, allow_none="fixed beta", prefix=p)
         check_number("horizon", self.horizon, low=0, low_open=True, prefix=p)
+
+
+@dataclass(frozen=True)
+class CriticConfig:
+    """A learned value function for `rollout.advantage: gae` (InstructGPT's PPO; verl's and OpenRLHF's critic): a
+    reward-model-style backbone with a scalar head read at every completion token, trained by PPO's clipped value
+    loss toward the GAE returns, by its own AdamW (`rl.critic`).
+
+    Args:
+        init: "reward" (InstructGPT: the reward model's backbone and head, from `ckpt`) or "policy" (the policy's
+            transformer from `policy_ckpt`, its LM head replaced by a fresh scalar head).
+        ckpt: the reward checkpoint of `init: reward` (None: the learned reward's `reward.ckpt`). Its tokenizer must
+            be the policy's: the critic reads the policy's token ids.
+        lr: the critic's AdamW learning rate (constant; its warm-up is `warmup` rollouts of critic-only updates).
+        weight_decay: the critic's AdamW weight decay on matrices.
+        gamma: GAE's discount per token, in [0, 1].
+        lam: GAE's lambda, in [0, 1]: 1 gives Monte-Carlo returns minus the value, 0 one-step TD errors.
+        cliprange_value: the value loss's clip around the rollout's values (None: unclipped; verl's default 0.5).
+        warmup: rollouts at the start in which only the critic trains (verl `critic_warmup`): the policy moves once
+            the values mean something.
+        whiten_advantages: whiten the per-token advantages over the global rollout (TRL and verl do).
+        max_grad_norm: clip the critic's gradient norm to this, apart from the policy's (None: no clipping).
+        lora: train LoRA adapters on the critic's backbone (its head trains fully): {r, alpha, dropout,
+            target_modules}, as the policy's `lora`.
+    """
+
+    group: ClassVar[str] = "critic"
+    init: str = "reward"
+    ckpt: str | None = None
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    cliprange_value: float | None = 0.5
+    warmup: int = 0
+    whiten_advantages: bool = True
+    max_grad_norm: float | None = 1.0
+    lora: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        p = _prefix(self)
+        check_choice("init", self.init, CRITIC_INITS, prefix=p)
+        check_number("lr", self.lr, low=0, low_open=True, prefix=p)
+        check_number("weight_decay", self.weight_decay, low=0, prefix=p)
+        check_number("gamma", self.gamma, low=0, high=1, prefix=p)
+        check_number("lam", self.lam, low=0, high=1, prefix=p)
+        check_number("cliprange_value", self.cliprange_value, low=0, low_open=True, allow_none="unclipped", prefix=p)
+        check_number("warmup", self.warmup, low=0, integer=True, prefix=p)
+        check_number("max_grad_norm", self.max_grad_norm, low=0, low_open=True, allow_none="no clipping", prefix=p)
+        check_lora(self.lora, prefix=f"{p}")
+
+
+#: where a critic's weights come from
+CRITIC_INITS = ("reward", "policy")
 
 
 @dataclass(frozen=True)

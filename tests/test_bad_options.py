@@ -30,6 +30,9 @@ BAD = [
     ("ppo", M + "loss.clip_c", ".inf", "a number > 1, or null (no dual clip)"),
     ("ppo", M + "reward.source", "oracle", "unknown value 'oracle'; allowed: judge, learned, weighted"),
     ("ppo", M + "lora", "{r: 4, alpha: high}", "lora.alpha: 'high' is not allowed; allowed: a number > 0"),
+    ("ppo", M + "critic", "{gamma: 1.5}", "critic.gamma: 1.5 is not allowed; allowed: a number in [0, 1]"),
+    ("ppo", M + "critic", "{lam: -0.1}", "critic.lam: -0.1 is not allowed; allowed: a number in [0, 1]"),
+    ("ppo", M + "rollout.advantage", "gae", "rollout.advantage: 'gae' needs a critic (model.init_args.critic)"),
     # PPO's prompts: the module is built first, from a tiny SFT checkpoint
     ("ppo+ckpt", D + "batch_size", "0", AT_LEAST_1),
     ("ppo+ckpt", D + "task", "chess", "unknown value 'chess'; allowed: seed, toy"),
@@ -60,6 +63,16 @@ def tiny_sft_ckpt(tmp_path_factory) -> Path:
     finally:
         os.chdir(old)
     return cwd / "checkpoints" / "toy" / "sft.ckpt"
+
+
+def test_a_critic_checkpoint_of_another_stage_is_refused(tiny_sft_ckpt, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = [f"--model.init_args.policy_ckpt={tiny_sft_ckpt}", "--model.init_args.reward.source=judge", "--model.init_args.rollout.advantage=gae",
+            f"--model.init_args.critic={{init: reward, ckpt: {tiny_sft_ckpt}}}"]
+    assert main(["fit", "--config", STAGES["ppo"], *QUIET, *args]) == 2
+    line = one_error_line(capsys)
+    assert line.startswith("model.init_args.critic.ckpt: ") and "is a 'sft' checkpoint, expected 'reward'" in line, line
+    assert not list(tmp_path.iterdir())
 
 
 def stage_args(stage: str, request) -> list[str]:

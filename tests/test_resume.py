@@ -170,19 +170,28 @@ def test_reward_killed_three_times_resumes_bitwise_identical(tmp_path, sft_run):
     assert_same_checkpoint(kill_three_times_then_resume(config, tmp_path / "killed", "reward"), expected)
 
 
-def test_ppo_killed_three_times_resumes_bitwise_identical(tmp_path, sft_ckpt, reward_ckpt):
-    # 5 rollouts per epoch, 2 epochs, a checkpoint every 2 rollouts (4 optimizer steps each)
-    config = tiny_config(
-        tmp_path, "ppo", {"max_epochs": 2, "limit_train_batches": 1.0}, {"eval": {"every": 3}, "rollout": {"samples_per_prompt": 4}},
-        {"batch_size": 8, "max_train_prompts": 40, "max_val_prompts": 16}, every=8,
-    )
+# PPO critic-free, and with a critic: its weights, its own optimizer, its warm-up crossing a checkpoint
+PPO_RESUME = {
+    "critic_free": {},
+    "critic": {"rollout": {"advantage": "gae"}, "critic": {"init": "reward", "warmup": 2, "lr": 1e-3}},
+}
+
+
+@pytest.mark.parametrize("variant", PPO_RESUME)
+def test_ppo_killed_three_times_resumes_bitwise_identical(variant, tmp_path, sft_ckpt, reward_ckpt):
+    # 5 rollouts per epoch, 2 epochs, a checkpoint every 2 rollouts (4 optimizer steps each); with the critic every
+    # rollout from the 2nd (its 4 steps in each of its 2 warm-up rollouts, then 4 more each: 4, 8, 16, 24, ...)
+    model = with_groups({"eval": {"every": 3}, "rollout": {"samples_per_prompt": 4}}, PPO_RESUME[variant])
+    config = tiny_config(tmp_path, "ppo", {"max_epochs": 2, "limit_train_batches": 1.0}, model, {"batch_size": 8, "max_train_prompts": 40, "max_val_prompts": 16}, every=8)
     for name in ("full", "killed"):
         (tmp_path / name / "checkpoints" / "toy").mkdir(parents=True)
         for ckpt in (sft_ckpt, reward_ckpt):
             shutil.copy(ckpt, tmp_path / name / "checkpoints" / "toy" / ckpt.name)
     expected = uninterrupted(config, tmp_path / "full", "ppo")
     final = kill_three_times_then_resume(config, tmp_path / "killed", "ppo")
-    assert torch.load(final, weights_only=True)["rlhf"]["rollouts"] == 10
+    checkpoint = torch.load(final, weights_only=True)
+    assert checkpoint["rlhf"]["rollouts"] == 10
+    assert (variant == "critic") == any(k.startswith("critic.") for k in checkpoint["state_dict"]) == (len(checkpoint["optimizer_states"]) == 2)
     assert_same_checkpoint(final, expected)
 
 

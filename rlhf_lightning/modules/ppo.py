@@ -1,19 +1,22 @@
-"""PPO from an SFT policy: critic-free, sequence-level advantages, KL to the frozen SFT reference.
+"""PPO from an SFT policy: critic-free sequence-level advantages, or a learned critic with GAE; KL to the frozen SFT
+reference.
 
 One training step is one rollout (manual optimization); this module orchestrates it, the phases live in `rl`:
 
 1. `rl.rollout.RolloutCollector.collect`: sample K completions per prompt with the KV cache, keeping generation's
    log-probs as the old log-probs; score them (`rewards.Scorer`: learned model, judge, or a weighted sum, minus a
    missing-EOS penalty); reference log-probs from the frozen SFT model, batched (`rollout.micro_batch_size` rows a
-   forward; skipped when beta is 0 and fixed); advantages by the configured estimator over the global batch;
+   forward; skipped when beta is 0 and fixed); advantages by the configured estimator over the global batch, or,
+   with `rollout.advantage: gae`, the critic's values and GAE per token (`rl.critic`);
 2. `rl.update.ppo_update`: `update.ppo_epochs` x shuffled minibatches: new log-probs in one forward, clipped surrogate
-   + beta * KL, `manual_backward`, clipping, optimizer step;
+   + beta * KL, `manual_backward`, clipping, optimizer step; with a critic, a step of its own optimizer on the
+   clipped value loss (only that during its `critic.warmup` rollouts);
 3. the adaptive KL controller, the step's metrics, and every `eval.every` rollouts an evaluation on `val`.
 
 Loss (the default: the plain clipped surrogate with a token-mean KL):
 ``-token_mean(min(rho A, clip(rho, 1-eps, 1+eps) A)) + beta * token_mean(KL)``; the `loss` group's `loss_agg`,
 `clip_eps_low` / `clip_eps_high`, `clip_c`, `ratio_level` and `mask_truncated` vary it (`losses.ppo_loss`).
-The options come in groups (`option_groups`: reward, rollout, loss, kl, update, optim, eval).
+The options come in groups (`option_groups`: reward, rollout, loss, kl, update, optim, eval, critic).
 """
 
 from __future__ import annotations
@@ -31,24 +34,26 @@ from rlhf_lightning.data.prompts import move_batch
 from rlhf_lightning.distributed import gather_rows, rank, world_size
 from rlhf_lightning.kl_control import make_kl_controller
 from rlhf_lightning.models import enable_gradient_checkpointing
-from rlhf_lightning.modules.frozen import hide_reference, policy_reference
+from rlhf_lightning.modules.frozen import disable_dropout, hide_reference, policy_reference
 from rlhf_lightning.modules.stage import StageModule
 from rlhf_lightning.option_groups import (
-    FROZEN_DTYPES, EvalConfig, KLConfig, LossConfig, OptimConfig, RewardConfig, RolloutConfig, UpdateConfig, as_group,
+    CRITIC_ESTIMATORS, FROZEN_DTYPES, CriticConfig, EvalConfig, KLConfig, LossConfig, OptimConfig, RewardConfig, RolloutConfig, UpdateConfig, as_group,
 )
 from rlhf_lightning.optim import adamw, warmup_cosine
 from rlhf_lightning.options import ConfigError, check_choice, check_lora
 from rlhf_lightning.policy import base_record, context_length, load_policy
 from rlhf_lightning.rewards import Scorer
 from rlhf_lightning.rl.rollout import Drawn, Rollout, RolloutCollector, Samples, global_advantages, informative_groups, rollout_metrics
-from rlhf_lightning.rl.update import PPOConfig, clip_and_check, minibatch_loss, ppo_update
+from rlhf_lightning.rl.critic import build_critic, critic_metrics
+from rlhf_lightning.rl.update import CriticUpdate, PPOConfig, clip_and_check, minibatch_loss, ppo_update
 from rlhf_lightning.evaluation import evaluate_batches
 
 __all__ = ["PPOModule", "Rollout", "Samples", "informative_groups"]
 
 
 class PPOModule(StageModule):
-    """Critic-free PPO with a frozen SFT reference; see the module docstring for one training step."""
+    """PPO with a frozen SFT reference, critic-free or with a learned critic; see the module docstring for one
+    training step."""
 
     stage = "ppo"
 
@@ -65,6 +70,7 @@ class PPOModule(StageModule):
         lora: dict[str, Any] | None = None,
         reference_dtype: str = "float32",
         gradient_checkpointing: bool = False,
+        critic: CriticConfig | None = None,
     ) -> None:
         """
         Args:
@@ -85,15 +91,24 @@ class PPOModule(StageModule):
                 is the policy with adapters off).
             gradient_checkpointing: recompute the policy's activations in backward instead of keeping them
                 (less memory for about one more forward per minibatch; generation is unaffected).
+            critic: the learned value function of `rollout.advantage: gae` (`CriticConfig`): its initialization,
+                GAE's gamma and lambda, the value clip, its learning rate and warm-up. None: no critic.
         """
         super().__init__()
         # the groups check their own fields (one line, exit 2) before anything is built
         reward, self.eval_cfg, self.optim_cfg = as_group(RewardConfig, reward), as_group(EvalConfig, eval), as_group(OptimConfig, optim)
         self.cfg = PPOConfig(as_group(RolloutConfig, rollout), as_group(LossConfig, loss), as_group(KLConfig, kl), as_group(UpdateConfig, update))
         self.reward_cfg = reward
+        self.critic_cfg = None if critic is None else as_group(CriticConfig, critic)
         check_choice("reference_dtype", reference_dtype, FROZEN_DTYPES)
         check_lora(lora)
-        self.save_options({"reward": reward, "eval": self.eval_cfg, "optim": self.optim_cfg, **vars(self.cfg)})
+        if (self.cfg.rollout.advantage in CRITIC_ESTIMATORS) != (self.critic_cfg is not None):
+            raise ConfigError(
+                f"model.init_args.rollout.advantage: {self.cfg.rollout.advantage!r} needs a critic (model.init_args.critic)"
+                if self.critic_cfg is None else
+                f"model.init_args.critic: a critic is read only by rollout.advantage {' or '.join(CRITIC_ESTIMATORS)}, not {self.cfg.rollout.advantage!r}; set critic: null or advantage: gae"
+            )
+        self.save_options({"reward": reward, "eval": self.eval_cfg, "optim": self.optim_cfg, **vars(self.cfg), "critic": self.critic_cfg})
         self.automatic_optimization = False
         rollout, kl = self.cfg.rollout, self.cfg.kl
         self.model, self.tokenizer, meta = load_policy(policy_ckpt, role="model.init_args.policy_ckpt")
@@ -112,8 +127,17 @@ class PPOModule(StageModule):
         # the rewards: a plain object holding its own frozen model(s), rebuilt from `reward.ckpt` on resume
         self.scorer = Scorer(reward, self.tokenizer, policy_ckpt)
         self.kl_ctl = make_kl_controller(kl.beta, kl.target, kl.horizon)
+        # the critic (a submodule: it trains, moves with the module and is checkpointed), and where it came from
+        self.critic, self.critic_record = None, None
+        if self.critic_cfg is not None:
+            self.critic, self.critic_record = build_critic(
+                self.critic_cfg, reward.ckpt if reward.uses_learned else None, self.model, meta, self.tokenizer, context_length(self.model),
+                normalize=reward.normalize,
+            )
+            disable_dropout(self.critic)
         self.collector = RolloutCollector(
             self.model, self.reference, self.tokenizer, self.scorer, rollout, kl, draw_prompts=lambda n: self.trainer.datamodule.draw_prompts(n),
+            critic=None if self.critic is None else (self.critic, self.critic_cfg),
         )
         self.eval_history: list[dict[str, float]] = []
         self.last_update: dict[str, float] = {}
@@ -154,8 +178,10 @@ class PPOModule(StageModule):
         mixed = self.attached is not None and isinstance(self.trainer.precision_plugin, MixedPrecision)
         opt = self.optim_cfg
         optimizer = adamw(self.model, opt.lr, opt.weight_decay, fused=not mixed)
+        # the critic's own AdamW: its learning rate, its clipping, and steps of its own during its warm-up
+        optimizers = [optimizer] if self.critic is None else [optimizer, adamw(self.critic, self.critic_cfg.lr, self.critic_cfg.weight_decay, fused=not mixed)]
         if not opt.warmup_steps and opt.min_lr_ratio == 1.0:
-            return optimizer
+            return optimizers if self.critic is not None else optimizer
         total = 1  # constant after the warm-up (min_lr_ratio 1), else a cosine over every rollout's optimizer steps
         if opt.min_lr_ratio < 1.0:
             rollouts = self.trainer.max_steps if self.attached is not None else -1
@@ -163,6 +189,8 @@ class PPOModule(StageModule):
                 raise ConfigError("model.init_args.optim.min_lr_ratio: a decay below 1 needs trainer.max_steps (the number of rollouts)")
             total = rollouts * self.cfg.update.ppo_epochs * self.cfg.update.num_minibatches
         scheduler = warmup_cosine(optimizer, opt.warmup_steps, total_steps=total, min_lr_ratio=opt.min_lr_ratio)
+        if self.critic is not None:
+            return optimizers, [{"scheduler": scheduler, "interval": "step"}]
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def sampling_generator(self) -> torch.Generator:
@@ -189,6 +217,8 @@ class PPOModule(StageModule):
         (rollout, rollout metrics); the rollout is None when dynamic sampling kept no group on any rank."""
         rollout, drawn = self.collector.collect(batch, self.sampling_generator(), self.kl_ctl.beta, self.needs_reference)
         metrics = rollout_metrics(drawn, self.cfg.rollout.samples_per_prompt, self.cfg.rollout.filter_groups, self.gold_scores(drawn))
+        if rollout is not None and rollout.values is not None:
+            metrics.update(critic_metrics(rollout.values, rollout.returns, rollout.completion_mask))
         ev = self.eval_cfg
         if self._rollouts == 0 or (ev.num_logged_samples and ev.every and self._rollouts % ev.every == 0):
             first = drawn.samples[0]
@@ -209,23 +239,35 @@ class PPOModule(StageModule):
         """`rl.update.minibatch_loss` of this policy at the current beta."""
         return minibatch_loss(self.model, mb, self.cfg, self.kl_ctl.beta, counts)
 
+    @property
+    def critic_warming_up(self) -> bool:
+        """Whether this rollout is one of the critic's warm-up rollouts, in which the policy does not move."""
+        return self.critic_cfg is not None and self._rollouts < self.critic_cfg.warmup
+
     def ppo_update(self, rollout: Rollout) -> dict[str, torch.Tensor]:
         """`rl.update.ppo_update` with Lightning's backward and this module's clipping; returns mean metrics."""
-        metrics, first_ratio_error = ppo_update(
-            self.model, self.optimizers(), rollout, self.cfg, self.kl_ctl.beta, self.sampling_generator(),
-            backward=self.manual_backward, clip=self.clip_and_check, scheduler=self.lr_schedulers(),
+        optimizers = self.optimizers()
+        policy_opt, critic_opt = (optimizers[0], optimizers[1]) if isinstance(optimizers, list) else (optimizers, None)
+        critic = None if self.critic is None else CriticUpdate(
+            self.critic, critic_opt, self.critic_cfg, lambda loss: self.clip_and_check(loss, self.critic, critic_opt, self.critic_cfg.max_grad_norm),
         )
-        names = ["first_ratio_error", *metrics]
-        self.last_update = dict(zip(names, torch.stack([first_ratio_error, *metrics.values()]).float().tolist()))  # one host sync
+        metrics, first_ratio_error = ppo_update(
+            self.model, policy_opt, rollout, self.cfg, self.kl_ctl.beta, self.sampling_generator(),
+            backward=self.manual_backward, clip=lambda loss: self.clip_and_check(loss, self.model, policy_opt, self.cfg.update.max_grad_norm),
+            scheduler=self.lr_schedulers(), critic=critic, update_policy=not self.critic_warming_up,
+        )
+        names = [*(["first_ratio_error"] if first_ratio_error is not None else []), *metrics]
+        values = [*([first_ratio_error] if first_ratio_error is not None else []), *metrics.values()]
+        self.last_update = dict(zip(names, torch.stack(values).float().tolist())) if values else {}  # one host sync
         return metrics
 
-    def clip_and_check(self, loss: torch.Tensor) -> None:
-        """`rl.update.clip_and_check` of the policy's gradients; under a mixed-precision plugin Lightning's
-        `clip_gradients` clips (it owns the gradient scaler)."""
+    def clip_and_check(self, loss: torch.Tensor, model: nn.Module, optimizer, max_norm: float | None) -> None:
+        """`rl.update.clip_and_check` of `model`'s gradients (the policy's or the critic's, each stepped by its own
+        `optimizer`); under a mixed-precision plugin Lightning's `clip_gradients` clips (it owns the gradient scaler)."""
         mixed = self.attached is not None and type(self.attached.precision_plugin) is not Precision
-        clip = (lambda norm: self.clip_gradients(self.optimizers(), gradient_clip_val=norm, gradient_clip_algorithm="norm")) if mixed else None
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        clip_and_check(params, loss, self.cfg.update.max_grad_norm, clip, where=f" at rollout {self._rollouts}")
+        clip = (lambda norm: self.clip_gradients(optimizer, gradient_clip_val=norm, gradient_clip_algorithm="norm")) if mixed else None
+        params = [p for p in model.parameters() if p.grad is not None]
+        clip_and_check(params, loss, max_norm, clip, where=f" at rollout {self._rollouts}")
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         if self._rollouts == 0:
@@ -322,6 +364,7 @@ class PPOModule(StageModule):
             "policy_sha256": self.policy_sha256,
             "reward_ckpt": self.reward_cfg.ckpt,
             "reward_sha256": self.scorer.sha256,
+            "critic": self.critic_record,
             "kl_controller": self.kl_ctl.state_dict(),
             "sampling_generator": self.sampling_generator().get_state(),
             "rollouts": self._rollouts,
@@ -343,6 +386,12 @@ class PPOModule(StageModule):
                     f"(sha256 {meta.get(f'{key}_sha256')}, recorded as {meta.get(f'{key}_ckpt')!r}); refusing to resume "
                     f"against a different {key} checkpoint"
                 )
+        recorded, current = meta.get("critic"), self.critic_record
+        if (recorded is None) != (current is None) or (current is not None and (recorded["init"], recorded["sha256"]) != (current["init"], current["sha256"])):
+            raise CheckpointError(
+                f"model.init_args.critic: this run's critic ({current}) is not the one the checkpoint was trained with "
+                f"({recorded}); refusing to resume with another critic"
+            )
         if "kl_controller" in meta:
             self.kl_ctl.load_state_dict(meta["kl_controller"])
         if "sampling_generator" in meta:

@@ -17,9 +17,10 @@ import torch.nn as nn
 from rlhf_lightning.distributed import gather_rows, max_over_ranks, min_over_ranks, rank, sum_over_ranks
 from rlhf_lightning.generation import Generation
 from rlhf_lightning.losses import compute_advantages, kl_in_reward, kl_penalty, masked_sum, rollout_is_weights
-from rlhf_lightning.option_groups import KLConfig, RolloutConfig
+from rlhf_lightning.option_groups import CriticConfig, KLConfig, RolloutConfig
 from rlhf_lightning.padding import pad_columns
 from rlhf_lightning.completions import complete
+from rlhf_lightning.rl.critic import completion_values, critic_advantages
 from rlhf_lightning.scoring import token_logprobs
 from rlhf_lightning.tokenizer import Tokenizer
 
@@ -46,6 +47,8 @@ class Rollout:
     rollout_logprobs: torch.Tensor | None = None  # (B, N) generation's log-probs, when the old ones are the trainer's
     is_weights: torch.Tensor | None = None  # (B, N) `rollout_is` weights on the policy loss (None: off)
     is_affected: torch.Tensor | None = None  # () share of tokens whose weight was truncated or masked
+    values: torch.Tensor | None = None  # (B, N) the critic's values at sampling (`advantage: gae`; None: no critic)
+    returns: torch.Tensor | None = None  # (B, N) GAE's returns, the critic's targets
 
     def logprobs(self, model: nn.Module, temperature: float, return_entropy: bool = False):
         """`model`'s log-probs (B, N) of the completion tokens at `temperature` (and each position's entropy (B, N)
@@ -140,6 +143,7 @@ class RolloutCollector:
         score: rewards of decoded completions, validated and with penalties (`PPOModule.score`).
         rollout: the rollout's options; kl: where the KL goes and its estimator.
         draw_prompts: n -> a further batch of prompts (dynamic sampling's extra rounds; `PromptDataModule`).
+        critic: the value model of `advantage: gae` (`rl.critic`) and its options; None without a critic.
     """
 
     def __init__(
@@ -151,10 +155,12 @@ class RolloutCollector:
         rollout: RolloutConfig,
         kl: KLConfig,
         draw_prompts: Callable[[int], dict] | None = None,
+        critic: tuple[nn.Module, CriticConfig] | None = None,
     ) -> None:
         self.policy, self.reference, self.tokenizer, self.score = policy, reference, tokenizer, score
         self.cfg, self.kl = rollout, kl
         self.draw_prompts = draw_prompts
+        self.critic = critic
 
     @torch.no_grad()
     def sample(self, batch: dict, generator: torch.Generator) -> Samples:
@@ -200,6 +206,7 @@ class RolloutCollector:
                 old_logprobs, gen.logprobs, gen.completion_mask, cfg.rollout_is, cfg.rollout_is_level,
                 cfg.rollout_is_threshold_lower, cfg.rollout_is_threshold,
             )
+        kl_tokens = None
         if use_reference:  # reference log-probs: batched forwards of the frozen model
             ref_logprobs = self.reference_logprobs(input_ids, attention_mask, gen.completion_mask)  # (B, N)
             kl_tokens = kl_penalty(self.kl.estimator, old_logprobs, ref_logprobs, self.kl.clamp)  # (B, N) on the sampled tokens
@@ -208,10 +215,16 @@ class RolloutCollector:
                 shaped = kl_in_reward(rewards, kl_tokens, gen.completion_mask, beta)
         else:  # beta = 0: the KL term is zero whatever the reference says
             ref_logprobs = old_logprobs
-        advantages = global_advantages(shaped, cfg.advantage, cfg.samples_per_prompt)  # over the global batch
+        values = returns = None
+        if self.critic is not None:  # per-token advantages from the critic's values (GAE), the KL per token
+            values = self.values(input_ids, attention_mask, gen.completion_mask)  # (B, N)
+            in_reward = kl_tokens if self.kl.in_reward else None
+            advantages, returns = critic_advantages(rewards, values, gen.completion_mask, self.critic[1], in_reward, beta)  # (B, N) each
+        else:
+            advantages = global_advantages(shaped, cfg.advantage, cfg.samples_per_prompt)  # (B,) over the global batch
         rollout = Rollout(
             input_ids, attention_mask, gen.completion_ids, gen.completion_mask, old_logprobs, ref_logprobs,
-            rewards, advantages, gen.finished, kl=kl,
+            rewards, advantages, gen.finished, kl=kl, values=values, returns=returns,
         )
         if correction is not None:
             rollout.rollout_logprobs, rollout.is_weights, rollout.is_affected = gen.logprobs, correction.weights, correction.affected
@@ -235,6 +248,15 @@ class RolloutCollector:
         own = kept.rewards.numel() // K
         drawn.kept_groups = min(own, target, int(min_over_ranks(torch.tensor(own, device=device))))  # equal on every rank
         return kept.select(torch.arange(drawn.kept_groups * K, device=device)) if drawn.kept_groups else None
+
+    @torch.no_grad()
+    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+        """The critic's values (B, N) of the completion tokens, without gradient, `micro_batch_size` rows a forward;
+        0 outside `completion_mask` (B, N)."""
+        N = completion_mask.size(1)
+        critic = self.critic[0]
+        out = torch.cat([completion_values(critic, input_ids[rows], attention_mask[rows], N) for rows in row_slices(input_ids.size(0), self.cfg.micro_batch_size)])
+        return out.masked_fill(~completion_mask, 0.0)  # (B, N)
 
     def reference_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
         """The frozen reference's log-probs (B, N) of the completion tokens (`frozen_logprobs`)."""

@@ -15,11 +15,15 @@ import torch
 import torch.nn as nn
 
 from rlhf_lightning.distributed import sum_over_ranks, world_size
-from rlhf_lightning.losses import PPOLossOutput, drop_truncated, masked_mean, ppo_loss
-from rlhf_lightning.option_groups import KLConfig, LossConfig, RolloutConfig, UpdateConfig
+from rlhf_lightning.losses import PPOLossOutput, drop_truncated, masked_mean, ppo_loss, value_loss
+from rlhf_lightning.option_groups import CriticConfig, KLConfig, LossConfig, RolloutConfig, UpdateConfig
+from rlhf_lightning.rl.critic import completion_values
 from rlhf_lightning.rl.rollout import Rollout, row_slices
 
-__all__ = ["PPOConfig", "clip_and_check", "loss_counts", "loss_mask", "masked_abs_max", "minibatch_loss", "ppo_update"]
+__all__ = [
+    "CriticUpdate", "PPOConfig", "clip_and_check", "critic_minibatch_loss", "loss_counts", "loss_mask", "masked_abs_max",
+    "minibatch_loss", "ppo_update",
+]
 
 METRICS = ("ppo/loss", "ppo/policy_loss", "ppo/kl", "ppo/clipfrac", "ppo/approx_kl")  # `PPOLossOutput`'s fields, named
 
@@ -32,6 +36,17 @@ class PPOConfig:
     loss: LossConfig
     kl: KLConfig
     update: UpdateConfig
+
+
+@dataclass
+class CriticUpdate:
+    """The critic's side of an update: its model, its own optimizer, options and clipping (`clip(loss)`, as the
+    policy's)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    cfg: CriticConfig
+    clip: Callable[[torch.Tensor], None]
 
 
 def masked_abs_max(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -80,6 +95,15 @@ def minibatch_loss(
     return out, logprobs, entropy
 
 
+def critic_minibatch_loss(critic: nn.Module, mb: Rollout, cliprange_value: float | None, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(value loss, clip fraction) of a minibatch (`losses.value_loss`, token mean over its completion tokens), from
+    one critic forward. It divides by `tokens`, the global minibatch's completion tokens, and is scaled by the world
+    size (DDP averages gradients), as the policy's."""
+    values = completion_values(critic, mb.input_ids, mb.attention_mask, mb.completion_ids.size(1))  # (B, N)
+    loss, clipfrac = value_loss(values, mb.values, mb.returns, mb.completion_mask, cliprange_value, counts=(tokens, None))
+    return loss * world_size(), clipfrac * world_size()
+
+
 def ppo_update(
     policy: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -90,13 +114,18 @@ def ppo_update(
     backward: Callable[[torch.Tensor], None],
     clip: Callable[[torch.Tensor], None],
     scheduler=None,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    critic: CriticUpdate | None = None,
+    update_policy: bool = True,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """`ppo_epochs` x shuffled minibatches of backward / clip / step: (mean metrics over the optimizer steps, the
-    largest |ratio - 1| of the first minibatch before any step: 0 when the update's log-probs are generation's).
+    largest |ratio - 1| of the first minibatch before any step: 0 when the update's log-probs are generation's;
+    None when the policy did not train).
 
     `backward(loss)` back-propagates one micro-batch's loss; `clip(loss)` clips the minibatch's summed gradients
     (and may refuse a non-finite loss or norm) before `optimizer.step()`; `scheduler`, if any, steps after it.
-    The minibatches' order comes from `generator`."""
+    The minibatches' order comes from `generator`. With `critic`, each minibatch also takes one step of the
+    critic's optimizer on the clipped value loss toward the rollout's returns (`critic/value_loss`,
+    `critic/vf_clipfrac`); without `update_policy` (the critic's warm-up) only the critic trains."""
     B = rollout.completion_ids.size(0)
     chunks = max(1, min(cfg.update.num_minibatches, B))
     sums: dict[str, torch.Tensor] = {}
@@ -109,9 +138,15 @@ def ppo_update(
         steps += len(parts)
         for idx in parts:
             mb = rollout.select(idx)
+            step: dict[str, torch.Tensor] = {}
+            if critic is not None:
+                step.update(_critic_step(critic, mb, backward, cfg.rollout.micro_batch_size))
+            if not update_policy:
+                for name, value in step.items():
+                    sums[name] = sums.get(name, 0.0) + value
+                continue
             counts = loss_counts(mb, cfg.loss)
             optimizer.zero_grad()
-            step: dict[str, torch.Tensor] = {}
             ratio_error = None
             for rows in row_slices(idx.numel(), cfg.rollout.micro_batch_size):
                 micro = mb.select(rows)
@@ -137,6 +172,8 @@ def ppo_update(
             for name, value in step.items():
                 sums[name] = sums.get(name, 0.0) + value
     metrics = {k: v / steps for k, v in sums.items()}  # means over the optimizer steps taken
+    if not update_policy:
+        return metrics, None
     # how far the trainer's log-probs of the sampled tokens lie from the rollout's (`losses.logprob_mismatch`)
     metrics["rollout/logprob_mismatch"] = gap_sum / gap_tokens.clamp(min=1)
     metrics["rollout/logprob_mismatch_max_ratio"] = torch.exp(gap_max)
@@ -145,6 +182,21 @@ def ppo_update(
     if rollout.kl is None:  # no reference forward (beta = 0): the loss's KL term measured nothing
         metrics.pop("ppo/kl")
     return metrics, first_ratio_error
+
+
+def _critic_step(critic: CriticUpdate, mb: Rollout, backward: Callable[[torch.Tensor], None], micro_batch_size: int | None) -> dict[str, torch.Tensor]:
+    """One optimizer step of the critic on minibatch `mb`, its micro-batches' gradients summed: its metrics."""
+    tokens = sum_over_ranks(mb.completion_mask.sum().float()).clamp(min=1)
+    critic.optimizer.zero_grad()
+    loss_sum = clipfrac_sum = None
+    for rows in row_slices(mb.completion_ids.size(0), micro_batch_size):
+        loss, clipfrac = critic_minibatch_loss(critic.model, mb.select(rows), critic.cfg.cliprange_value, tokens)
+        backward(loss)
+        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+        clipfrac_sum = clipfrac if clipfrac_sum is None else clipfrac_sum + clipfrac
+    critic.clip(loss_sum)
+    critic.optimizer.step()
+    return {"critic/value_loss": loss_sum, "critic/vf_clipfrac": clipfrac_sum}
 
 
 def clip_and_check(params: list[torch.Tensor], loss: torch.Tensor, max_norm: float | None, clip: Callable[[float], None] | None = None, where: str = "") -> None:
