@@ -165,3 +165,15 @@ def test_the_update_trains_the_critic_and_its_warm_up_leaves_the_policy_alone(se
     )
     assert first is not None and {"ppo/loss", "critic/value_loss"} <= set(metrics)
     assert any(not torch.equal(v, policy_before[k]) for k, v in policy.state_dict().items())
+
+
+def test_a_critic_with_lora_trains_its_adapters_and_head_only(setup):
+    pytest.importorskip("peft")
+    policy, _, tokenizer, batch = setup
+    critic, _ = build_critic(CriticConfig(init="policy", lora={"r": 2}), None, policy, {"model": TINY}, tokenizer, 24)
+    trained = {name for name, p in critic.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in name or name.startswith("head.") for name in trained)
+    assert {"head.weight", "head.bias"} <= trained
+    values = completion_values(critic, batch["prompt_ids"], batch["prompt_mask"].bool(), 2)
+    values.sum().backward()
+    assert all(p.grad is not None for name, p in critic.named_parameters() if name in trained and "lora_B" not in name)
