@@ -19,6 +19,8 @@ SFT model with `block_size` the longest conversation (the conversations all have
 Measured on 2 CPU cores (torch 2.13, datasets 5.2, pyarrow 26): a 1.00 GB file of 272,000 conversations (1.11 GB of
 Arrow cache) trains with a peak RSS of 0.97 GB, of which 0.51 GB is the imports' baseline and about 0.25 GB the
 steps' activations (4,008 tokens x 4 rows); 0.71 GB when the first step starts. About 2 minutes in all (check 80 s).
+The steps read 20 rows: RSS also counts the memory map's pages a run has read, file-backed pages the kernel reclaims
+under pressure, so a run over most of a large file shows more of them.
 
 Prints one JSON line: {"benchmark": "parquet_rss", "file_bytes", "rows", "arrow_cache_bytes", "peak_rss_bytes"
 (the child's ru_maxrss, the whole run: conversion, check and steps), "baseline_rss_bytes" (after importing torch,
