@@ -125,10 +125,6 @@ class ArrowSFTDataset(Dataset):
         demo, _ = demonstration(where, record, self.rows.conversational)
         return encode_demonstration(self.tokenizer, demo, self.max_len)
 
-    def example_strata(self, k: int) -> tuple[str, ...]:
-        """The strata of the k-th example (in the dataset's order, shuffled or not); needs `strata=True`."""
-        return self.strata_names[self.strata_codes[self.rows.table.row_index(k)]]
-
     def collate(self, items: list[tuple[list[int], list[bool]]]) -> dict:
         return collate_examples(items, self.pad_id)
 
@@ -164,7 +160,8 @@ class SFTDataModule(TokenizedDataModule):
                 "seed" (the seed task's 8 prompts).
             train_file: demonstrations replacing the task's: {"prompt", "completion"[, "group"]} records, or
                 conversations {"messages": [{"role", "content"}, ...][, "group"]} (loss on every assistant turn);
-                a JSONL file, or a `datasets` source (.json, .parquet, .csv, a `save_to_disk` folder; `[data]` extra).
+                a JSONL file, or a `datasets` source (.json, .parquet, .csv, a `save_to_disk` folder; `[data]` extra),
+                which stays in its memory-mapped Arrow table (`ArrowSFTDataset`: files larger than memory train).
             val_file: evaluation prompts, {"prompt"[, "completion"]} records or conversational ones (`prompt` as
                 messages ending in a user turn, or `messages` ending in the gold reply); default: the task's `val`.
             demo_fraction: fraction of `train` prompts that have a demonstration (toy task only).
