@@ -103,3 +103,29 @@ def test_two_process_critic_equals_single_process(tmp_path):
     assert_close(grads[0], grads[1], atol=0, rtol=0)  # all_reduce: every rank holds the same averaged gradient
     assert_close(grads[0], single["grad"], atol=tol, rtol=0)
     assert_close(sum(clipfracs) / WORLD, single["clipfrac"], atol=EPS32, rtol=0)  # per-rank shares of the global mean
+
+
+def test_plain_ddp_with_a_critic_is_refused_and_ddp_finding_unused_parameters_is_not(sft_ckpt, reward_ckpt, tmp_path, monkeypatch):
+    """The policy's and the critic's separate backward passes each leave the other's parameters without a gradient:
+    plain DDP would fail mid-run, so `on_fit_start` refuses it with one line naming the strategy to use."""
+    from types import SimpleNamespace
+
+    import pytest
+    from torch.nn.parallel import DistributedDataParallel
+
+    from rlhf_lightning.modules.ppo import PPOModule
+    from rlhf_lightning.options import ConfigError
+
+    module = PPOModule(policy_ckpt=str(sft_ckpt), reward={"source": "learned", "ckpt": str(reward_ckpt)}, rollout={"advantage": "gae"}, critic={"init": "reward"})
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        for find_unused in (False, True):
+            trainer = SimpleNamespace(strategy=SimpleNamespace(model=DistributedDataParallel(module, find_unused_parameters=find_unused)))
+            monkeypatch.setattr(PPOModule, "trainer", property(lambda self: trainer))
+            if find_unused:
+                module.on_fit_start()
+            else:
+                with pytest.raises(ConfigError, match=r"^trainer\.strategy: PPO with a critic under DDP needs 'ddp_find_unused_parameters_true'"):
+                    module.on_fit_start()
+    finally:
+        dist.destroy_process_group()

@@ -27,6 +27,7 @@ from typing import Any
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 import torch
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 
 from rlhf_lightning.callbacks import log_samples, log_step_metrics, logging_step
 from rlhf_lightning.checkpoints import CheckpointError, sha256_file
@@ -171,6 +172,14 @@ class PPOModule(StageModule):
     # ------------------------------------------------------------------ setup
 
     def on_fit_start(self) -> None:
+        wrapped = self.trainer.strategy.model
+        if self.critic is not None and isinstance(wrapped, DistributedDataParallel) and not wrapped.find_unused_parameters:
+            # the policy's and the critic's losses are separate backward passes (and only the critic's in its warm-up):
+            # each leaves the other model's parameters without a gradient, which plain DDP refuses mid-run
+            raise ConfigError(
+                "trainer.strategy: PPO with a critic under DDP needs 'ddp_find_unused_parameters_true' (the policy and "
+                "the critic take separate backward passes)"
+            )
         self.scorer.to(self.device)
 
     def configure_optimizers(self):
