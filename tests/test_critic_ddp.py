@@ -105,7 +105,7 @@ def test_two_process_critic_equals_single_process(tmp_path):
     assert_close(sum(clipfracs) / WORLD, single["clipfrac"], atol=EPS32, rtol=0)  # per-rank shares of the global mean
 
 
-def test_plain_ddp_with_a_critic_is_refused_and_ddp_finding_unused_parameters_is_not(sft_ckpt, reward_ckpt, tmp_path, monkeypatch):
+def test_plain_ddp_with_a_critic_is_refused_and_ddp_finding_unused_parameters_is_not(sft_ckpt, tmp_path, monkeypatch):
     """The policy's and the critic's separate backward passes each leave the other's parameters without a gradient:
     plain DDP would fail mid-run, so `on_fit_start` refuses it with one line naming the strategy to use."""
     from types import SimpleNamespace
@@ -116,7 +116,7 @@ def test_plain_ddp_with_a_critic_is_refused_and_ddp_finding_unused_parameters_is
     from rlhf_lightning.modules.ppo import PPOModule
     from rlhf_lightning.options import ConfigError
 
-    module = PPOModule(policy_ckpt=str(sft_ckpt), reward={"source": "learned", "ckpt": str(reward_ckpt)}, rollout={"advantage": "gae"}, critic={"init": "reward"})
+    module = PPOModule(policy_ckpt=str(sft_ckpt), reward={"source": "judge"}, rollout={"advantage": "gae"}, critic={"init": "policy"})
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
         for find_unused in (False, True):
