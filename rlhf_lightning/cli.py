@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported on use: `rlhf --help` and `rlhf eval` start without Lightning
+    import lightning as L
 
 COMMANDS = {
     "pipeline": ("rlhf_lightning.pipeline", "SFT -> reward model -> PPO in one go, then a test-split table."),
@@ -300,6 +304,7 @@ def lightning_cli(args: list[str] | None = None, run: bool = True, cli_class: ty
 
             check_output_paths(self.trainer)
             self.trainer.callbacks.append(StageLog())
+            self.trainer.callbacks.append(_discard_new_run_on_bad_input(self.trainer))
             config = self.config_init[self.subcommand]
             if resume_last and not config.get("ckpt_path") and last_checkpoint(self.trainer) is not None:
                 config["ckpt_path"] = "last"
@@ -318,17 +323,44 @@ def lightning_cli(args: list[str] | None = None, run: bool = True, cli_class: ty
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Bad input (data, checkpoints, options, output paths) ends with one clear line and exit code 2."""
+def _bad_input_errors() -> tuple[type[Exception], ...]:
+    """The errors that mean bad input (one line, exit 2)."""
     from rlhf_lightning.checkpoints import CheckpointError
     from rlhf_lightning.data.jsonl import DataError
     from rlhf_lightning.options import ConfigError
     from rlhf_lightning.rewards import RewardError
     from rlhf_lightning.tokenizer import UnknownCharacterError
 
+    return (DataError, CheckpointError, ConfigError, UnknownCharacterError, RewardError, NotADirectoryError)
+
+
+def _discard_new_run_on_bad_input(trainer) -> L.Callback:
+    """A callback that removes the logger's run folder when bad input stops `fit` before any optimizer step, if this run
+    created that folder: Lightning creates it (an empty event file, the saved config) before the DataModule reads
+    its files, and a refused run leaves nothing behind. A resumed run's folder, or one with steps, is never removed."""
+    import shutil
+
+    import lightning as L
+
+    created = None  # the topmost folder of the run's log folder that does not exist yet (this run would create it)
+    if trainer.logger is not None and trainer.logger.log_dir is not None:
+        folder = Path(trainer.logger.log_dir).absolute()
+        while not folder.exists():
+            created, folder = folder, folder.parent
+
+    class DiscardNewRunOnBadInput(L.Callback):
+        def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+            if created is not None and trainer.global_step == 0 and isinstance(exception, _bad_input_errors()) and trainer.is_global_zero:
+                shutil.rmtree(created, ignore_errors=True)
+
+    return DiscardNewRunOnBadInput()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Bad input (data, checkpoints, options, output paths) ends with one clear line and exit code 2."""
     try:
         return _dispatch(sys.argv[1:] if argv is None else argv)
-    except (DataError, CheckpointError, ConfigError, UnknownCharacterError, RewardError, NotADirectoryError) as err:
+    except _bad_input_errors() as err:
         print(f"rlhf: error: {err}", file=sys.stderr)
         return 2
 

@@ -313,3 +313,15 @@ def test_choices_are_refused_by_name(cls, option, value, allowed):
 def test_defaults_pass_every_check():
     for cls in ("SFTModule", "RewardModule", "SFTDataModule", "PromptDataModule", "SampledPairs"):
         build(cls)  # no ConfigError (PPOModule and PreferenceDataModule need files past their checks)
+
+
+def test_bad_data_leaves_no_run_folder_behind_with_the_logger_on(tmp_path, monkeypatch, capsys):
+    """Lightning creates the TensorBoard run folder (an event file, the saved config) before the DataModule reads its
+    files; a run refused for bad data removes the folder it created."""
+    (tmp_path / "in").mkdir()
+    bad = tmp_path / "in" / "train.jsonl"
+    bad.write_text('{"prompt": "Q: 1+2=\\nA:", "completion": "3"}\n{"prompt": "Q: 2+2=\\nA:"}\n')
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--config", STAGES["sft"], *QUIET, f"--data.init_args.train_file={bad}"]) == 2
+    assert one_error_line(capsys).startswith(f"{bad}:2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"], sorted(str(p) for p in tmp_path.rglob("*"))
