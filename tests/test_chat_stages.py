@@ -15,21 +15,22 @@ TINY = "{type: gpt, n_layer: 1, n_head: 2, n_embd: 16, block_size: 48}"
 CHAT_PROMPT = "<|system|>Solve.<|user|>Q: "
 
 
+def tiny_sft(tmp_path_factory, task: str) -> Path:
+    """A tiny SFT checkpoint of `task` (a few steps: the wiring is what is tested)."""
+    cwd = tmp_path_factory.mktemp(f"{task}_sft")
+    run_cli(["fit", "--config", str(CONFIGS / task / "sft.yaml"), *QUIET, "--trainer.logger=false", "--trainer.max_steps=3",
+             "--data.init_args.demo_fraction=0.05", "--data.init_args.max_val_prompts=8", f"--model.init_args.model={TINY}"], cwd)
+    return cwd / "checkpoints" / task / "sft.ckpt"
+
+
 @pytest.fixture(scope="module")
 def chat_sft(tmp_path_factory) -> Path:
-    """A tiny toy_chat SFT checkpoint (a few steps: the wiring is what is tested)."""
-    cwd = tmp_path_factory.mktemp("chat_sft")
-    run_cli(["fit", "--config", str(CONFIGS / "toy_chat" / "sft.yaml"), *QUIET, "--trainer.logger=false", "--trainer.max_steps=3",
-             "--data.init_args.demo_fraction=0.05", "--data.init_args.max_val_prompts=8", f"--model.init_args.model={TINY}"], cwd)
-    return cwd / "checkpoints" / "toy_chat" / "sft.ckpt"
+    return tiny_sft(tmp_path_factory, "toy_chat")
 
 
 @pytest.fixture(scope="module")
 def flat_sft(tmp_path_factory) -> Path:
-    cwd = tmp_path_factory.mktemp("flat_sft")
-    run_cli(["fit", "--config", str(CONFIGS / "toy" / "sft.yaml"), *QUIET, "--trainer.logger=false", "--trainer.max_steps=3",
-             "--data.init_args.demo_fraction=0.05", "--data.init_args.max_val_prompts=8", f"--model.init_args.model={TINY}"], cwd)
-    return cwd / "checkpoints" / "toy" / "sft.ckpt"
+    return tiny_sft(tmp_path_factory, "toy")
 
 
 def test_dpo_fit_on_toy_chat_evaluates_the_chat_prompts(chat_sft, tmp_path):

@@ -9,23 +9,16 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from rlhf_lightning.data.prompts import PromptDataset, load_prompts
 from rlhf_lightning.losses import explained_variance, gae, masked_whiten, token_level_rewards
 from rlhf_lightning.option_groups import CriticConfig, KLConfig, LossConfig, RolloutConfig, UpdateConfig
 from rlhf_lightning.options import ConfigError
-from rlhf_lightning.policy import build_policy
 from rlhf_lightning.rl.critic import build_critic, completion_values, critic_advantages, critic_metrics
 from rlhf_lightning.rl.rollout import RolloutCollector
 from rlhf_lightning.rl.update import CriticUpdate, PPOConfig, ppo_update
+from test_rl import TINY, parity, setup  # noqa: F401  (the in-memory policy, its prompts, a reward; `setup` is a fixture)
 from tolerance import FORWARD_ATOL
 
-TINY = {"type": "gpt", "n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 24}
 TOL = {"atol": 1e-6, "rtol": 0}
-
-
-def parity(prompts, completions, ended, golds):
-    """A reward that differs within most groups: the completion's length is even."""
-    return torch.tensor([float(len(c) % 2 == 0) for c in completions])
 
 
 def test_token_level_rewards_put_the_score_on_the_last_token_and_the_kl_on_every_token():
@@ -66,17 +59,7 @@ def test_critic_advantages_whiten_over_the_valid_tokens_and_keep_raw_returns():
     assert_close(metrics["critic/values_mean"], values[mask].mean(), **TOL)
 
 
-@pytest.fixture
-def setup():
-    torch.manual_seed(0)
-    policy, tokenizer, _ = build_policy(TINY, None)
-    reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    data = PromptDataset(tokenizer, load_prompts("toy", "train", limit=4))
-    batch = data.collate([data[i] for i in range(4)])
-    return policy, reference, tokenizer, batch
-
-
-def test_a_critic_from_the_policy_reads_the_state_before_each_completion_token(setup):
+def test_a_critic_from_the_policy_reads_the_state_before_each_completion_token(setup):  # noqa: F811
     policy, _, tokenizer, batch = setup
     critic, record = build_critic(CriticConfig(init="policy"), None, policy, {"model": TINY}, tokenizer, 24)
     assert record == {"init": "policy", "path": None, "sha256": None}
@@ -91,7 +74,7 @@ def test_a_critic_from_the_policy_reads_the_state_before_each_completion_token(s
         assert_close(values, critic.head(hidden[:, 2:4]).squeeze(-1), atol=FORWARD_ATOL, rtol=0)
 
 
-def test_the_critic_refuses_a_reward_model_that_pools(setup, tmp_path):
+def test_the_critic_refuses_a_reward_model_that_pools(setup, tmp_path):  # noqa: F811
     policy, _, tokenizer, _ = setup
     with pytest.raises(ConfigError, match=r"^model\.init_args\.critic\.ckpt: init 'reward' needs a reward checkpoint"):
         build_critic(CriticConfig(init="reward"), None, policy, {"model": TINY}, tokenizer, 24)
@@ -117,7 +100,7 @@ def gae_collector(policy, reference, tokenizer, critic_cfg, kl=KLConfig(beta=0.1
     return critic, RolloutCollector(policy, reference, tokenizer, parity, cfg, kl, critic=(critic, critic_cfg))
 
 
-def test_a_gae_rollout_holds_the_critics_values_and_per_token_advantages(setup):
+def test_a_gae_rollout_holds_the_critics_values_and_per_token_advantages(setup):  # noqa: F811
     policy, reference, tokenizer, batch = setup
     critic_cfg = CriticConfig(init="policy", gamma=0.95, lam=0.9)
     with torch.no_grad():  # a reference apart from the policy: a KL per token to put in the reward
@@ -137,7 +120,7 @@ def test_a_gae_rollout_holds_the_critics_values_and_per_token_advantages(setup):
     assert_close(rollout.returns, returns, **TOL)
 
 
-def test_the_update_trains_the_critic_and_its_warm_up_leaves_the_policy_alone(setup):
+def test_the_update_trains_the_critic_and_its_warm_up_leaves_the_policy_alone(setup):  # noqa: F811
     policy, reference, tokenizer, batch = setup
     critic_cfg = CriticConfig(init="policy", lr=1e-2)
     critic, collector = gae_collector(policy, reference, tokenizer, critic_cfg)
@@ -167,7 +150,7 @@ def test_the_update_trains_the_critic_and_its_warm_up_leaves_the_policy_alone(se
     assert any(not torch.equal(v, policy_before[k]) for k, v in policy.state_dict().items())
 
 
-def test_a_critic_with_lora_trains_its_adapters_and_head_only(setup):
+def test_a_critic_with_lora_trains_its_adapters_and_head_only(setup):  # noqa: F811
     pytest.importorskip("peft")
     policy, _, tokenizer, batch = setup
     critic, _ = build_critic(CriticConfig(init="policy", lora={"r": 2}), None, policy, {"model": TINY}, tokenizer, 24)

@@ -105,14 +105,15 @@ def build_critic(
     return critic.train(), {"init": cfg.init, **source}
 
 
-def _padded_global(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, slice]:
-    """Every rank's (B, N) rows, padded to the widest N and stacked (rank 0 first), with the mask and this rank's
-    rows' slice: the global batch a statistic is taken over, the same in one process and under data parallelism."""
-    width = int(max_over_ranks(torch.tensor(values.size(1), device=values.device)))
-    all_values = gather_rows(pad_columns(values, width, 0.0))  # (W * B, N_max)
-    all_mask = gather_rows(pad_columns(mask.bool(), width, False))  # (W * B, N_max)
-    B = values.size(0)
-    return all_values, all_mask, slice(rank() * B, (rank() + 1) * B)
+def _padded_global(mask: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], slice]:
+    """Every rank's (B, N) rows of `mask` and of each of `tensors`, padded to the widest N and stacked (rank 0 first),
+    gathered in one collective, with this rank's rows' slice: the global batch a statistic is taken over, the same in
+    one process and under data parallelism."""
+    width = int(max_over_ranks(torch.tensor(mask.size(1), device=mask.device)))
+    columns = [pad_columns(t, width, 0.0) for t in (mask.to(tensors[0].dtype), *tensors)]
+    gathered = gather_rows(torch.stack(columns, 1)).unbind(1)  # (W * B, N_max) each
+    B = mask.size(0)
+    return gathered[0].bool(), list(gathered[1:]), slice(rank() * B, (rank() + 1) * B)
 
 
 def critic_advantages(
@@ -125,7 +126,7 @@ def critic_advantages(
     rewards = token_level_rewards(scores, mask, kl_tokens, beta)  # (B, N)
     advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)  # (B, N) each
     if cfg.whiten_advantages:
-        all_advantages, all_mask, own = _padded_global(advantages, mask)
+        all_mask, (all_advantages,), own = _padded_global(mask, advantages)
         if int(all_mask.sum()) >= 2:
             advantages = masked_whiten(all_advantages, all_mask)[own, : advantages.size(1)]
     return advantages, returns
@@ -134,8 +135,7 @@ def critic_advantages(
 def critic_metrics(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
     """`critic/explained_variance` (`losses.explained_variance`) and `critic/values_mean` of a rollout's values
     against its returns, over every rank's valid tokens (verl's `critic/vf_explained_var`, `critic/values/mean`)."""
-    all_values, all_mask, _ = _padded_global(values, mask)
-    all_returns, _, _ = _padded_global(returns, mask)
+    all_mask, (all_values, all_returns), _ = _padded_global(mask, values, returns)
     return {
         "critic/explained_variance": explained_variance(all_values, all_returns, all_mask),
         "critic/values_mean": masked_mean(all_values, all_mask),

@@ -249,28 +249,26 @@ class RolloutCollector:
         drawn.kept_groups = min(own, target, int(min_over_ranks(torch.tensor(own, device=device))))  # equal on every rank
         return kept.select(torch.arange(drawn.kept_groups * K, device=device)) if drawn.kept_groups else None
 
-    @torch.no_grad()
     def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
-        """The critic's values (B, N) of the completion tokens, without gradient, `micro_batch_size` rows a forward;
-        0 outside `completion_mask` (B, N)."""
+        """The critic's values (B, N) of the completion tokens (`micro_batched`)."""
         N = completion_mask.size(1)
-        critic = self.critic[0]
-        out = torch.cat([completion_values(critic, input_ids[rows], attention_mask[rows], N) for rows in row_slices(input_ids.size(0), self.cfg.micro_batch_size)])
-        return out.masked_fill(~completion_mask, 0.0)  # (B, N)
+        return self.micro_batched(lambda ids, mask: completion_values(self.critic[0], ids, mask, N), input_ids, attention_mask, completion_mask)
 
     def reference_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
         """The frozen reference's log-probs (B, N) of the completion tokens (`frozen_logprobs`)."""
         return self.frozen_logprobs(self.reference, input_ids, attention_mask, completion_mask)
 
-    @torch.no_grad()
     def frozen_logprobs(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
-        """`model`'s log-probs (B, N) of the completion tokens of prompt ++ completion rows, without gradient, at the
-        rollout temperature, `micro_batch_size` rows a forward; 0 outside `completion_mask` (B, N)."""
+        """`model`'s log-probs (B, N) of the completion tokens of prompt ++ completion rows at the rollout temperature
+        (`micro_batched`)."""
         N = completion_mask.size(1)
-        out = torch.cat([
-            token_logprobs(model, input_ids[rows], attention_mask[rows], self.cfg.temperature, N)
-            for rows in row_slices(input_ids.size(0), self.cfg.micro_batch_size)
-        ])  # (B, N)
+        return self.micro_batched(lambda ids, mask: token_logprobs(model, ids, mask, self.cfg.temperature, N), input_ids, attention_mask, completion_mask)
+
+    @torch.no_grad()
+    def micro_batched(self, forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+        """`forward(ids, mask) -> (b, N)` over prompt ++ completion rows without gradient, `micro_batch_size` rows a
+        call, concatenated; 0 outside `completion_mask` (B, N)."""
+        out = torch.cat([forward(input_ids[rows], attention_mask[rows]) for rows in row_slices(input_ids.size(0), self.cfg.micro_batch_size)])  # (B, N)
         return out.masked_fill(~completion_mask, 0.0)
 
 
