@@ -32,8 +32,9 @@ from torch.nn.parallel import DistributedDataParallel
 from rlhf_lightning.callbacks import log_samples, log_step_metrics, logging_step
 from rlhf_lightning.checkpoints import CheckpointError, sha256_file
 from rlhf_lightning.data.prompts import move_batch
-from rlhf_lightning.distributed import gather_rows, rank, world_size
+from rlhf_lightning.distributed import rank
 from rlhf_lightning.kl_control import make_kl_controller
+from rlhf_lightning.lora import BaseOfAdapters
 from rlhf_lightning.models import enable_gradient_checkpointing
 from rlhf_lightning.modules.frozen import disable_dropout, hide_reference, policy_reference
 from rlhf_lightning.modules.stage import StageModule
@@ -44,8 +45,9 @@ from rlhf_lightning.optim import adamw, warmup_cosine
 from rlhf_lightning.options import ConfigError, check_choice, check_lora
 from rlhf_lightning.policy import base_record, context_length, load_policy
 from rlhf_lightning.rewards import Scorer
+from rlhf_lightning.rl.ranks import gather_uneven_rows
 from rlhf_lightning.rl.rollout import Drawn, Rollout, RolloutCollector, Samples, global_advantages, informative_groups, rollout_metrics
-from rlhf_lightning.rl.critic import build_critic, critic_metrics
+from rlhf_lightning.rl.critic import build_critic, critic_metrics, read_values_as_forward
 from rlhf_lightning.rl.update import CriticUpdate, PPOConfig, clip_and_check, minibatch_loss, ppo_update
 from rlhf_lightning.evaluation import evaluate_batches
 
@@ -171,6 +173,24 @@ class PPOModule(StageModule):
 
     # ------------------------------------------------------------------ setup
 
+    def shardable_roots(self) -> dict[str, nn.Module]:
+        """The trained models a sharded strategy shards: the policy, and the critic (its own optimizer, built after
+        over its shards)."""
+        return {"model": self.model, **({"critic": self.critic} if self.critic is not None else {})}
+
+    def frozen_roots(self) -> dict[str, nn.Module]:
+        """The frozen reference (not with LoRA adapters: it is the sharded policy with them off) and the learned
+        reward model(s), each a root of its own (kept whole below the policy's `replicate_frozen_below`)."""
+        roots = {} if self.reference is None or isinstance(self.reference, BaseOfAdapters) else {"reference": self.reference}
+        for i, model in enumerate(self.scorer.models()):
+            roots["reward_model" if i == 0 else f"reward_model_{i}"] = model
+        return roots
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        if self.critic is not None:
+            read_values_as_forward(self.critic)  # its values read its backbone and head: FSDP2's hooks around them
+
     def on_fit_start(self) -> None:
         wrapped = self.trainer.strategy.model
         if self.critic is not None and isinstance(wrapped, DistributedDataParallel) and not wrapped.find_unused_parameters:
@@ -289,9 +309,9 @@ class PPOModule(StageModule):
         if rollout is not None:
             update_metrics = self.ppo_update(rollout)
             if rollout.kl is not None:
-                kl_and_tokens = gather_rows(torch.stack([rollout.kl, rollout.completion_mask.sum(1).float()], 1))  # (B_global, 2)
+                kl_and_tokens, _ = gather_uneven_rows(torch.stack([rollout.kl, rollout.completion_mask.sum(1).float()], 1))  # (B_global, 2)
                 rollout_kl = kl_and_tokens[:, 0].sum() / kl_and_tokens[:, 1].sum()  # per-token KL of the sampling policy
-                self.kl_ctl.update(float(rollout_kl), n_steps=rollout.completion_ids.size(0) * world_size())
+                self.kl_ctl.update(float(rollout_kl), n_steps=kl_and_tokens.size(0))
         else:  # dynamic sampling found no informative group on any rank: nothing to learn from this rollout
             update_metrics = {}
             self._skipped_updates += 1

@@ -9,7 +9,8 @@
 - options: `save_options(groups)` stores the `__init__` arguments as `hparams`, its option groups
   (`option_groups`) as plain dicts, so a checkpoint loads with `weights_only` and `hparams.yaml` reads as the config;
 - the trainable state: `trainable_state()` copies what trains (the adapters only under LoRA); `keep_if_best` and
-  `restore_best` keep the copy with the best `val` accuracy and put it back at the end (`keep_best`);
+  `restore_best` keep the copy with the best `val` accuracy and put it back at the end (`keep_best`); a sharded
+  model's copy is gathered whole and loaded back into the shards;
 - sharding: under Lightning's `ModelParallelStrategy` (`strategy.ShardedStrategy`), `configure_model` applies FSDP2
   to each model a stage lists in `shardable_roots` (trained) and `frozen_roots` (a reference, a reward model), with
   the strategy's `sharding` policy (`sharding.shard_model`); under any other strategy it does nothing.
@@ -92,12 +93,25 @@ class StageModule(L.LightningModule):
             keep_trainable(checkpoint["state_dict"], self.model, "model.")
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """A CPU copy of what trains: every weight of the model, or its adapters under LoRA."""
-        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items() if self.lora is None or "lora_" in k}
+        """A CPU copy of what trains: every weight of the model, or its adapters under LoRA. A sharded model's
+        weights are gathered whole (a collective: every rank calls it), so the copy is the same on every rank and a
+        checkpoint's metadata can hold it."""
+        return {
+            k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().to("cpu", copy=True)
+            for k, v in self.model.state_dict().items() if self.lora is None or "lora_" in k
+        }
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Put back a `trainable_state` copy."""
-        self.model.load_state_dict(state, strict=self.lora is None)
+        """Put back a `trainable_state` copy (a sharded model takes each rank's shard of the whole tensors)."""
+        from rlhf_lightning.sharding import is_sharded
+
+        if is_sharded(self.model):
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            # a copy of the mapping: torch replaces its values by the distributed tensors it builds
+            set_model_state_dict(self.model, dict(state), options=StateDictOptions(full_state_dict=True, strict=self.lora is None))
+        else:
+            self.model.load_state_dict(state, strict=self.lora is None)
 
     def keep_if_best(self, when: dict[str, int], accuracy: float, min_gain: float = 0.0) -> None:
         """Keep a `trainable_state` copy when `accuracy` on `val` is at least the best so far plus `min_gain` (0: the

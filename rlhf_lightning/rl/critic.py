@@ -10,23 +10,25 @@ functions below.
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 from rlhf_lightning.checkpoints import sha256_file
-from rlhf_lightning.distributed import gather_rows, max_over_ranks, rank
+from rlhf_lightning.distributed import max_over_ranks
 from rlhf_lightning.lora import add_reward_adapters, lora_settings, require_peft
 from rlhf_lightning.losses import explained_variance, gae, logprobs_from_logits, masked_mean, masked_whiten, token_level_rewards
 from rlhf_lightning.models.reward import RewardModel
 from rlhf_lightning.option_groups import CriticConfig
 from rlhf_lightning.options import MODEL, ConfigError
 from rlhf_lightning.padding import pad_columns
+from rlhf_lightning.rl.ranks import gather_uneven_rows
 from rlhf_lightning.scoring import load_reward_model
 from rlhf_lightning.tokenizer import Tokenizer
 
-__all__ = ["build_critic", "completion_values", "critic_advantages", "critic_metrics"]
+__all__ = ["build_critic", "completion_values", "critic_advantages", "critic_metrics", "read_values_as_forward"]
 
 CRITIC = f"{MODEL}critic"
 
@@ -38,7 +40,16 @@ def completion_values(critic: RewardModel, input_ids: torch.Tensor, attention_ma
 
     A reward model with the likelihood feature scores ``head(h) + lm_scale * sum of the completion's log-likelihood``;
     its value at token t reads the same way on what is known before the token is chosen: the head at the state,
-    plus `lm_scale` times the log-likelihood of the completion tokens before t."""
+    plus `lm_scale` times the log-likelihood of the completion tokens before t.
+
+    A critic sharded by FSDP2 reads them inside its forward hooks (`read_values_as_forward`)."""
+    sharded = getattr(critic, "sharded_values", None)
+    if sharded is not None:
+        return sharded(input_ids, attention_mask, completion_len)
+    return _values(critic, input_ids, attention_mask, completion_len)
+
+
+def _values(critic: RewardModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_len: int) -> torch.Tensor:
     hidden = critic.backbone(input_ids, attention_mask)  # (B, T, C)
     states = hidden[:, -completion_len - 1 : -1]  # (B, N, C) the state before each completion token
     values = critic.head(states).squeeze(-1).float()  # (B, N)
@@ -46,6 +57,17 @@ def completion_values(critic: RewardModel, input_ids: torch.Tensor, attention_ma
         logp = logprobs_from_logits(critic.lm_head(states), input_ids[:, -completion_len:]).float()  # (B, N) of token t
         values = values + critic.lm_scale * (torch.cumsum(logp, dim=1) - logp)  # the tokens before t
     return values
+
+
+def read_values_as_forward(critic: RewardModel) -> None:
+    """Make `completion_values` of a critic sharded by FSDP2 run as its forward: the values read its backbone and
+    head, not `forward`, and FSDP2 gathers the root's own weights (embeddings, head, `lm_scale`) and registers their
+    gradients' reduce-scatter only around a forward (`register_fsdp_forward_method`). Nothing changes unsharded."""
+    from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+
+    if isinstance(critic, FSDPModule) and not hasattr(critic, "sharded_values"):
+        critic.sharded_values = types.MethodType(_values, critic)
+        register_fsdp_forward_method(critic, "sharded_values")
 
 
 def build_critic(
@@ -108,12 +130,12 @@ def build_critic(
 def _padded_global(mask: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], slice]:
     """Every rank's (B, N) rows of `mask` and of each of `tensors`, padded to the widest N and stacked (rank 0 first),
     gathered in one collective, with this rank's rows' slice: the global batch a statistic is taken over, the same in
-    one process and under data parallelism."""
+    one process and under data parallelism (ranks may hold different numbers of rows)."""
     width = int(max_over_ranks(torch.tensor(mask.size(1), device=mask.device)))
     columns = [pad_columns(t, width, 0.0) for t in (mask.to(tensors[0].dtype), *tensors)]
-    gathered = gather_rows(torch.stack(columns, 1)).unbind(1)  # (W * B, N_max) each
-    B = mask.size(0)
-    return gathered[0].bool(), list(gathered[1:]), slice(rank() * B, (rank() + 1) * B)
+    gathered, own = gather_uneven_rows(torch.stack(columns, 1))  # (W * B, 1 + len(tensors), N_max)
+    gathered = gathered.unbind(1)
+    return gathered[0].bool(), list(gathered[1:]), own
 
 
 def critic_advantages(

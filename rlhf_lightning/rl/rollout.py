@@ -14,17 +14,19 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from rlhf_lightning.distributed import gather_rows, max_over_ranks, min_over_ranks, rank, sum_over_ranks
+from rlhf_lightning.distributed import gather_rows, max_over_ranks, sum_over_ranks
 from rlhf_lightning.generation import Generation
 from rlhf_lightning.losses import compute_advantages, kl_in_reward, kl_penalty, masked_sum, rollout_is_weights
 from rlhf_lightning.option_groups import CriticConfig, KLConfig, RolloutConfig
 from rlhf_lightning.padding import pad_columns
 from rlhf_lightning.completions import complete
 from rlhf_lightning.rl.critic import completion_values, critic_advantages
+from rlhf_lightning.rl.ranks import gather_uneven_rows
 from rlhf_lightning.scoring import token_logprobs
+from rlhf_lightning.sharding import in_lockstep
 from rlhf_lightning.tokenizer import Tokenizer
 
-__all__ = ["Drawn", "Rollout", "RolloutCollector", "Samples", "global_advantages", "informative_groups", "row_slices"]
+__all__ = ["Drawn", "Rollout", "RolloutCollector", "Samples", "gather_uneven_rows", "global_advantages", "informative_groups", "row_slices"]
 
 #: (prompts, completions, EOS flags (B,), gold answers) -> rewards (B,), validated, penalties included
 ScoreFn = Callable[[list[str], list[str], torch.Tensor, list[str | None]], torch.Tensor]
@@ -117,10 +119,10 @@ def informative_groups(rewards: torch.Tensor, samples_per_prompt: int) -> torch.
 
 
 def global_advantages(rewards: torch.Tensor, estimator: str, samples_per_prompt: int) -> torch.Tensor:
-    """Advantages (B,) of this rank's rows, computed with the statistics of every rank's rewards."""
-    advantages = compute_advantages(estimator, gather_rows(rewards), samples_per_prompt)  # (W * B,)
-    B = rewards.size(0)
-    return advantages[rank() * B : (rank() + 1) * B]
+    """Advantages (B,) of this rank's rows, computed with the statistics of every rank's rewards (ranks may hold
+    different numbers of rows: dynamic sampling keeps each rank's informative groups)."""
+    every, own = gather_uneven_rows(rewards)  # (B_global,)
+    return compute_advantages(estimator, every, samples_per_prompt)[own]
 
 
 def row_slices(rows: int, size: int | None) -> list[slice]:
@@ -231,8 +233,9 @@ class RolloutCollector:
         return rollout, drawn
 
     def _informative(self, drawn: Drawn, target: int, generator: torch.Generator) -> Samples | None:
-        """Dynamic sampling: the first `target` informative groups (as many on every rank), drawing further
-        prompts while any rank is short; None when no rank kept a group."""
+        """Dynamic sampling: this rank's first `target` informative groups, drawing further prompts while any rank
+        is short; None when no rank kept a group. Ranks may keep different numbers of groups (none on some): the
+        update agrees its number of forwards (`rl.update.agreed_micro_batches`)."""
         K = self.cfg.samples_per_prompt
         device = drawn.samples[0].rewards.device
         keep = [informative_groups(drawn.samples[0].rewards, K)]
@@ -245,14 +248,15 @@ class RolloutCollector:
             keep.append(informative_groups(drawn.samples[-1].rewards, K))
             drawn.rounds += 1
         kept = Samples.cat([d.select_groups(k, K) for d, k in zip(drawn.samples, keep)], self.tokenizer.pad_id)
-        own = kept.rewards.numel() // K
-        drawn.kept_groups = min(own, target, int(min_over_ranks(torch.tensor(own, device=device))))  # equal on every rank
-        return kept.select(torch.arange(drawn.kept_groups * K, device=device)) if drawn.kept_groups else None
+        drawn.kept_groups = min(kept.rewards.numel() // K, target)  # this rank's: ranks may keep different numbers
+        if not int(max_over_ranks(torch.tensor(drawn.kept_groups, device=device))):
+            return None
+        return kept.select(torch.arange(drawn.kept_groups * K, device=device))  # no row here when another rank has some
 
     def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
         """The critic's values (B, N) of the completion tokens (`micro_batched`)."""
-        N = completion_mask.size(1)
-        return self.micro_batched(lambda ids, mask: completion_values(self.critic[0], ids, mask, N), input_ids, attention_mask, completion_mask)
+        N, critic = completion_mask.size(1), self.critic[0]
+        return self.micro_batched(lambda ids, mask: completion_values(critic, ids, mask, N), input_ids, attention_mask, completion_mask, in_lockstep(critic))
 
     def reference_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
         """The frozen reference's log-probs (B, N) of the completion tokens (`frozen_logprobs`)."""
@@ -262,13 +266,23 @@ class RolloutCollector:
         """`model`'s log-probs (B, N) of the completion tokens of prompt ++ completion rows at the rollout temperature
         (`micro_batched`)."""
         N = completion_mask.size(1)
-        return self.micro_batched(lambda ids, mask: token_logprobs(model, ids, mask, self.cfg.temperature, N), input_ids, attention_mask, completion_mask)
+        return self.micro_batched(
+            lambda ids, mask: token_logprobs(model, ids, mask, self.cfg.temperature, N), input_ids, attention_mask, completion_mask, in_lockstep(model),
+        )
 
     @torch.no_grad()
-    def micro_batched(self, forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+    def micro_batched(
+        self, forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], input_ids: torch.Tensor, attention_mask: torch.Tensor,
+        completion_mask: torch.Tensor, lockstep: bool = False,
+    ) -> torch.Tensor:
         """`forward(ids, mask) -> (b, N)` over prompt ++ completion rows without gradient, `micro_batch_size` rows a
-        call, concatenated; 0 outside `completion_mask` (B, N)."""
-        out = torch.cat([forward(input_ids[rows], attention_mask[rows]) for rows in row_slices(input_ids.size(0), self.cfg.micro_batch_size)])  # (B, N)
+        call, concatenated; 0 outside `completion_mask` (B, N). With `lockstep` (a sharded model: each forward is a
+        collective) every rank makes as many calls, a rank with fewer rows (dynamic sampling) calls it on no rows."""
+        slices = row_slices(input_ids.size(0), self.cfg.micro_batch_size) or [slice(0, 0)]  # no row: one empty call
+        if lockstep:
+            most = int(max_over_ranks(torch.tensor(len(slices), device=input_ids.device)))
+            slices += [slice(0, 0)] * (most - len(slices))
+        out = torch.cat([forward(input_ids[rows], attention_mask[rows]) for rows in slices])  # (B, N)
         return out.masked_fill(~completion_mask, 0.0)
 
 

@@ -14,14 +14,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from rlhf_lightning.distributed import sum_over_ranks, world_size
+from rlhf_lightning.distributed import max_over_ranks, sum_over_ranks, world_size
 from rlhf_lightning.losses import PPOLossOutput, drop_truncated, masked_mean, ppo_loss, value_loss
 from rlhf_lightning.option_groups import CriticConfig, KLConfig, LossConfig, RolloutConfig, UpdateConfig
 from rlhf_lightning.rl.critic import completion_values
 from rlhf_lightning.rl.rollout import Rollout, row_slices
 
 __all__ = [
-    "CriticUpdate", "PPOConfig", "clip_and_check", "critic_minibatch_loss", "loss_counts", "loss_mask", "masked_abs_max",
+    "CriticUpdate", "PPOConfig", "agreed_micro_batches", "clip_and_check", "critic_minibatch_loss", "loss_counts", "loss_mask", "masked_abs_max",
     "minibatch_loss", "ppo_update",
 ]
 
@@ -68,6 +68,34 @@ def loss_counts(mb: Rollout, cfg: LossConfig) -> torch.Tensor:
     divides by."""
     mask = loss_mask(mb, cfg)
     return sum_over_ranks(torch.stack([mask.sum(), mask.any(-1).sum()]).float()).clamp(min=1)
+
+
+def agreed_micro_batches(
+    rows: int, chunks: int, most: int, micro_batch_size: int | None, device: torch.device | None = None
+) -> list[list[slice]]:
+    """The row slices of each minibatch of an update over this rank's `rows` (`chunks` shuffled parts, at most
+    `most`), `micro_batch_size` rows a forward, padded with empty slices to what every rank runs.
+
+    Each part's `loss_counts` is a collective under any data parallelism, and each forward and backward is one under
+    FSDP2 (the blocks' all-gather and reduce-scatter), so every rank must run as many minibatches and micro-batches.
+    Ranks hold different numbers of rows when dynamic sampling keeps different numbers of groups: a rank with fewer
+    makes forwards of no rows (a zero gradient, its part of the collectives). The same slices as `row_slices` in one
+    process; one all-reduce of `most` counts otherwise.
+
+    >>> agreed_micro_batches(5, 2, 4, 2)
+    [[slice(0, 2, None), slice(2, 3, None)], [slice(0, 2, None)]]
+    """
+    sizes = [len(part) for part in torch.arange(rows).chunk(chunks)]  # the parts' sizes: `ppo_update`'s chunking
+    own = [row_slices(size, micro_batch_size) if size else [] for size in sizes]
+    if world_size() == 1:
+        return own
+    counts = torch.zeros(most, dtype=torch.long, device=device)  # on the collectives' device (nccl: the GPU)
+    counts[: len(own)] = torch.tensor([len(s) for s in own])
+    agreed = max_over_ranks(counts).tolist()  # (most,) micro-batches of each part, 0 past the last part
+    return [
+        (own[k] if k < len(own) else []) + [slice(0, 0)] * (n - (len(own[k]) if k < len(own) else 0))
+        for k, n in enumerate(agreed) if n
+    ]
 
 
 def minibatch_loss(
@@ -128,6 +156,7 @@ def ppo_update(
     `critic/vf_clipfrac`); without `update_policy` (the critic's warm-up) only the critic trains."""
     B = rollout.completion_ids.size(0)
     chunks = max(1, min(cfg.update.num_minibatches, B))
+    micro_batches = agreed_micro_batches(B, chunks, cfg.update.num_minibatches, cfg.rollout.micro_batch_size, rollout.completion_ids.device)
     sums: dict[str, torch.Tensor] = {}
     first_ratio_error = None
     gap_sum = gap_tokens = gap_max = None  # the first minibatch's |trainer - rollout| log-prob gaps, before any step
@@ -135,12 +164,13 @@ def ppo_update(
     for _ in range(cfg.update.ppo_epochs):
         perm = torch.randperm(B, generator=generator, device=rollout.completion_ids.device)
         parts = list(perm.chunk(chunks))  # at most `chunks` parts (5 rows in 4 chunks: 3 parts)
+        parts += [perm[:0]] * (len(micro_batches) - len(parts))  # in step with ranks that have more parts: empty ones
         steps += len(parts)
-        for idx in parts:
+        for idx, slices in zip(parts, micro_batches):
             mb = rollout.select(idx)
             step: dict[str, torch.Tensor] = {}
             if critic is not None:
-                step.update(_critic_step(critic, mb, backward, cfg.rollout.micro_batch_size))
+                step.update(_critic_step(critic, mb, backward, slices))
             if not update_policy:
                 for name, value in step.items():
                     sums[name] = sums.get(name, 0.0) + value
@@ -148,10 +178,10 @@ def ppo_update(
             counts = loss_counts(mb, cfg.loss)
             optimizer.zero_grad()
             ratio_error = None
-            for rows in row_slices(idx.numel(), cfg.rollout.micro_batch_size):
+            for rows in slices:
                 micro = mb.select(rows)
                 out, logprobs, entropy = minibatch_loss(policy, micro, cfg, beta, counts)
-                if first_ratio_error is None:  # before any step: must be 1 (same log-probs as generation)
+                if first_ratio_error is None and micro.completion_ids.size(0):  # before any step: must be 1 (same log-probs as generation)
                     error = masked_abs_max(torch.exp(logprobs.detach() - micro.old_logprobs) - 1, micro.completion_mask)
                     ratio_error = error if ratio_error is None else torch.maximum(ratio_error, error)
                     sampled = micro.old_logprobs if micro.rollout_logprobs is None else micro.rollout_logprobs
@@ -163,8 +193,8 @@ def ppo_update(
                 for name, value in zip(METRICS, out):
                     step[name] = step.get(name, 0.0) + value.detach()
                 step["ppo/entropy"] = step.get("ppo/entropy", 0.0) + entropy
-            if first_ratio_error is None:
-                first_ratio_error = ratio_error
+            if first_ratio_error is None:  # a rank without rows in the first minibatch measured nothing
+                first_ratio_error = ratio_error if ratio_error is not None else torch.zeros((), device=rollout.completion_ids.device)
             clip(step["ppo/loss"])
             optimizer.step()
             if scheduler is not None:  # manual optimization: the warm-up is stepped here
@@ -175,6 +205,8 @@ def ppo_update(
     if not update_policy:
         return metrics, None
     # how far the trainer's log-probs of the sampled tokens lie from the rollout's (`losses.logprob_mismatch`)
+    if gap_sum is None:  # this rank had no row in the first minibatch (dynamic sampling kept fewer groups here)
+        gap_sum = gap_tokens = gap_max = torch.zeros((), device=rollout.completion_ids.device)
     metrics["rollout/logprob_mismatch"] = gap_sum / gap_tokens.clamp(min=1)
     metrics["rollout/logprob_mismatch_max_ratio"] = torch.exp(gap_max)
     if rollout.is_affected is not None:
@@ -184,12 +216,12 @@ def ppo_update(
     return metrics, first_ratio_error
 
 
-def _critic_step(critic: CriticUpdate, mb: Rollout, backward: Callable[[torch.Tensor], None], micro_batch_size: int | None) -> dict[str, torch.Tensor]:
-    """One optimizer step of the critic on minibatch `mb`, its micro-batches' gradients summed: its metrics."""
+def _critic_step(critic: CriticUpdate, mb: Rollout, backward: Callable[[torch.Tensor], None], slices: list[slice]) -> dict[str, torch.Tensor]:
+    """One optimizer step of the critic on minibatch `mb`, its micro-batches' (`slices`) gradients summed: its metrics."""
     tokens = sum_over_ranks(mb.completion_mask.sum().float()).clamp(min=1)
     critic.optimizer.zero_grad()
     loss_sum = clipfrac_sum = None
-    for rows in row_slices(mb.completion_ids.size(0), micro_batch_size):
+    for rows in slices:
         loss, clipfrac = critic_minibatch_loss(critic.model, mb.select(rows), critic.cfg.cliprange_value, tokens)
         backward(loss)
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
@@ -209,6 +241,8 @@ def clip_and_check(params: list[torch.Tensor], loss: torch.Tensor, max_norm: flo
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     else:
         norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
+    if hasattr(norm, "full_tensor"):  # sharded (DTensor) gradients: the norm over every rank's shards
+        norm = norm.full_tensor()
     if not (torch.isfinite(loss) and torch.isfinite(norm)):
         raise FloatingPointError(
             f"PPO loss {float(loss)} / gradient norm {float(norm)} is not finite{where}: stopping before the optimizer "
