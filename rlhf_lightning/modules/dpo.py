@@ -20,6 +20,12 @@ policy samples K completions per prompt of the step's batch through the offline 
 prompt whose scores differ become a pair; the reference's sums of those pairs are computed once, and the next
 `refresh_every` steps train on all of them. The sampler is seeded by (seed, refresh, rank) and the pairs are part
 of the checkpoint, so a resumed run continues bitwise. Greedy `val` accuracy every `eval_every` steps.
+
+Sharded (`strategy.ShardedStrategy`): the policy is the trained root and the frozen reference a root of its own
+(`frozen_roots`; a reference of adapters switched off is the policy itself). Every forward of a sharded model is a
+collective, so every rank makes the same calls: the greedy evaluation decodes in lockstep (`generation.generate`),
+a held-out batch with no pair still runs its forwards, and the policy kept by `keep_best` is gathered whole on rank 0
+and put back into the shards from there (`trainable_state`, `load_trainable_state`).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from rlhf_lightning.data.preferences import JUDGES, PairDataset, check_pair_opti
 from rlhf_lightning.data.prompts import PromptDataset, PromptRecord, load_prompts, move_batch
 from rlhf_lightning.losses import REFERENCE_FREE_LOSSES, PairLogps, chosen_nll, dpo_loss, implicit_rewards, masked_sum
 from rlhf_lightning.models import enable_gradient_checkpointing
+from rlhf_lightning.lora import BaseOfAdapters
 from rlhf_lightning.modules.frozen import hide_reference, policy_reference
 from rlhf_lightning.modules.stage import StageModule
 from rlhf_lightning.option_groups import FROZEN_DTYPES, DPOEvalConfig, DPOLossConfig, OptimConfig, as_group
@@ -49,6 +56,7 @@ from rlhf_lightning.policy import base_record, build_policy, context_length, loa
 from rlhf_lightning.rewards import LearnedReward
 from rlhf_lightning.evaluation import evaluate_batches
 from rlhf_lightning.scoring import token_logprobs
+from rlhf_lightning.sharding import in_lockstep, is_sharded
 from rlhf_lightning.tokenizer import CharTokenizer
 
 __all__ = ["DPOModule", "OnlineConfig", "WithReferenceLogps", "sequence_logps"]
@@ -106,6 +114,15 @@ def sequence_logps(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.T
     logprobs = token_logprobs(model, batch["input_ids"], None)  # (R, T): [:, t] = log p(ids[t] | ids[:t])
     mask = batch["completion_mask"]  # (R, T)
     return masked_sum(logprobs, mask, dim=-1), mask.sum(-1).to(logprobs.dtype)  # (R,), (R,)
+
+
+def _rank_zero_value(value: float, device: torch.device) -> float:
+    """Rank 0's `value` on every rank (a collective; `device`: where the process group's backend communicates)."""
+    import torch.distributed as dist
+
+    t = torch.tensor(value, dtype=torch.float64, device=device)
+    dist.broadcast(t, src=0)
+    return float(t)
 
 
 class WithReferenceLogps(Dataset):
@@ -264,6 +281,13 @@ class DPOModule(StageModule):
         if task is not None:
             return task
         return "toy_chat" if isinstance(self.tokenizer, CharTokenizer) and self.tokenizer.chat else "toy"
+
+    def frozen_roots(self) -> dict[str, nn.Module]:
+        """The frozen reference, sharded as a root of its own; none when it is the policy with its adapters off
+        (sharded with the policy) or the loss needs none. An online judge's reward model stays whole."""
+        if self.reference is None or isinstance(self.reference, BaseOfAdapters):
+            return {}
+        return {"reference": self.reference}
 
     def frozen_models(self) -> list[nn.Module]:
         """The frozen reference, if any (none with adapters off: it has no weights of its own)."""
@@ -453,10 +477,13 @@ class DPOModule(StageModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Held-out pairs: each completion's implicit reward, compared within its pairs."""
         pairs = batch["pairs"]  # (M, 2) rows of (chosen, rejected)
-        if not len(pairs):
+        if not len(pairs) and not in_lockstep(self.model):
             return
+        # sharded, a batch with no pair still runs the forwards: each one is a collective the other ranks join
         sums, tokens = sequence_logps(self.model, batch)  # (N,)
         ref = sequence_logps(self.reference, batch)[0] if self.reference is not None else None
+        if not len(pairs):
+            return
         at = lambda t, k: None if t is None else t[pairs[:, k]]  # noqa: E731
         logps = PairLogps(at(sums, 0), at(sums, 1), at(tokens, 0), at(tokens, 1), at(ref, 0), at(ref, 1))
         chosen, rejected = implicit_rewards(logps, self.loss_cfg.beta, reference_free=self.reference is None)
@@ -502,7 +529,28 @@ class DPOModule(StageModule):
     def remember_if_best(self, accuracy: float) -> None:
         """Keep a CPU copy of the trained weights when `accuracy` on `val` is at least the best so far."""
         if self.eval_cfg.keep_best:
+            if in_lockstep(self.model):  # keeping gathers the shards (a collective): every rank decides as rank 0
+                accuracy = _rank_zero_value(accuracy, self.device)
             self.keep_if_best({"step": self.global_step}, accuracy)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """A CPU copy of what trains (`StageModule.trainable_state`); sharded, the whole tensors gathered on rank 0
+        (a collective; the other ranks hold an empty copy, as `load_trainable_state` reads rank 0's)."""
+        if not is_sharded(self.model):
+            return super().trainable_state()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        whole = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k: v for k, v in whole.items() if self.lora is None or "lora_" in k}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Put back a `trainable_state` copy; sharded, rank 0's copy is broadcast and each rank keeps its shards."""
+        if not is_sharded(self.model):
+            return super().load_trainable_state(state)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=self.lora is None)
+        set_model_state_dict(self.model, state, options=options)
 
     def finalize_policy(self) -> None:
         """With `keep_best` (or online): evaluate the last policy if it has not been; with `keep_best`, keep the best

@@ -1,4 +1,10 @@
-"""Reward modelling: a Bradley-Terry loss on preference pairs, `-log sigmoid(r_chosen - r_rejected)`."""
+"""Reward modelling: a Bradley-Terry loss on preference pairs, `-log sigmoid(r_chosen - r_rejected)`.
+
+Sharded (`strategy.ShardedStrategy`): the reward model (its backbone's blocks, then the whole model with the score
+head, the LM head and the likelihood feature's scale) is one trained root (`StageModule.configure_model`). FSDP2
+shards dim 0 and refuses a scalar parameter, so the feature's scale `lm_scale` is a (1,) parameter while sharded
+(it broadcasts the same); a whole checkpoint stores it, and its optimizer state, as the usual scalar.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +14,13 @@ from typing import Any
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import CatMetric, MeanMetric
 
 from rlhf_lightning.callbacks import log_step_metrics
+from rlhf_lightning.distributed import sum_over_ranks, world_size
 from rlhf_lightning.checkpoints import read_checkpoint, sha256_file, submodule_state
 from rlhf_lightning.lora import add_reward_adapters, lora_settings, require_peft
 from rlhf_lightning.modules.stage import StageModule
@@ -184,8 +192,13 @@ class RewardModule(StageModule):
             "rm/margin": (r_chosen - r_rejected).mean().detach(),
         }
         if self.hparams.chosen_nll:
-            nll = -masked_mean(logp[:n], completion[:n, 1:])  # the chosen rows' completion tokens
+            tokens = completion[:n, 1:]  # the chosen rows' completion tokens
+            nll = -masked_mean(logp[:n], tokens)
             metrics["rm/chosen_nll"] = nll.detach()
+            if world_size() > 1:
+                # the rank's token sum over a rank's mean token count: the ranks' mean gradient (DDP's, FSDP2's) is
+                # then one process's on the global batch, however the chosen tokens fall across the ranks (as SFT)
+                nll = -masked_mean(logp[:n], tokens, total=sum_over_ranks(tokens.sum()) / world_size())
             loss = loss + self.hparams.chosen_nll * nll
         # rank 0's values, as self.log without sync_dist; the bar shows the loss and the accuracy
         log_step_metrics(self, metrics, prog_bar={"rm/loss": "rm/loss", "rm/accuracy": "rm/accuracy"})
@@ -217,6 +230,21 @@ class RewardModule(StageModule):
         for metric in (self.val_accuracy, self.val_loss, self.val_scores, self.val_labels):
             metric.reset()
 
+    def configure_model(self) -> None:
+        """Sharded: the likelihood feature's scalar scale becomes a (1,) parameter (FSDP2 refuses scalars), then the
+        reward model is sharded (`StageModule.configure_model`); a model with no block (mean_embedding) is refused.
+        The training step calls `score_and_logprobs`, not `forward`: it is registered as a forward of the sharded
+        root, so the root's weights (embeddings, heads) are gathered before it and freed after."""
+        model = self.model
+        if self.device_mesh is None:
+            return
+        if model.lm_feature and model.lm_scale.dim() == 0:
+            model.lm_scale = nn.Parameter(model.lm_scale.detach().reshape(1), requires_grad=model.lm_scale.requires_grad)
+        super().configure_model()
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        register_fsdp_forward_method(model, "score_and_logprobs")
+
     def configure_optimizers(self):
         return adamw_warmup_cosine(self.optim_cfg, self.model, self.trainer.estimated_stepping_batches)
 
@@ -231,12 +259,30 @@ class RewardModule(StageModule):
         }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._scalar_scale(checkpoint)
         super().on_save_checkpoint(checkpoint)  # `rlhf` metadata; the adapters alone under LoRA
         if self.lora is not None:
             return
         # Self-describing: `load_from_checkpoint` rebuilds from the resolved model and tokenizer above and
         # never needs the SFT file again (its weights are in the state dict).
         checkpoint["hyper_parameters"] = {**checkpoint.get("hyper_parameters", {}), "sft_ckpt": None, "init_from_sft": False}
+
+    def _scalar_scale(self, checkpoint: dict[str, Any]) -> None:
+        """A whole checkpoint of a sharded run (gathered on rank 0) holds `lm_scale` and its AdamW moments as (1,)
+        tensors (see `configure_model`): store them as the scalars a reward checkpoint always holds. A folder of
+        shards keeps them as they are (a sharded run of the same shape resumes it)."""
+        key = "model.lm_scale"
+        value = checkpoint.get("state_dict", {}).get(key)
+        if value is None or type(value) is not torch.Tensor or value.shape != (1,):  # DTensor shards, or already ()
+            return
+        checkpoint["state_dict"][key] = value.reshape(())
+        # a gathered optimizer state is keyed by the parameter's position in the module (Lightning re-keys it so)
+        index = [name for name, _ in self.named_parameters()].index(key)
+        for optimizer in checkpoint.get("optimizer_states", []):
+            moments = optimizer.get("state", {}).get(index, {})
+            for name, tensor in moments.items():
+                if isinstance(tensor, torch.Tensor) and tensor.shape == (1,):
+                    moments[name] = tensor.reshape(())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get("rlhf", {})
