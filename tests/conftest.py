@@ -95,14 +95,16 @@ def reward_ckpt(sft_run) -> Path:
     return cwd / "checkpoints" / "toy" / "reward.ckpt"
 
 
-# The whole pipeline, each stage cut short: about 100 SFT steps, 3 reward steps, 3 PPO rollouts.
+# The default pipeline (configs/toy/pipeline.yaml), each stage cut short: one SFT epoch on 10% of the demonstrations,
+# 3 reward steps, 3 PPO rollouts.
 QUIET_STAGES = [f"--{s}.{q[2:]}" for s in ("sft", "reward", "ppo") for q in QUIET]
 PIPELINE_QUICK = [
     *QUIET_STAGES,
     "--sft.trainer.max_epochs=1", "--sft.data.init_args.demo_fraction=0.1", "--sft.data.init_args.max_val_prompts=64",
     "--reward.trainer.max_epochs=1", "--reward.trainer.limit_train_batches=3",
     "--reward.data.init_args.pairs.max_train_prompts=200", "--reward.data.init_args.pairs.max_val_prompts=50",
-    "--ppo.trainer.limit_train_batches=3", "--ppo.data.init_args.batch_size=16", "--ppo.data.init_args.max_val_prompts=64",
+    "--ppo.trainer.max_epochs=1", "--ppo.trainer.limit_train_batches=3", "--ppo.data.init_args.batch_size=16",
+    "--ppo.data.init_args.max_val_prompts=64",
 ]
 
 

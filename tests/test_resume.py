@@ -342,7 +342,7 @@ def pipeline_args(tmp_path: Path) -> list[str]:
     """A tiny pipeline whose PPO stage writes last.ckpt after every rollout."""
     ppo = tiny_config(tmp_path, "ppo", {"limit_train_batches": 8}, {"eval": {"every": 0}}, {"batch_size": 16, "max_val_prompts": 32}, every=4)
     return [
-        f"--ppo_config={ppo}", "--sft.trainer.enable_progress_bar=false", "--reward.trainer.enable_progress_bar=false",
+        f"--ppo_config={ppo}", "--ppo_args=[]", "--sft.trainer.enable_progress_bar=false", "--reward.trainer.enable_progress_bar=false",
         "--sft.trainer.max_epochs=1", "--sft.data.init_args.demo_fraction=0.1", "--sft.data.init_args.max_val_prompts=64",
         "--reward.trainer.limit_train_batches=3", "--reward.data.init_args.pairs.max_train_prompts=200", "--reward.data.init_args.pairs.max_val_prompts=50",
     ]
