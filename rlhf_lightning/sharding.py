@@ -21,6 +21,7 @@ Sharded checkpoints (DCP folders) are read safely and consolidated in `checkpoin
 from __future__ import annotations
 
 import contextlib
+import functools
 import weakref
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -121,7 +122,8 @@ def shard_model(root: nn.Module, mesh, policy: ShardingPolicy | None = None, *, 
 
     A frozen root smaller than `policy.replicate_frozen_below` parameters is left whole (replicated). Sharding is
     applied once (a second call does nothing: Lightning calls `configure_model` again for a later `validate`).
-    Refuses, naming `role`, a model with no block to shard. Returns whether `root` is sharded.
+    Refuses, naming `role`, a model with no block to shard. A 0-dim parameter (FSDP2 shards along dim 0) stays
+    whole on every rank; in a trained root its gradient is averaged over the ranks. Returns whether `root` is sharded.
     """
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
@@ -136,16 +138,31 @@ def shard_model(root: nn.Module, mesh, policy: ShardingPolicy | None = None, *, 
             f"trainer.strategy: {role} ({type(root).__name__}) has no transformer block to shard; "
             "sharded training needs a model with blocks (gpt or hf), or use a data-parallel strategy (ddp)"
         )
+    # FSDP2 cannot shard a 0-dim parameter (a reward model's `lm_scale`): it stays whole on every rank, its gradient
+    # averaged over the ranks as FSDP2 averages the shards' (a frozen root's needs nothing)
+    scalars = {p for p in root.parameters() if p.dim() == 0}
+    if not frozen:
+        for p in scalars:
+            if p.requires_grad:
+                p.register_hook(functools.partial(_mean_over_mesh, group=mesh.get_group()))
     options = dict(
         mesh=mesh,
         mp_policy=policy.mp_policy(),
         offload_policy=CPUOffloadPolicy() if policy.cpu_offload else OffloadPolicy(),
+        ignored_params=scalars or None,
     )
     for block in blocks:
         fully_shard(block, reshard_after_forward=policy.reshard_after_forward, **options)
     fully_shard(root, reshard_after_forward=policy.reshard_after_forward, **options)
     _POLICIES[root] = policy
     return True
+
+
+def _mean_over_mesh(grad: torch.Tensor, group) -> torch.Tensor:
+    """A replicated parameter's gradient averaged over the data-parallel ranks (one all-reduce per backward)."""
+    grad = grad.clone()
+    torch.distributed.all_reduce(grad, group=group)
+    return grad / torch.distributed.get_world_size(group)
 
 
 def _policy_of(model: nn.Module) -> ShardingPolicy | None:

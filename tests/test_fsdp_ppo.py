@@ -261,3 +261,56 @@ def test_sharded_ppo_update_with_uneven_ranks_equals_one_process(tmp_path):
         assert_close(rollout.old_logprobs[mask], logp[mask], atol=RATIO_ATOL, rtol=0)  # generation's, in lockstep
         assert_close(rollout.ref_logprobs[mask], ref[mask], atol=FORWARD_ATOL, rtol=0)
         assert s["moved"] > 0
+
+
+# ------------------------------------------------------------------ the command line
+
+TINY_SFT = [
+    "fit", "--config", "SFT", "--trainer.max_steps=2", "--trainer.max_epochs=1", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+    "--model.init_args.model.n_embd=16", "--model.init_args.model.n_head=2", "--data.init_args.max_val_prompts=8",
+    "--data.init_args.demo_fraction=0.01", "--data.init_args.stratum_weights=null",
+]
+TINY_REWARD = [
+    "fit", "--config", "REWARD", "--trainer.max_steps=1", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+    "--data.init_args.batch_size=8", "--data.init_args.pairs=JsonlPairs", "--data.init_args.pairs.train_file=prefs.jsonl",
+    "--data.init_args.pairs.val_file=prefs.jsonl",
+]
+SHORT_PPO = [
+    "--trainer.limit_train_batches=2", "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--data.init_args.batch_size=4",
+    "--data.init_args.max_val_prompts=8", "--model.init_args.rollout.samples_per_prompt=4",
+    "--model.init_args.eval.keep_best_min_gain=1.0",  # the start is kept: restored into the shards at the end
+]
+
+
+def test_sharded_ppo_from_the_cli_writes_shards_and_a_whole_final_checkpoint(tmp_path):
+    import json
+
+    from conftest import CONFIGS, run_cli
+    from test_fsdp_cli import rlhf
+
+    # a 2-step SFT policy and a 1-step reward model on 8 hand-written pairs (a policy this weak samples only ties)
+    run_cli([str(CONFIGS / "toy" / "sft.yaml") if a == "SFT" else a for a in TINY_SFT], tmp_path)
+    with open(tmp_path / "prefs.jsonl", "w") as f:
+        for a in range(8):
+            f.write(json.dumps({"prompt": f"Q: {a}+1=\nA:", "chosen": str(a + 1), "rejected": str(a + 2)}) + "\n")
+    run_cli([str(CONFIGS / "toy" / "reward.yaml") if a == "REWARD" else a for a in TINY_REWARD], tmp_path)
+
+    config = tmp_path / "ppo_fsdp.yaml"  # last.ckpt every rollout (4 optimizer steps), not every 5
+    config.write_text((CONFIGS / "toy" / "ppo_fsdp.yaml").read_text().replace("every_n_train_steps: 20 ", "every_n_train_steps: 4 "))
+    done = rlhf(["fit", "--config", str(config), *SHORT_PPO], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    last, final = tmp_path / "checkpoints/toy/ppo_fsdp/last.ckpt", tmp_path / "checkpoints/toy/ppo.ckpt"
+    assert sorted(p.name for p in last.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
+    whole = torch.load(final, weights_only=True)
+    meta = whole["rlhf"]
+    assert whole["global_step"] == 2 * 4 and meta["stage"] == "ppo" and meta["rollouts"] == 2
+    assert [h["rollout"] for h in meta["eval_history"]] == [0, 2] and meta["chosen"]["rollout"] == 0
+    sft = torch.load(tmp_path / "checkpoints/toy/sft.ckpt", weights_only=True)["state_dict"]
+    # the kept start, gathered whole during the run and loaded back into the shards, is the SFT policy exactly
+    assert whole["state_dict"].keys() == sft.keys()
+    assert all(torch.equal(whole["state_dict"][k], v) for k, v in sft.items())
+    # while the sharded last.ckpt holds the policy after its 8 steps
+    from rlhf_lightning.checkpoints import consolidate
+
+    trained = consolidate(last)["state_dict"]
+    assert any(not torch.equal(trained[k], v) for k, v in sft.items())
