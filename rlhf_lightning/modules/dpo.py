@@ -24,8 +24,8 @@ of the checkpoint, so a resumed run continues bitwise. Greedy `val` accuracy eve
 Sharded (`strategy.ShardedStrategy`): the policy is the trained root and the frozen reference a root of its own
 (`frozen_roots`; a reference of adapters switched off is the policy itself). Every forward of a sharded model is a
 collective, so every rank makes the same calls: the greedy evaluation decodes in lockstep (`generation.generate`),
-a held-out batch with no pair still runs its forwards, and the policy kept by `keep_best` is gathered whole on rank 0
-and put back into the shards from there (`trainable_state`, `load_trainable_state`).
+a held-out batch with no pair still runs its forwards, and every rank decides as rank 0 whether to keep the policy
+(`keep_best`: the copy is gathered whole, a collective, and put back into the shards by `StageModule`).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ from rlhf_lightning.policy import base_record, build_policy, context_length, loa
 from rlhf_lightning.rewards import LearnedReward
 from rlhf_lightning.evaluation import evaluate_batches
 from rlhf_lightning.scoring import token_logprobs
-from rlhf_lightning.sharding import in_lockstep, is_sharded
+from rlhf_lightning.sharding import in_lockstep
 from rlhf_lightning.tokenizer import CharTokenizer
 
 __all__ = ["DPOModule", "OnlineConfig", "WithReferenceLogps", "sequence_logps"]
@@ -532,25 +532,6 @@ class DPOModule(StageModule):
             if in_lockstep(self.model):  # keeping gathers the shards (a collective): every rank decides as rank 0
                 accuracy = _rank_zero_value(accuracy, self.device)
             self.keep_if_best({"step": self.global_step}, accuracy)
-
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        """A CPU copy of what trains (`StageModule.trainable_state`); sharded, the whole tensors gathered on rank 0
-        (a collective; the other ranks hold an empty copy, as `load_trainable_state` reads rank 0's)."""
-        if not is_sharded(self.model):
-            return super().trainable_state()
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        whole = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return {k: v for k, v in whole.items() if self.lora is None or "lora_" in k}
-
-    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Put back a `trainable_state` copy; sharded, rank 0's copy is broadcast and each rank keeps its shards."""
-        if not is_sharded(self.model):
-            return super().load_trainable_state(state)
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=self.lora is None)
-        set_model_state_dict(self.model, state, options=options)
 
     def finalize_policy(self) -> None:
         """With `keep_best` (or online): evaluate the last policy if it has not been; with `keep_best`, keep the best
