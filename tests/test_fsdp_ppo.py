@@ -25,7 +25,8 @@ from rlhf_lightning.data.prompts import PromptDataset, load_prompts
 from rlhf_lightning.losses import group_mean
 from rlhf_lightning.option_groups import CriticConfig, KLConfig, LossConfig, RolloutConfig, UpdateConfig
 from rlhf_lightning.policy import build_policy
-from rlhf_lightning.rl.critic import build_critic, completion_values, critic_advantages
+from rlhf_lightning.models.reward import RewardModel
+from rlhf_lightning.rl.critic import completion_values, critic_advantages
 from rlhf_lightning.rl.rollout import Rollout, RolloutCollector
 from rlhf_lightning.rl.update import CriticUpdate, PPOConfig, clip_and_check, critic_minibatch_loss, minibatch_loss, ppo_update
 from rlhf_lightning.scoring import token_logprobs
@@ -61,10 +62,16 @@ class RecordingSGD(torch.optim.SGD):
 
 
 def models(dtype: torch.dtype = torch.float64):
-    """(policy, reference, critic, tokenizer), the same in every process (seeded); the critic from the policy."""
+    """(policy, reference, critic, tokenizer), the same in every process (seeded). The critic is the policy's
+    transformer under a head, with a reward model's likelihood feature: a frozen LM head inside the trained root, and
+    the 0-dim `lm_scale`, which FSDP2 leaves whole (its gradient averaged over the ranks)."""
     torch.manual_seed(0)
     policy, tokenizer, meta = build_policy(MODEL, None)
-    critic, _ = build_critic(CriticConfig(init="policy"), None, policy, {"model": meta}, tokenizer, MODEL["block_size"])
+    critic = RewardModel({**meta, "lm_feature": True})
+    critic.load_backbone({k: v.detach() for k, v in policy.state_dict().items()})
+    with torch.no_grad():
+        critic.lm_scale.fill_(0.3)
+    critic.lm_head.requires_grad_(False)  # the policy's LM head, as `build_critic` keeps it
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     return policy.to(dtype), reference.to(dtype), critic.to(dtype), tokenizer
 
@@ -98,7 +105,7 @@ def one_process_update(policy, critic, rollout: Rollout, rows: tuple[int, ...], 
     """The update one process runs on the whole rollout with the ranks' global minibatches: in each epoch each rank
     shuffles its own rows (its generator: seed 5 + rank) into `num_minibatches` parts; minibatch k is every rank's part k."""
     policy_opt = RecordingSGD(policy.parameters(), LR)
-    critic_opt = RecordingSGD(critic.parameters(), LR) if critic is not None else None
+    critic_opt = RecordingSGD([p for p in critic.parameters() if p.requires_grad], LR) if critic is not None else None
     generators = [torch.Generator().manual_seed(5 + r) for r in range(WORLD)]
     starts = [sum(rows[:r]) for r in range(WORLD)]
     norms = []
@@ -149,8 +156,8 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             policy_opt = RecordingSGD(policy.parameters(), LR)
             update = None
             if critic is not None:
-                critic_opt = RecordingSGD(critic.parameters(), LR)
-                update = CriticUpdate(critic, critic_opt, CriticConfig(), lambda loss: clip_and_check(list(critic.parameters()), loss, CriticConfig().max_grad_norm))
+                critic_opt = RecordingSGD([p for p in critic.parameters() if p.requires_grad], LR)
+                update = CriticUpdate(critic, critic_opt, CriticConfig(), lambda loss: clip_and_check([p for p in critic.parameters() if p.grad is not None], loss, CriticConfig().max_grad_norm))
             ppo_update(policy, policy_opt, mine, cfg, cfg.kl.beta, torch.Generator().manual_seed(5 + rank), backward=torch.Tensor.backward,
                        clip=lambda loss: clip_and_check([p for p in policy.parameters() if p.grad is not None], loss, MAX_NORM), critic=update)
             got.update(grads=policy_opt.grads, weights=policy_opt.weights)
