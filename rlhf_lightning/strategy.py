@@ -34,7 +34,7 @@ from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from rlhf_lightning.callbacks.lightning_internals import set_data_parallel_size
-from rlhf_lightning.checkpoints import LIGHTNING_META, CheckpointError, dcp_load, is_distributed_checkpoint, read_distributed_meta
+from rlhf_lightning.checkpoints import LIGHTNING_META, CheckpointError, dcp_load, is_distributed_checkpoint, read_dcp_metadata, read_distributed_meta
 from rlhf_lightning.options import ConfigError
 from rlhf_lightning.sharding import STRATEGY, ShardingPolicy
 
@@ -162,7 +162,11 @@ class ShardedStrategy(ModelParallelStrategy):
                 f"resume it with {saved} processes, or start from its weights (rlhf export consolidates them)"
             )
         module = self.model
-        state = {"state_dict": get_model_state_dict(module)}
+        wanted = get_model_state_dict(module)
+        if not self.lightning_module.strict_loading:  # a checkpoint of what trains (LoRA adapters): read what it holds
+            saved = read_dcp_metadata(path, "ckpt_path").state_dict_metadata
+            wanted = {k: v for k, v in wanted.items() if f"state_dict.{k}" in saved}
+        state = {"state_dict": wanted}
         dcp_load(state, path, no_dist=False)
         module.load_state_dict(state["state_dict"], strict=self.lightning_module.strict_loading)
         for i, optimizer in enumerate(self.optimizers):

@@ -22,6 +22,7 @@ import torch.multiprocessing as mp
 from torch.testing import assert_close
 
 from rlhf_lightning.data.prompts import PromptDataset, load_prompts
+from rlhf_lightning.lora import BaseOfAdapters, add_adapters, lora_settings
 from rlhf_lightning.losses import group_mean
 from rlhf_lightning.option_groups import CriticConfig, KLConfig, LossConfig, RolloutConfig, UpdateConfig
 from rlhf_lightning.policy import build_policy
@@ -37,8 +38,9 @@ MODEL = {"type": "gpt", "n_layer": 2, "n_head": 2, "n_embd": 16, "block_size": 2
 K = 2  # samples per prompt: a group is 2 consecutive rows
 LR = 0.5
 MAX_NORM = 0.02  # below every step's gradient norm (asserted): the clip over the ranks' DTensor gradients is active
-# rows each rank holds after dynamic sampling (whole groups), and whether a critic (GAE) trains beside the policy
-CASES = {"uneven": ((6, 2), False), "one_rank_empty": ((8, 0), False), "critic": ((4, 4), True)}
+# rows each rank holds after dynamic sampling (whole groups), whether a critic (GAE) trains beside the policy, and
+# whether LoRA adapters train (the reference: the sharded policy with its adapters off)
+CASES = {"uneven": ((6, 2), False, False), "one_rank_empty": ((8, 0), False, False), "critic": ((4, 4), True, False), "lora": ((6, 2), False, True)}
 
 
 def config(critic: bool) -> PPOConfig:
@@ -61,10 +63,11 @@ class RecordingSGD(torch.optim.SGD):
         self.weights.append(flat([p.detach() for p in params]))
 
 
-def models(dtype: torch.dtype = torch.float64):
+def models(dtype: torch.dtype = torch.float64, lora: bool = False):
     """(policy, reference, critic, tokenizer), the same in every process (seeded). The critic is the policy's
     transformer under a head, with a reward model's likelihood feature: a frozen LM head inside the trained root, and
-    the 0-dim `lm_scale`, which FSDP2 leaves whole (its gradient averaged over the ranks)."""
+    the 0-dim `lm_scale`, which FSDP2 leaves whole (its gradient averaged over the ranks). With `lora`, adapters on
+    the policy (B not zero: the policy is not its base) and the reference is the policy with them off."""
     torch.manual_seed(0)
     policy, tokenizer, meta = build_policy(MODEL, None)
     critic = RewardModel({**meta, "lm_feature": True})
@@ -72,6 +75,13 @@ def models(dtype: torch.dtype = torch.float64):
     with torch.no_grad():
         critic.lm_scale.fill_(0.3)
     critic.lm_head.requires_grad_(False)  # the policy's LM head, as `build_critic` keeps it
+    if lora:
+        add_adapters(policy, lora_settings({"r": 4}))
+        with torch.no_grad():
+            for name, p in policy.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.1)
+        return policy.to(dtype), BaseOfAdapters(policy), critic.to(dtype), tokenizer
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     return policy.to(dtype), reference.to(dtype), critic.to(dtype), tokenizer
 
@@ -104,7 +114,7 @@ def fixed_rollout(policy, reference, critic, vocab: int, cfg: PPOConfig) -> Roll
 def one_process_update(policy, critic, rollout: Rollout, rows: tuple[int, ...], cfg: PPOConfig):
     """The update one process runs on the whole rollout with the ranks' global minibatches: in each epoch each rank
     shuffles its own rows (its generator: seed 5 + rank) into `num_minibatches` parts; minibatch k is every rank's part k."""
-    policy_opt = RecordingSGD(policy.parameters(), LR)
+    policy_opt = RecordingSGD([p for p in policy.parameters() if p.requires_grad], LR)
     critic_opt = RecordingSGD([p for p in critic.parameters() if p.requires_grad], LR) if critic is not None else None
     generators = [torch.Generator().manual_seed(5 + r) for r in range(WORLD)]
     starts = [sum(rows[:r]) for r in range(WORLD)]
@@ -138,11 +148,12 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
     out = {}
     try:
         fixed = torch.load(os.path.join(out_dir, "fixed.pt"), weights_only=False)
-        for case, (rows, with_critic) in CASES.items():
+        for case, (rows, with_critic, lora) in CASES.items():
             cfg = config(with_critic)
-            policy, reference, critic, tokenizer = models()
+            policy, reference, critic, tokenizer = models(lora=lora)
             critic = critic if with_critic else None
-            for root, frozen in ((policy, False), (reference, True), *(((critic, False),) if critic is not None else ())):
+            frozen_roots = () if lora else ((reference, True),)  # LoRA's reference has no weights of its own
+            for root, frozen in ((policy, False), *frozen_roots, *(((critic, False),) if critic is not None else ())):
                 assert shard_model(root, mesh, ShardingPolicy(), frozen=frozen)
             if critic is not None:
                 read_values_as_forward(critic)
@@ -152,8 +163,9 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             got = {"ref": collector.reference_logprobs(mine.input_ids, mine.attention_mask, mine.completion_mask)}
             if critic is not None:
                 got["values"] = collector.values(mine.input_ids, mine.attention_mask, mine.completion_mask)
-            kept = StageModule.trainable_state(SimpleNamespace(model=policy, lora=None))  # keep-best's copy: whole tensors
-            policy_opt = RecordingSGD(policy.parameters(), LR)
+            stage = SimpleNamespace(model=policy, lora={"lora": {"r": 4}} if lora else None)
+            kept = StageModule.trainable_state(stage)  # keep-best's copy: whole tensors (the adapters only with LoRA)
+            policy_opt = RecordingSGD([p for p in policy.parameters() if p.requires_grad], LR)
             update = None
             if critic is not None:
                 critic_opt = RecordingSGD([p for p in critic.parameters() if p.requires_grad], LR)
@@ -163,7 +175,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             got.update(grads=policy_opt.grads, weights=policy_opt.weights)
             if critic is not None:
                 got.update(critic_grads=critic_opt.grads, critic_weights=critic_opt.weights)
-            StageModule.load_trainable_state(SimpleNamespace(model=policy, lora=None), kept)  # back into the shards
+            StageModule.load_trainable_state(stage, kept)  # back into the shards
             got["kept"] = {k: (v.shape, type(v).__name__) for k, v in kept.items()}  # the copy itself stays whole
             got["restored"] = flat([p.detach() for p in policy.parameters()])
             got["sharded"] = type(policy.wte.weight).__name__
@@ -216,21 +228,26 @@ def dynamic_sampling(rank: int, mesh) -> dict:
 
 def test_sharded_ppo_update_with_uneven_ranks_equals_one_process(tmp_path):
     fixed, want = {}, {}
-    for case, (rows, with_critic) in CASES.items():
+    for case, (rows, with_critic, lora) in CASES.items():
         cfg = config(with_critic)
-        policy, reference, critic, tokenizer = models()
+        policy, reference, critic, tokenizer = models(lora=lora)
         critic = critic if with_critic else None
         fixed[case] = fixed_rollout(policy, reference, critic, tokenizer.vocab_size, cfg)
-        start = {k: p.detach().clone() for k, p in policy.named_parameters()}
-        want[case] = (*one_process_update(policy, critic, fixed[case], rows, cfg), flat(start.values()))
+        if lora:  # the adapters change the policy: a reference read with them on would not pass below
+            with torch.no_grad():
+                on = fixed[case].logprobs(policy, cfg.rollout.temperature)
+            assert (on - fixed[case].ref_logprobs)[fixed[case].completion_mask].abs().max() > 1e-2
+        start = flat([p.detach().clone() for p in policy.parameters()])
+        trained = flat([p.detach().clone() for p in policy.parameters() if p.requires_grad])
+        want[case] = (*one_process_update(policy, critic, fixed[case], rows, cfg), start, trained)
         assert min(want[case][2]) > MAX_NORM  # every step's norm is clipped
     torch.save(fixed, tmp_path / "fixed.pt")
     mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
 
     for rank in range(WORLD):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
-        for case, (rows, with_critic) in CASES.items():
-            policy_opt, critic_opt, _, start = want[case]
+        for case, (rows, with_critic, lora) in CASES.items():
+            policy_opt, critic_opt, _, start, trained = want[case]
             mine = fixed[case].select(slice(sum(rows[:rank]), sum(rows[: rank + 1])))
             r = got[case]
             assert r["sharded"] == "DTensor"
@@ -248,9 +265,10 @@ def test_sharded_ppo_update_with_uneven_ranks_equals_one_process(tmp_path):
                     tol = grad_atol(g1, terms=8 * WORLD)
                     assert_close(g, g1, atol=tol, rtol=0, msg=lambda m: f"{case} {grads} step {step}: {m}")
                     assert_close(w, w1, atol=LR * tol * (step + 1) + EPS32 * float(w1.abs().max()), rtol=0, msg=lambda m: f"{case} {weights} step {step}: {m}")
-            assert (r["weights"][-1] - start).abs().max() > 1e-3  # the update moved the policy
+            assert (r["weights"][-1] - trained).abs().max() > 1e-3  # the update moved the policy (its adapters with LoRA)
             # keep-best under sharding: whole tensors kept, loaded back into the shards exactly
-            assert all(kind == "Tensor" for _, kind in r["kept"].values()) and r["kept"]["wte.weight"][0] == torch.Size([tokenizer.vocab_size, 16])
+            assert all(kind == "Tensor" for _, kind in r["kept"].values())
+            assert all("lora_" in k for k in r["kept"]) if lora else r["kept"]["wte.weight"][0] == torch.Size([tokenizer.vocab_size, 16])
             assert torch.equal(r["restored"], start)
 
     # dynamic sampling: ranks keep different numbers of groups, each rank's rows read by the unsharded models agree

@@ -266,8 +266,9 @@ class RolloutCollector:
         """`model`'s log-probs (B, N) of the completion tokens of prompt ++ completion rows at the rollout temperature
         (`micro_batched`)."""
         N = completion_mask.size(1)
+        lockstep = in_lockstep(model) or in_lockstep(self.policy)  # a LoRA reference is the sharded policy, adapters off
         return self.micro_batched(
-            lambda ids, mask: token_logprobs(model, ids, mask, self.cfg.temperature, N), input_ids, attention_mask, completion_mask, in_lockstep(model),
+            lambda ids, mask: token_logprobs(model, ids, mask, self.cfg.temperature, N), input_ids, attention_mask, completion_mask, lockstep,
         )
 
     @torch.no_grad()
