@@ -103,19 +103,30 @@ def single_process_step(module) -> tuple[torch.Tensor, torch.Tensor]:
     return grad, flat([p.detach() for p in params])
 
 
-def sharded_fit(module, rank: int) -> None:
-    """One step of `module` on this rank's 4 pairs under the sharded strategy (the process group is Lightning's)."""
+def sharded_fit(module, rank: int, max_steps: int = 1, ckpt_path: str | None = None, **strategy) -> None:
+    """Steps of `module` on this rank's 4 pairs (one batch an epoch) under the sharded strategy (the process group is
+    Lightning's), to `max_steps`; resumed from `ckpt_path` if given."""
     import lightning as L
 
     from rlhf_lightning.strategy import ShardedStrategy
 
     trainer = L.Trainer(
-        accelerator="cpu", devices=WORLD, strategy=ShardedStrategy(timeout=timedelta(seconds=120)), max_steps=1,
+        accelerator="cpu", devices=WORLD, strategy=ShardedStrategy(timeout=timedelta(seconds=120), **strategy), max_steps=max_steps,
         gradient_clip_val=CLIP, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, limit_val_batches=0, use_distributed_sampler=False,
     )
     batches = [pair_batch(module, slice(4 * rank, 4 * rank + 4))]
-    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None), ckpt_path=ckpt_path)
+
+
+class ScaleOnResume(RewardModule):
+    """The reward stage with its own AdamW, recording `lm_scale` and its moments once a checkpoint is restored."""
+
+    def on_train_start(self) -> None:
+        scale = self.model.lm_scale
+        moments = self.trainer.optimizers[0].state[scale]
+        self.restored = {"lm_scale": scale.full_tensor(), "exp_avg": moments["exp_avg"].full_tensor(),
+                         "shapes": {k: tuple(v.shape) for k, v in moments.items()}}
 
 
 def shard_rows(weight) -> tuple[int, int] | None:
@@ -131,6 +142,19 @@ def _worker(rank: int, port: int, sft_ckpt: str, out_dir: str) -> None:
     sharded_fit(reward, rank)
     out["reward"] = {"grad": reward.seen_grad, "weights": reward.seen_weights, "embedding": shard_rows(reward.model.backbone.wte.weight),
                      "lm_scale": tuple(reward.model.lm_scale.shape)}
+    out["reward_whole"] = os.path.join(out_dir, "reward_whole.ckpt")
+
+    # a sharded run resumed from one file (`save_distributed_checkpoint: false`): `lm_scale` and its AdamW moments,
+    # written whole as scalars, go back into the (1,) shards, and the next AdamW step runs on them
+    whole = os.path.join(out_dir, "reward_whole.ckpt")
+    torch.manual_seed(0)
+    first = RewardModule(model={**GPT, "lm_feature": True}, chosen_nll=1.0)
+    sharded_fit(first, rank, save_distributed_checkpoint=False)
+    first.trainer.save_checkpoint(whole)
+    torch.manual_seed(1)  # other weights: all of them must come from the file
+    resumed = ScaleOnResume(model={**GPT, "lm_feature": True}, chosen_nll=1.0)
+    sharded_fit(resumed, rank, max_steps=2, ckpt_path=whole, save_distributed_checkpoint=False)
+    out["reward_resumed"] = {**resumed.restored, "steps": resumed.trainer.global_step}
 
     dpo = make_dpo(sft_ckpt)
     sharded_fit(dpo, rank)  # evaluates 4 `val` prompts greedily before the step: a lockstep decode
@@ -186,6 +210,21 @@ def test_two_process_sharded_reward_step_equals_one_process_step(single_and_rank
         assert local <= -(-full // WORLD) < full, rank  # a shard of the backbone's (vocab, C) embedding
         assert got["reward"]["lm_scale"] == (1,)  # the likelihood feature's scale, sharded as a (1,) parameter
         assert_same_step(got["reward"], single["reward"], "reward")
+
+
+def test_a_sharded_reward_run_resumes_from_one_file_with_the_scalar_scale_back_in_its_shards(single_and_ranks):
+    _, ranks, _ = single_and_ranks
+    whole = torch.load(ranks[0]["reward_whole"], weights_only=True)  # written by rank 0, read with no process group
+    state = whole["state_dict"]
+    index = list(state).index("model.lm_scale")  # a gathered optimizer state is keyed by module position
+    saved = whole["optimizer_states"][0]["state"][index]
+    assert state["model.lm_scale"].shape == () and saved["exp_avg"].shape == ()  # the usual scalars in the file
+    for got in ranks:
+        resumed = got["reward_resumed"]
+        assert resumed["shapes"] == {"exp_avg": (1,), "exp_avg_sq": (1,), "step": ()} and resumed["steps"] == 2
+        # the file's values, broadcast and split: exact
+        assert torch.equal(resumed["lm_scale"], state["model.lm_scale"].reshape(1))
+        assert torch.equal(resumed["exp_avg"], saved["exp_avg"].reshape(1))
 
 
 def test_two_process_sharded_dpo_step_equals_one_process_step_and_the_reference_is_its_own_root(single_and_ranks):

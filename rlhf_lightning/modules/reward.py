@@ -30,6 +30,7 @@ from rlhf_lightning.option_groups import OptimConfig, as_group
 from rlhf_lightning.optim import adamw_warmup_cosine
 from rlhf_lightning.options import ConfigError, check_lora, check_number
 from rlhf_lightning.policy import POLICY_STAGES, base_record, load_plain_policy
+from rlhf_lightning.sharding import is_sharded
 from rlhf_lightning.tasks.arithmetic import ALPHABET
 from rlhf_lightning.tokenizer import CharTokenizer, Tokenizer, load_tokenizer
 
@@ -54,6 +55,18 @@ def binary_auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     ranks = block_rank[inverse]  # (N,)
     u = float(ranks[positive].sum()) - n_pos * (n_pos + 1) / 2
     return u / (n_pos * n_neg)
+
+
+def _scale_into_shards(model: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Load a whole checkpoint's scalar `lm_scale` into the (1,) sharded parameter (`RewardModule.configure_model`):
+    a sharded run resumed from one file (`save_distributed_checkpoint: false`) receives the full value on every rank."""
+    key = prefix + "lm_scale"
+    value, param = state_dict.get(key), model.lm_scale
+    if type(value) is torch.Tensor and value.dim() == 0 and hasattr(param, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        # every rank holds the whole value: each takes its shard of it, no communication
+        state_dict[key] = distribute_tensor(value.reshape(1).to(param.device), param.device_mesh, param.placements, src_data_rank=None)
 
 
 class RewardModule(StageModule):
@@ -240,13 +253,29 @@ class RewardModule(StageModule):
             return
         if model.lm_feature and model.lm_scale.dim() == 0:
             model.lm_scale = nn.Parameter(model.lm_scale.detach().reshape(1), requires_grad=model.lm_scale.requires_grad)
+            model.register_load_state_dict_pre_hook(_scale_into_shards)  # a whole checkpoint's scalar, resumed sharded
         super().configure_model()
         from torch.distributed.fsdp import register_fsdp_forward_method
 
         register_fsdp_forward_method(model, "score_and_logprobs")
 
     def configure_optimizers(self):
-        return adamw_warmup_cosine(self.optim_cfg, self.model, self.trainer.estimated_stepping_batches)
+        config = adamw_warmup_cosine(self.optim_cfg, self.model, self.trainer.estimated_stepping_batches)
+        if is_sharded(self.model) and self.model.lm_feature:
+            config["optimizer"].register_load_state_dict_post_hook(self._moments_into_shards)
+        return config
+
+    def _moments_into_shards(self, optimizer: torch.optim.Optimizer) -> None:
+        """After a whole checkpoint's optimizer state is loaded into a sharded run: `lm_scale`'s AdamW moments, stored
+        as scalars (`_scalar_scale`), become shards of the (1,) parameter (each rank holds the whole value)."""
+        from torch.distributed.tensor import distribute_tensor
+
+        param = self.model.lm_scale
+        moments = optimizer.state.get(param, {})
+        for name, value in moments.items():
+            if name != "step" and isinstance(value, torch.Tensor) and value.dim() == 0:
+                whole = value.full_tensor() if hasattr(value, "full_tensor") else value  # replicated: no communication
+                moments[name] = distribute_tensor(whole.reshape(1).to(param.device), param.device_mesh, param.placements, src_data_rank=None)
 
     def checkpoint_meta(self) -> dict[str, Any]:
         return {
