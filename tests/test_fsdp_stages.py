@@ -119,14 +119,18 @@ def sharded_fit(module, rank: int, max_steps: int = 1, ckpt_path: str | None = N
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None), ckpt_path=ckpt_path)
 
 
-class ScaleOnResume(RewardModule):
-    """The reward stage with its own AdamW, recording `lm_scale` and its moments once a checkpoint is restored."""
+class RestoredOnResume(RewardModule):
+    """The reward stage with its own AdamW, recording its weights, `lm_scale` and their moments once a checkpoint is
+    restored."""
 
     def on_train_start(self) -> None:
+        state = self.trainer.optimizers[0].state
         scale = self.model.lm_scale
-        moments = self.trainer.optimizers[0].state[scale]
-        self.restored = {"lm_scale": scale.full_tensor(), "exp_avg": moments["exp_avg"].full_tensor(),
-                         "shapes": {k: tuple(v.shape) for k, v in moments.items()}}
+        self.restored = {
+            "weights": flat([p.detach() for p in self.model.parameters()]),
+            "exp_avg": flat([state[p]["exp_avg"] for p in self.model.parameters()]),
+            "scale_type": type(scale).__name__, "scale_moments": {k: tuple(v.shape) for k, v in state[scale].items()},
+        }
 
 
 def shard_rows(weight) -> tuple[int, int] | None:
@@ -141,18 +145,18 @@ def _worker(rank: int, port: int, sft_ckpt: str, out_dir: str) -> None:
     reward = make_reward()
     sharded_fit(reward, rank)
     out["reward"] = {"grad": reward.seen_grad, "weights": reward.seen_weights, "embedding": shard_rows(reward.model.backbone.wte.weight),
-                     "lm_scale": tuple(reward.model.lm_scale.shape)}
+                     "lm_scale": (type(reward.model.lm_scale).__name__, tuple(reward.model.lm_scale.shape))}
     out["reward_whole"] = os.path.join(out_dir, "reward_whole.ckpt")
 
-    # a sharded run resumed from one file (`save_distributed_checkpoint: false`): `lm_scale` and its AdamW moments,
-    # written whole as scalars, go back into the (1,) shards, and the next AdamW step runs on them
+    # a sharded run resumed from one file (`save_distributed_checkpoint: false`): the weights and AdamW moments go
+    # back into the shards, `lm_scale` (0-dim, whole on every rank) with them, and the next AdamW step runs on them
     whole = os.path.join(out_dir, "reward_whole.ckpt")
     torch.manual_seed(0)
     first = RewardModule(model={**GPT, "lm_feature": True}, chosen_nll=1.0)
     sharded_fit(first, rank, save_distributed_checkpoint=False)
     first.trainer.save_checkpoint(whole)
     torch.manual_seed(1)  # other weights: all of them must come from the file
-    resumed = ScaleOnResume(model={**GPT, "lm_feature": True}, chosen_nll=1.0)
+    resumed = RestoredOnResume(model={**GPT, "lm_feature": True}, chosen_nll=1.0)
     sharded_fit(resumed, rank, max_steps=2, ckpt_path=whole, save_distributed_checkpoint=False)
     out["reward_resumed"] = {**resumed.restored, "steps": resumed.trainer.global_step}
 
@@ -208,23 +212,24 @@ def test_two_process_sharded_reward_step_equals_one_process_step(single_and_rank
     for rank, got in enumerate(ranks):
         local, full = got["reward"]["embedding"]
         assert local <= -(-full // WORLD) < full, rank  # a shard of the backbone's (vocab, C) embedding
-        assert got["reward"]["lm_scale"] == (1,)  # the likelihood feature's scale, sharded as a (1,) parameter
+        assert got["reward"]["lm_scale"] == ("Parameter", ())  # the likelihood feature's 0-dim scale, whole on each rank
         assert_same_step(got["reward"], single["reward"], "reward")
 
 
-def test_a_sharded_reward_run_resumes_from_one_file_with_the_scalar_scale_back_in_its_shards(single_and_ranks):
+def test_a_sharded_reward_run_resumes_from_one_file_with_its_scalar_scale(single_and_ranks):
     _, ranks, _ = single_and_ranks
-    whole = torch.load(ranks[0]["reward_whole"], weights_only=True)  # written by rank 0, read with no process group
-    state = whole["state_dict"]
-    index = list(state).index("model.lm_scale")  # a gathered optimizer state is keyed by module position
-    saved = whole["optimizer_states"][0]["state"][index]
-    assert state["model.lm_scale"].shape == () and saved["exp_avg"].shape == ()  # the usual scalars in the file
+    saved = torch.load(ranks[0]["reward_whole"], weights_only=True)  # written by rank 0, read with no process group
+    state = saved["state_dict"]
+    moments = saved["optimizer_states"][0]["state"]  # a gathered optimizer state is keyed by module position
+    assert state["model.lm_scale"].shape == ()  # the usual scalar
+    weights = torch.cat([v.flatten() for v in state.values()])
+    exp_avg = torch.cat([moments[i]["exp_avg"].flatten() for i in range(len(state))])
     for got in ranks:
         resumed = got["reward_resumed"]
-        assert resumed["shapes"] == {"exp_avg": (1,), "exp_avg_sq": (1,), "step": ()} and resumed["steps"] == 2
-        # the file's values, broadcast and split: exact
-        assert torch.equal(resumed["lm_scale"], state["model.lm_scale"].reshape(1))
-        assert torch.equal(resumed["exp_avg"], saved["exp_avg"].reshape(1))
+        assert resumed["scale_type"] == "Parameter" and resumed["scale_moments"] == {"exp_avg": (), "exp_avg_sq": (), "step": ()}
+        assert resumed["steps"] == 2  # the next AdamW step ran on the restored state
+        # the file's values, broadcast and split into the shards: exact
+        assert torch.equal(resumed["weights"], weights) and torch.equal(resumed["exp_avg"], exp_avg)
 
 
 def test_two_process_sharded_dpo_step_equals_one_process_step_and_the_reference_is_its_own_root(single_and_ranks):

@@ -1,9 +1,9 @@
 """Reward modelling: a Bradley-Terry loss on preference pairs, `-log sigmoid(r_chosen - r_rejected)`.
 
 Sharded (`strategy.ShardedStrategy`): the reward model (its backbone's blocks, then the whole model with the score
-head, the LM head and the likelihood feature's scale) is one trained root (`StageModule.configure_model`). FSDP2
-shards dim 0 and refuses a scalar parameter, so the feature's scale `lm_scale` is a (1,) parameter while sharded
-(it broadcasts the same); a whole checkpoint stores it, and its optimizer state, as the usual scalar.
+head and the LM head) is one trained root (`StageModule.configure_model`); the likelihood feature's 0-dim `lm_scale`
+stays whole on every rank (`sharding.shard_model`). The training step reads `score_and_logprobs`, registered as a
+forward of the sharded root.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from typing import Any
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import CatMetric, MeanMetric
@@ -55,18 +54,6 @@ def binary_auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     ranks = block_rank[inverse]  # (N,)
     u = float(ranks[positive].sum()) - n_pos * (n_pos + 1) / 2
     return u / (n_pos * n_neg)
-
-
-def _scale_into_shards(model: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-    """Load a whole checkpoint's scalar `lm_scale` into the (1,) sharded parameter (`RewardModule.configure_model`):
-    a sharded run resumed from one file (`save_distributed_checkpoint: false`) receives the full value on every rank."""
-    key = prefix + "lm_scale"
-    value, param = state_dict.get(key), model.lm_scale
-    if type(value) is torch.Tensor and value.dim() == 0 and hasattr(param, "device_mesh"):
-        from torch.distributed.tensor import distribute_tensor
-
-        # every rank holds the whole value: each takes its shard of it, no communication
-        state_dict[key] = distribute_tensor(value.reshape(1).to(param.device), param.device_mesh, param.placements, src_data_rank=None)
 
 
 class RewardModule(StageModule):
@@ -244,38 +231,17 @@ class RewardModule(StageModule):
             metric.reset()
 
     def configure_model(self) -> None:
-        """Sharded: the likelihood feature's scalar scale becomes a (1,) parameter (FSDP2 refuses scalars), then the
-        reward model is sharded (`StageModule.configure_model`); a model with no block (mean_embedding) is refused.
-        The training step calls `score_and_logprobs`, not `forward`: it is registered as a forward of the sharded
-        root, so the root's weights (embeddings, heads) are gathered before it and freed after."""
-        model = self.model
-        if self.device_mesh is None:
-            return
-        if model.lm_feature and model.lm_scale.dim() == 0:
-            model.lm_scale = nn.Parameter(model.lm_scale.detach().reshape(1), requires_grad=model.lm_scale.requires_grad)
-            model.register_load_state_dict_pre_hook(_scale_into_shards)  # a whole checkpoint's scalar, resumed sharded
+        """Sharded (`StageModule.configure_model`; a model with no block, mean_embedding, is refused), then
+        `score_and_logprobs`, which the training step calls instead of `forward`, registered as a forward of the
+        sharded root: the root's own weights (embeddings, heads) are gathered before it and freed after."""
         super().configure_model()
-        from torch.distributed.fsdp import register_fsdp_forward_method
+        if is_sharded(self.model) and "score_and_logprobs" not in vars(self.model):  # not yet registered
+            from torch.distributed.fsdp import register_fsdp_forward_method
 
-        register_fsdp_forward_method(model, "score_and_logprobs")
+            register_fsdp_forward_method(self.model, "score_and_logprobs")
 
     def configure_optimizers(self):
-        config = adamw_warmup_cosine(self.optim_cfg, self.model, self.trainer.estimated_stepping_batches)
-        if is_sharded(self.model) and self.model.lm_feature:
-            config["optimizer"].register_load_state_dict_post_hook(self._moments_into_shards)
-        return config
-
-    def _moments_into_shards(self, optimizer: torch.optim.Optimizer) -> None:
-        """After a whole checkpoint's optimizer state is loaded into a sharded run: `lm_scale`'s AdamW moments, stored
-        as scalars (`_scalar_scale`), become shards of the (1,) parameter (each rank holds the whole value)."""
-        from torch.distributed.tensor import distribute_tensor
-
-        param = self.model.lm_scale
-        moments = optimizer.state.get(param, {})
-        for name, value in moments.items():
-            if name != "step" and isinstance(value, torch.Tensor) and value.dim() == 0:
-                whole = value.full_tensor() if hasattr(value, "full_tensor") else value  # replicated: no communication
-                moments[name] = distribute_tensor(whole.reshape(1).to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+        return adamw_warmup_cosine(self.optim_cfg, self.model, self.trainer.estimated_stepping_batches)
 
     def checkpoint_meta(self) -> dict[str, Any]:
         return {
@@ -288,30 +254,12 @@ class RewardModule(StageModule):
         }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._scalar_scale(checkpoint)
         super().on_save_checkpoint(checkpoint)  # `rlhf` metadata; the adapters alone under LoRA
         if self.lora is not None:
             return
         # Self-describing: `load_from_checkpoint` rebuilds from the resolved model and tokenizer above and
         # never needs the SFT file again (its weights are in the state dict).
         checkpoint["hyper_parameters"] = {**checkpoint.get("hyper_parameters", {}), "sft_ckpt": None, "init_from_sft": False}
-
-    def _scalar_scale(self, checkpoint: dict[str, Any]) -> None:
-        """A whole checkpoint of a sharded run (gathered on rank 0) holds `lm_scale` and its AdamW moments as (1,)
-        tensors (see `configure_model`): store them as the scalars a reward checkpoint always holds. A folder of
-        shards keeps them as they are (a sharded run of the same shape resumes it)."""
-        key = "model.lm_scale"
-        value = checkpoint.get("state_dict", {}).get(key)
-        if value is None or type(value) is not torch.Tensor or value.shape != (1,):  # DTensor shards, or already ()
-            return
-        checkpoint["state_dict"][key] = value.reshape(())
-        # a gathered optimizer state is keyed by the parameter's position in the module (Lightning re-keys it so)
-        index = [name for name, _ in self.named_parameters()].index(key)
-        for optimizer in checkpoint.get("optimizer_states", []):
-            moments = optimizer.get("state", {}).get(index, {})
-            for name, tensor in moments.items():
-                if isinstance(tensor, torch.Tensor) and tensor.shape == (1,):
-                    moments[name] = tensor.reshape(())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get("rlhf", {})
