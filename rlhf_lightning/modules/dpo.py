@@ -116,15 +116,6 @@ def sequence_logps(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.T
     return masked_sum(logprobs, mask, dim=-1), mask.sum(-1).to(logprobs.dtype)  # (R,), (R,)
 
 
-def _rank_zero_value(value: float, device: torch.device) -> float:
-    """Rank 0's `value` on every rank (a collective; `device`: where the process group's backend communicates)."""
-    import torch.distributed as dist
-
-    t = torch.tensor(value, dtype=torch.float64, device=device)
-    dist.broadcast(t, src=0)
-    return float(t)
-
-
 class WithReferenceLogps(Dataset):
     """A pair dataset whose batches also carry the reference's precomputed sums: `ref_chosen`, `ref_rejected` (B,)."""
 
@@ -530,7 +521,7 @@ class DPOModule(StageModule):
         """Keep a CPU copy of the trained weights when `accuracy` on `val` is at least the best so far."""
         if self.eval_cfg.keep_best:
             if in_lockstep(self.model):  # keeping gathers the shards (a collective): every rank decides as rank 0
-                accuracy = _rank_zero_value(accuracy, self.device)
+                accuracy = self.trainer.strategy.broadcast(accuracy, src=0)
             self.keep_if_best({"step": self.global_step}, accuracy)
 
     def finalize_policy(self) -> None:
