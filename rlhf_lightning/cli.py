@@ -300,8 +300,12 @@ def lightning_cli(args: list[str] | None = None, run: bool = True, cli_class: ty
             return trainer
 
         def before_fit(self) -> None:
-            from rlhf_lightning.callbacks import StageLog
+            from lightning.pytorch.strategies import ModelParallelStrategy
 
+            from rlhf_lightning.callbacks import StageLog
+            from rlhf_lightning.models.hf import check_rank0_loading
+
+            check_rank0_loading(self.model, sharded=isinstance(self.trainer.strategy, ModelParallelStrategy))
             check_output_paths(self.trainer)
             self.trainer.callbacks.append(StageLog())
             self.trainer.callbacks.append(_discard_new_run_on_bad_input(self.trainer))

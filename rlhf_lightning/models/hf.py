@@ -14,6 +14,11 @@ the reward model reads it at the last real token (from the mask, never from `ids
 
 Nothing is downloaded: every folder is opened with `local_files_only=True`. transformers is imported on
 first use, so the rest of the package works without the extra.
+
+Sharded runs (`strategy.ShardedStrategy`) may read a folder on rank 0 only (`load_on_rank0: true`): the other ranks
+build the model on the meta device, which holds no memory, and after sharding receive rank 0's weights, broadcast
+tensor by tensor into their shards (`receive_rank0_weights`), and its buffers (rotary `inv_freq`, which no
+checkpoint holds).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from rlhf_lightning.hf_files import import_transformers, local_folder
 from rlhf_lightning.models.gpt import positions_from_mask
 from rlhf_lightning.options import ConfigError
 
-__all__ = ["HFBackbone", "HFCache", "HFCausalLM", "HFConfig"]
+__all__ = ["HFBackbone", "HFCache", "HFCausalLM", "HFConfig", "check_rank0_loading", "full_state_for_broadcast", "receive_rank0_weights"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -63,6 +68,10 @@ class HFConfig:
     static_cache: bool = True
     """Generate on transformers' preallocated `StaticCache` (needed by a captured decode step); false: the
     `DynamicCache`, which grows per token, for architectures without static-cache support."""
+    load_on_rank0: bool = False
+    """Under the sharded strategy, only rank 0 reads the folder's weights: every other process builds the model on
+    the meta device (no memory) and receives rank 0's weights as they are sharded, then its buffers. The process's
+    rank is Lightning's (`RANK`, `LOCAL_RANK` or `SLURM_PROCID`); with one process it changes nothing."""
     block_size: int = field(default=0, init=False)
     """Context length, read from the folder's config (`n_positions` or `max_position_embeddings`)."""
     vocab_size: int = field(default=0, init=False)
@@ -138,9 +147,15 @@ class HFCausalLM(nn.Module):
         transformers = import_transformers()
         config.path = local_folder(config.path)
         self.config = config
-        self.lm = transformers.AutoModelForCausalLM.from_pretrained(
-            config.path, local_files_only=True, dtype=_torch_dtype(config.dtype)
-        )
+        if config.load_on_rank0 and _process_rank() > 0:  # the weights come from rank 0 once sharded
+            hf_config = transformers.AutoConfig.from_pretrained(config.path, local_files_only=True)
+            with torch.device("meta"):
+                self.lm = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=_torch_dtype(config.dtype))
+            self.lm.eval()  # as from_pretrained leaves it (dropout off until a Trainer sets training mode)
+        else:
+            self.lm = transformers.AutoModelForCausalLM.from_pretrained(
+                config.path, local_files_only=True, dtype=_torch_dtype(config.dtype)
+            )
         config.block_size = _context_length(self.lm.config)
         config.vocab_size = self.lm.get_input_embeddings().num_embeddings
         if config.gradient_checkpointing:
@@ -195,6 +210,54 @@ class HFCausalLM(nn.Module):
                 logits_to_keep=logits_to_keep, **{self._cache_arg: cache.inner},
             )
         return out.logits  # (B, T, V)
+
+
+def _process_rank() -> int:
+    """This process's global rank as the launcher set it (Lightning's reading of RANK, LOCAL_RANK, SLURM_PROCID);
+    0 without one."""
+    from lightning.fabric.utilities.rank_zero import _get_rank
+
+    return _get_rank() or 0
+
+
+def _loads_on_rank0(root: nn.Module) -> bool:
+    return any(isinstance(m, HFCausalLM) and m.config.load_on_rank0 for m in root.modules())
+
+
+def check_rank0_loading(module: nn.Module, sharded: bool) -> None:
+    """Refuse a model this process built on the meta device (`load_on_rank0` on a rank above 0) when the strategy
+    will not shard it, so no broadcast will fill it."""
+    if not sharded and any(p.is_meta for p in module.parameters()):
+        raise ConfigError(
+            "model.init_args.model.load_on_rank0: true needs the sharded strategy "
+            "(--trainer.strategy=rlhf_lightning.strategy.ShardedStrategy): this process has no weights of its own"
+        )
+
+
+def full_state_for_broadcast(root: nn.Module) -> dict[str, torch.Tensor] | None:
+    """Before `root` is sharded: its whole state dict on rank 0 when it holds an `HFCausalLM` with `load_on_rank0`
+    (references to the loaded tensors, no copy), {} on the other ranks; None when nothing loads on rank 0."""
+    if not _loads_on_rank0(root):
+        return None
+    import torch.distributed as dist
+
+    return root.state_dict() if dist.get_rank() == 0 else {}
+
+
+def receive_rank0_weights(root: nn.Module, full_state: dict[str, torch.Tensor], device: torch.device) -> None:
+    """After `root` is sharded: the ranks that built it on the meta device allocate their shards on `device`, then
+    every rank takes rank 0's `full_state`, broadcast tensor by tensor and kept as each rank's shard
+    (`set_model_state_dict(..., full_state_dict=True, broadcast_from_rank0=True)`); buffers, which are not sharded
+    and not all in a state dict (a rotary `inv_freq` is non-persistent), are broadcast whole. A collective: every
+    rank calls it for the same roots in the same order."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if any(t.is_meta for t in (*root.parameters(), *root.buffers())):
+        root.to_empty(device=device)
+    set_model_state_dict(root, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for buffer in root.buffers():
+        dist.broadcast(buffer.data, src=0)
 
 
 def _is_sequence_classifier(hf_config: Any) -> bool:

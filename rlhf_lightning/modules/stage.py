@@ -71,18 +71,23 @@ class StageModule(L.LightningModule):
 
     def configure_model(self) -> None:
         """FSDP2 on `shardable_roots` and `frozen_roots` over the strategy's data-parallel mesh (Lightning's
-        `ModelParallelStrategy` sets `device_mesh`; None elsewhere: nothing to do). Applied once."""
+        `ModelParallelStrategy` sets `device_mesh`; None elsewhere: nothing to do). Applied once. A Hugging Face
+        model read on rank 0 only (`load_on_rank0`) gets rank 0's weights once sharded (`models.hf`)."""
         mesh = self.device_mesh
         if mesh is None:
             return
-        from rlhf_lightning.sharding import data_parallel_mesh, shard_model
+        from rlhf_lightning.models.hf import full_state_for_broadcast, receive_rank0_weights
+        from rlhf_lightning.sharding import data_parallel_mesh, is_sharded, shard_model
 
         policy = getattr(self.trainer.strategy, "sharding", None)  # `strategy.ShardedStrategy`'s; defaults otherwise
         mesh = data_parallel_mesh(mesh)
-        for name, root in self.shardable_roots().items():
-            shard_model(root, mesh, policy, role=name)
-        for name, root in self.frozen_roots().items():
-            shard_model(root, mesh, policy, frozen=True, role=name)
+        roots = [(name, root, False) for name, root in self.shardable_roots().items()]
+        roots += [(name, root, True) for name, root in self.frozen_roots().items()]
+        for name, root, frozen in roots:
+            full = None if is_sharded(root) else full_state_for_broadcast(root)  # rank 0's whole weights, before sharding
+            shard_model(root, mesh, policy, frozen=frozen, role=name)
+            if full is not None:
+                receive_rank0_weights(root, full, self.trainer.strategy.root_device)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         write_step_metrics(self)  # the loggers' part of this step's `log_step_metrics`
