@@ -60,7 +60,9 @@ class StratumWeightedSampler(ResumableRandomSampler):
 
     Each epoch's draw comes from a seed taken from torch's global RNG when the epoch's iteration starts (so
     ``seed_everything`` fixes every epoch). The epoch's ``seed`` and ``resume(seed, start)`` are the resumable
-    shuffle's: the next iteration continues that epoch's draw at index ``start``.
+    shuffle's: the next iteration continues that epoch's draw at index ``start``. Under several processes the
+    DataModule deals each epoch's draw (`epoch_order`, seeded by `seed + epoch` instead) to the ranks through a
+    `ResumableDistributedSampler`, which resumes the same way.
     """
 
     def __init__(self, weights: torch.Tensor) -> None:
