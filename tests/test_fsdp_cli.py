@@ -8,9 +8,12 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import CONFIGS
+
+pytestmark = pytest.mark.sharded  # two processes: `python -m pytest -m sharded` (the default run skips them)
 
 SHORT = [
     "--trainer.max_steps=2", "--trainer.limit_train_batches=2", "--trainer.enable_progress_bar=false", "--trainer.logger=false",

@@ -16,6 +16,8 @@ from test_fsdp_ranks import CLIP, LR, WORLD, flat, free_port, sft_batch
 from test_hf import VOCAB, save_char_tokenizer
 from tolerance import EPS32, grad_atol
 
+pytestmark = pytest.mark.sharded  # two processes: `python -m pytest -m sharded` (the default run skips them)
+
 transformers = pytest.importorskip("transformers", reason="needs the [hf] extra")
 
 

@@ -16,6 +16,7 @@ import os
 from datetime import timedelta
 from types import SimpleNamespace
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -33,6 +34,8 @@ from rlhf_lightning.rl.update import CriticUpdate, PPOConfig, clip_and_check, cr
 from rlhf_lightning.scoring import token_logprobs
 from test_fsdp_ranks import WORLD, flat
 from tolerance import EPS32, FORWARD_ATOL, RATIO_ATOL, grad_atol
+
+pytestmark = pytest.mark.sharded  # two processes: `python -m pytest -m sharded` (the default run skips them)
 
 MODEL = {"type": "gpt", "n_layer": 2, "n_head": 2, "n_embd": 16, "block_size": 24}
 K = 2  # samples per prompt: a group is 2 consecutive rows

@@ -7,6 +7,7 @@ import os
 import socket
 from datetime import timedelta
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -15,6 +16,8 @@ from rlhf_lightning.data.sft import collate_examples, encode_demonstration
 from rlhf_lightning.generation import generate
 from rlhf_lightning.modules.sft import SFTModule
 from tolerance import EPS32, FORWARD_ATOL, grad_atol
+
+pytestmark = pytest.mark.sharded  # two processes: `python -m pytest -m sharded` (the default run skips them)
 
 WORLD = 2
 MODEL = {"type": "gpt", "n_layer": 2, "n_head": 2, "n_embd": 16, "block_size": 24}

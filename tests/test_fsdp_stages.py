@@ -27,6 +27,8 @@ from test_fsdp_ranks import CLIP, LR, WORLD, flat, free_port
 from test_reward import easy_pairs
 from tolerance import EPS32, grad_atol
 
+pytestmark = pytest.mark.sharded  # two processes: `python -m pytest -m sharded` (the default run skips them)
+
 GPT = {"type": "gpt", "n_layer": 2, "n_head": 2, "n_embd": 16, "block_size": 24}
 # 8 pairs, rows [0, 4) to rank 0 and [4, 8) to rank 1. Each half holds a 17-token row (the longest), so both ranks
 # pad to the whole batch's width; the chosen completions (EOS included) are 4 + 3 + 3 + 3 = 13 tokens on rank 0 and
