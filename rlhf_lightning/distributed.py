@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["gather_rows", "max_over_ranks", "min_over_ranks", "rank", "sum_over_ranks", "world_size"]
+__all__ = ["gather_rows", "max_over_ranks", "min_over_ranks", "own_entry", "per_rank", "rank", "sum_over_ranks", "world_size"]
 
 
 def world_size() -> int:
@@ -19,6 +19,22 @@ def world_size() -> int:
 
 def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def per_rank(value: object) -> list[object]:
+    """Every rank's `value` (any picklable object), rank 0 first: what a checkpoint keeps of per-rank state (random
+    generators), so each rank resumes its own. A collective; `[value]` in one process."""
+    if world_size() == 1:
+        return [value]
+    out: list[object] = [None] * world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def own_entry(values: list[object] | None) -> object | None:
+    """This rank's entry of a `per_rank` list written by as many ranks; None when there is none (a checkpoint from
+    another number of processes, or from before per-rank state was kept)."""
+    return values[rank()] if isinstance(values, list) and len(values) == world_size() else None
 
 
 def gather_rows(t: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,8 @@ from conftest import CONFIGS
 from rlhf_lightning.data.base import ResumableDistributedSampler, ResumableRandomSampler
 from rlhf_lightning.data.stratum_weights import StratumWeightedSampler
 
+pytestmark = pytest.mark.sharded  # two processes: `python -m pytest -m sharded` (the default run skips them)
+
 # ---------------------------------------------------------------- the sampler
 
 
@@ -157,3 +159,41 @@ def test_killed_mid_epoch_and_resumed_ends_equal_to_an_uninterrupted_run(strateg
     finish(full)
     final = Path("checkpoints") / "toy" / "sft.ckpt"
     assert_same_final(tmp_path / "killed" / final, tmp_path / "full" / final)
+
+
+# ---------------------------------------------------------------- each rank's random generators
+
+
+def _rng_worker(rank: int, init_file: str, out_dir: str) -> None:
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from rlhf_lightning.callbacks import ResumeCheckpoint
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=timedelta(seconds=60))
+    try:
+        torch.manual_seed(10 + rank)  # ranks whose generators have parted ways
+        torch.rand(3 + rank)
+        trainer = SimpleNamespace(world_size=2, logger=None)
+        callback = ResumeCheckpoint(dirpath=out_dir)
+        checkpoint: dict = {}
+        callback.on_save_checkpoint(trainer, None, checkpoint)  # every rank in step, as trainer.save_checkpoint runs
+        saved = torch.get_rng_state()
+        written = [checkpoint]
+        dist.broadcast_object_list(written, src=0)  # the file holds what rank 0 wrote; every rank reads it
+        torch.manual_seed(99)
+        callback.on_load_checkpoint(trainer, None, written[0])
+        torch.save({"restored": torch.equal(torch.get_rng_state(), saved), "draw": torch.rand(4)}, os.path.join(out_dir, f"rng{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_each_rank_resumes_its_own_random_generator(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rng_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    got = [torch.load(tmp_path / f"rng{rank}.pt", weights_only=True) for rank in range(2)]
+    assert got[0]["restored"] and got[1]["restored"]
+    assert not torch.equal(got[0]["draw"], got[1]["draw"])  # rank 1 did not take rank 0's generator

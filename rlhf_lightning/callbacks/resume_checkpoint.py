@@ -17,6 +17,16 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from rlhf_lightning.callbacks.final_checkpoint import save_checkpoint_atomically
 from rlhf_lightning.callbacks.lightning_internals import as_written_after_the_step, uncount_step
 from rlhf_lightning.callbacks.signals import StopRequest, exit_status
+from rlhf_lightning.distributed import own_entry, per_rank
+
+
+def random_states() -> dict[str, Any]:
+    """This process's torch, Python and CUDA random generator states."""
+    return {
+        "torch_rng": torch.get_rng_state(),
+        "python_rng": random.getstate(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
 
 
 class ResumeCheckpoint(ModelCheckpoint):
@@ -61,12 +71,13 @@ class ResumeCheckpoint(ModelCheckpoint):
                 logger.after_save_checkpoint(proxy(self))
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        rngs = random_states()
         checkpoint["resume"] = {
-            "torch_rng": torch.get_rng_state(),
-            "python_rng": random.getstate(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            **rngs,  # rank 0's, as a one-process run reads them
             "logger_version": trainer.logger.version if trainer.logger is not None else None,
         }
+        if trainer.world_size > 1:  # ranks draw apart (dropout over rows of other lengths): each resumes its own
+            checkpoint["resume"]["per_rank_rng"] = per_rank(rngs)
         if self._after_step:
             as_written_after_the_step(checkpoint)  # written in the next batch's first hook: as of this step's end
             # Written after this step's validation and after Lightning counted the step for its loggers: a run
@@ -81,6 +92,7 @@ class ResumeCheckpoint(ModelCheckpoint):
         # or the next training step, as in the uninterrupted run.
         state = checkpoint.get("resume")
         if state:
+            state = own_entry(state.get("per_rank_rng")) or state  # this rank's (rank 0's in older checkpoints)
             torch.set_rng_state(state["torch_rng"])
             random.setstate(state["python_rng"])
             if state["cuda_rng"] and torch.cuda.is_available():

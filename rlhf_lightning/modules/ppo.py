@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from rlhf_lightning.callbacks import log_samples, log_step_metrics, logging_step
 from rlhf_lightning.checkpoints import CheckpointError, sha256_file
 from rlhf_lightning.data.prompts import move_batch
-from rlhf_lightning.distributed import rank
+from rlhf_lightning.distributed import own_entry, per_rank, rank, world_size
 from rlhf_lightning.kl_control import make_kl_controller
 from rlhf_lightning.lora import BaseOfAdapters
 from rlhf_lightning.models import enable_gradient_checkpointing
@@ -386,7 +386,10 @@ class PPOModule(StageModule):
     # ------------------------------------------------------------------ checkpoints
 
     def checkpoint_meta(self) -> dict[str, Any]:
+        generator = self.sampling_generator().get_state()
+        each_rank = {"sampling_generators": per_rank(generator)} if world_size() > 1 else {}  # a collective
         return {
+            **each_rank,
             "model": dict(self.policy_meta["model"]),
             "tokenizer": dict(self.policy_meta["tokenizer"]),
             "policy_ckpt": self.hparams.policy_ckpt,
@@ -395,7 +398,7 @@ class PPOModule(StageModule):
             "reward_sha256": self.scorer.sha256,
             "critic": self.critic_record,
             "kl_controller": self.kl_ctl.state_dict(),
-            "sampling_generator": self.sampling_generator().get_state(),
+            "sampling_generator": generator,  # this rank's: rank 0's in the file, as one process reads it
             "rollouts": self._rollouts,
             "eval_history": [dict(h) for h in self.eval_history],
             "skipped_updates": self._skipped_updates,
@@ -424,7 +427,8 @@ class PPOModule(StageModule):
         if "kl_controller" in meta:
             self.kl_ctl.load_state_dict(meta["kl_controller"])
         if "sampling_generator" in meta:
-            self._generator, self._generator_state = None, meta["sampling_generator"].cpu()
+            own = own_entry(meta.get("sampling_generators"))  # each rank its own (rank 0's before they were kept)
+            self._generator, self._generator_state = None, (meta["sampling_generator"] if own is None else own).cpu()
         self._rollouts = int(meta.get("rollouts", 0))
         self.eval_history = [dict(h) for h in meta.get("eval_history", [])]
         self._skipped_updates = int(meta.get("skipped_updates", 0))
