@@ -92,13 +92,15 @@ def test_a_folder_read_on_rank_0_reaches_every_rank_and_steps_as_one_process(tmp
         torch.testing.assert_close(got["weights"], weights, atol=LR * tol + EPS32 * float(weights.abs().max()), rtol=0)
 
 
-def test_load_on_rank0_without_the_sharded_strategy_is_refused_with_one_line(tmp_path, monkeypatch):
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_load_on_rank0_without_the_sharded_strategy_is_refused_with_one_line(rank, tmp_path, monkeypatch):
     from conftest import CONFIGS, QUIET
     from test_fsdp import run_main
 
     folder = save_tiny_llama(tmp_path / "llama")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("RANK", "1")  # as a second process of a launcher would see it: built on the meta device
+    # rank 0 (its weights read) refuses before it starts any other process; rank 1 (built on the meta device) alike
+    monkeypatch.setenv("RANK", rank)
     code, err = run_main([
         "fit", "--config", str(CONFIGS / "hf" / "sft.yaml"), *QUIET, "--trainer.logger=false", "--trainer.max_steps=1",
         f"--model.init_args.model={{type: hf, path: {folder}, load_on_rank0: true, static_cache: false}}",

@@ -225,9 +225,9 @@ def _loads_on_rank0(root: nn.Module) -> bool:
 
 
 def check_rank0_loading(module: nn.Module, sharded: bool) -> None:
-    """Refuse a model this process built on the meta device (`load_on_rank0` on a rank above 0) when the strategy
-    will not shard it, so no broadcast will fill it."""
-    if not sharded and any(p.is_meta for p in module.parameters()):
+    """Refuse `load_on_rank0` when the strategy will not shard the model, so no broadcast would fill the other ranks'
+    models; on every rank alike (rank 0 stops before it starts the other processes)."""
+    if not sharded and _loads_on_rank0(module):
         raise ConfigError(
             "model.init_args.model.load_on_rank0: true needs the sharded strategy "
             "(--trainer.strategy=rlhf_lightning.strategy.ShardedStrategy): this process has no weights of its own"
