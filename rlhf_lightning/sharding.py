@@ -132,6 +132,11 @@ def shard_model(root: nn.Module, mesh, policy: ShardingPolicy | None = None, *, 
         return True
     if frozen and sum(p.numel() for p in root.parameters()) < policy.replicate_frozen_below:
         return False
+    if policy.cpu_offload and mesh.device_type == "cpu":
+        raise ConfigError(
+            f"{STRATEGY}cpu_offload: true keeps a GPU's shards, gradients and optimizer state in CPU memory; this run "
+            "is on the CPU already (--trainer.accelerator=gpu, or cpu_offload: false)"
+        )
     blocks = blocks_of(root)
     if not blocks:
         raise ConfigError(

@@ -19,6 +19,7 @@ from rlhf_lightning.modules.sft import SFTModule
 from rlhf_lightning.options import ConfigError
 from rlhf_lightning.policy import load_policy
 from rlhf_lightning.sharding import ShardingPolicy, blocks_of, shard_model
+from test_fsdp_ranks import free_port
 
 MODEL = {"type": "gpt", "n_layer": 2, "n_head": 2, "n_embd": 16, "block_size": 24}
 
@@ -143,3 +144,21 @@ def test_bad_sharded_strategy_options_are_refused_with_one_line(options, message
     with pytest.raises(ConfigError) as err:
         ShardedStrategy(**options)
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_cpu_offload_on_the_cpu_is_refused_with_one_line(monkeypatch):
+    """FSDP2's CPU offload pins host memory for a GPU; on a CPU run torch fails with an unrelated message."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        model = build_model(MODEL)
+        with pytest.raises(ConfigError) as err:
+            shard_model(model, init_device_mesh("cpu", (1,)), ShardingPolicy(cpu_offload=True))
+        assert str(err.value).startswith("trainer.strategy.init_args.cpu_offload: true keeps a GPU's shards")
+        assert "\n" not in str(err.value) and not any(type(p).__name__ == "DTensor" for p in model.parameters())
+    finally:
+        dist.destroy_process_group()
