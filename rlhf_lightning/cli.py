@@ -365,8 +365,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(sys.argv[1:] if argv is None else argv)
     except _bad_input_errors() as err:
-        print(f"rlhf: error: {err}", file=sys.stderr)
+        if not _reported_by_rank_0(err):
+            print(f"rlhf: error: {err}", file=sys.stderr)
         return 2
+
+
+def _reported_by_rank_0(err: BaseException) -> bool:
+    """An option's error on a process a launcher started beside rank 0 (every rank parses the same options, so every
+    rank refuses alike): rank 0 prints it, once. Data and checkpoint errors print on every rank that meets them."""
+    from lightning.fabric.utilities.rank_zero import _get_rank
+
+    from rlhf_lightning.options import ConfigError
+
+    return isinstance(err, ConfigError) and (_get_rank() or 0) > 0
 
 
 def _dispatch(argv: list[str]) -> int:

@@ -56,3 +56,12 @@ def test_sharded_sft_from_the_cli_writes_shards_a_whole_final_checkpoint_and_res
     assert other.returncode == 2, other.stderr[-3000:]
     error = [line for line in other.stderr.splitlines() if line.startswith("rlhf: error:")]
     assert len(error) == 1 and "holds the shards of 2 ranks and this run has 1" in error[0], other.stderr[-3000:]
+
+
+def test_a_model_with_no_block_is_refused_with_one_line_from_two_processes(tmp_path):
+    """Refused in `configure_model`, after the second process has started: each rank refuses, rank 0 alone prints."""
+    done = rlhf(["fit", "--config", str(CONFIGS / "toy" / "sft_fsdp.yaml"), *SHORT, "--model.init_args.model={type: bigram}"], tmp_path)
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = [line for line in done.stderr.splitlines() if line.startswith("rlhf: error:")]
+    assert len(lines) == 1 and "model (BigramLM) has no transformer block to shard" in lines[0], done.stderr[-3000:]
+    assert not (tmp_path / "checkpoints").exists()

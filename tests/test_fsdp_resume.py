@@ -197,3 +197,50 @@ def test_each_rank_resumes_its_own_random_generator(tmp_path):
     got = [torch.load(tmp_path / f"rng{rank}.pt", weights_only=True) for rank in range(2)]
     assert got[0]["restored"] and got[1]["restored"]
     assert not torch.equal(got[0]["draw"], got[1]["draw"])  # rank 1 did not take rank 0's generator
+
+
+# ---------------------------------------------------------------- PPO, sharded, killed and resumed
+
+ROLLOUTS = 4
+
+
+def test_sharded_ppo_killed_after_a_rollout_and_resumed_ends_equal_to_an_uninterrupted_run(tmp_path):
+    """Each rank's prompts, its own sampling generator and the sharded weights and AdamW state continue exactly."""
+    import json
+    import shutil
+
+    from conftest import run_cli
+    from test_fsdp_ppo import SHORT_PPO, TINY_REWARD, TINY_SFT
+
+    base = tmp_path / "base"
+    base.mkdir()
+    run_cli([str(CONFIGS / "toy" / "sft.yaml") if a == "SFT" else a for a in TINY_SFT], base)
+    with open(base / "prefs.jsonl", "w") as f:
+        for a in range(8):
+            f.write(json.dumps({"prompt": f"Q: {a}+1=\nA:", "chosen": str(a + 1), "rejected": str(a + 2)}) + "\n")
+    run_cli([str(CONFIGS / "toy" / "reward.yaml") if a == "REWARD" else a for a in TINY_REWARD], base)
+    config = tmp_path / "ppo_fsdp.yaml"  # last.ckpt after every rollout (4 optimizer steps)
+    config.write_text((CONFIGS / "toy" / "ppo_fsdp.yaml").read_text().replace("every_n_train_steps: 20 ", "every_n_train_steps: 4 "))
+    args = [*SHORT_PPO, f"--trainer.limit_train_batches={ROLLOUTS}", "--model.init_args.eval.keep_best=false",
+            "--model.init_args.rollout.temperature=1.5"]  # sampled answers differ: a rank given another generator would show
+    for name in ("full", "killed"):
+        shutil.copytree(base / "checkpoints", tmp_path / name / "checkpoints")
+
+    def ppo(cwd: Path, *extra: str) -> subprocess.Popen:
+        env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+        return subprocess.Popen(["rlhf", "fit", "--config", str(config), *args, *extra], cwd=cwd, env=env, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    full = ppo(tmp_path / "full")
+    last = tmp_path / "killed" / "checkpoints" / "toy" / "ppo_fsdp" / "last.ckpt"
+    kill_after_next_checkpoint(ppo(tmp_path / "killed"), last)
+    meta = torch.load(last / "meta.pt", weights_only=True)
+    assert 0 < meta["rlhf"]["rollouts"] < ROLLOUTS and len(meta["rlhf"]["sampling_generators"]) == 2
+    finish(ppo(tmp_path / "killed", "--ckpt_path=last"))
+    finish(full)
+    final = Path("checkpoints") / "toy" / "ppo.ckpt"
+    first, second = torch.load(tmp_path / "full" / final, weights_only=True), torch.load(tmp_path / "killed" / final, weights_only=True)
+    assert first["rlhf"]["rollouts"] == second["rlhf"]["rollouts"] == ROLLOUTS
+    different = [k for k, v in first["state_dict"].items() if not torch.equal(v, second["state_dict"][k])]
+    assert not different, different[:5]
+    assert [h["eval/accuracy"] for h in first["rlhf"]["eval_history"]] == [h["eval/accuracy"] for h in second["rlhf"]["eval_history"]]
