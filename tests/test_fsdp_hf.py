@@ -87,7 +87,7 @@ def test_a_folder_read_on_rank_0_reaches_every_rank_and_steps_as_one_process(tmp
         assert torch.equal(got["start"], want_start)  # broadcast and kept as shards: exact
         assert len(got["inv_freq"]) == len(want_inv_freq) and all(torch.equal(a, b) for a, b in zip(got["inv_freq"], want_inv_freq))
         # the ranks' token sums over 4 rows each, averaged by FSDP2's reduce-scatter, against one pass over 8 rows
-        tol = grad_atol(grad, terms=8 * WORLD)
+        tol = grad_atol(grad, terms=8 * 24 * WORLD)  # every position (at most the 24 of the context) of every row
         torch.testing.assert_close(got["grad"], grad, atol=tol, rtol=0)
         torch.testing.assert_close(got["weights"], weights, atol=LR * tol + EPS32 * float(weights.abs().max()), rtol=0)
 

@@ -38,6 +38,7 @@ PAIRS = [("Q: 99+99=\nA:", "198", "19"), ("Q: 50-25=\nA:", "25", "2"), ("Q: 31+6
          ("Q: 12+7=\nA:", "19", "91"), ("Q: 99+98=\nA:", "197", "1"), ("Q: 3+4=\nA:", "7", "8"),
          ("Q: 8-8=\nA:", "0", "00"), ("Q: 2-1=\nA:", "1", "11")]
 ROWS = 2 * len(PAIRS)  # chosen and rejected: the rows one process runs in one forward
+WIDTH = 17  # tokens of the longest row, which every row pads to (above)
 
 
 class OneSGDStep:
@@ -96,7 +97,9 @@ def make_dpo(sft_ckpt: str) -> DPOStep:
 
 def single_process_step(module) -> tuple[torch.Tensor, torch.Tensor]:
     """(gradient, weights after one clipped SGD step) of `training_step` on all 8 pairs in one process."""
-    module.training_step(pair_batch(module, slice(None)), 0).backward()
+    batch = pair_batch(module, slice(None))
+    assert batch["input_ids"].shape == (ROWS, WIDTH)
+    module.training_step(batch, 0).backward()
     params = list(module.model.parameters())
     grad = flat([p.grad for p in params])
     assert float(grad.norm()) > CLIP  # the clipping is active (over DTensor gradients when sharded)
@@ -199,9 +202,11 @@ def single_and_ranks(tmp_path_factory) -> tuple[dict, list[dict], DPOModule]:
 
 def assert_same_step(got: dict, want: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
     grad, weights = want
-    # each gradient entry sums a contribution from each of the 16 rows; two ranks' sums over 8 rows each, averaged by
-    # FSDP2's reduce-scatter, against one pass over the 16: the reordered-sum bound (tolerance.grad_atol)
-    tol = grad_atol(grad, terms=ROWS * WORLD)
+    # a weight's gradient entry sums a contribution from every position of each of the 16 rows; two ranks' sums over 8
+    # rows each, averaged by FSDP2's reduce-scatter, against one pass over the 16: the reordered-sum bound
+    # (tolerance.grad_atol) over every position's term (a bound over the rows alone was exceeded 3x by 16 of 7,666
+    # entries in one run: the terms of an entry cancel, so their magnitudes sum past the largest entry)
+    tol = grad_atol(grad, terms=ROWS * WIDTH * WORLD)
     torch.testing.assert_close(got["grad"], grad, atol=tol, rtol=0, msg=lambda m: f"{stage}: {m}")
     # one clipped SGD step: the gradient's bound times lr (the clip factor is <= 1 and CLIP far below the norm, so
     # the factor's own rounding moves a weight far less), plus one rounding of a weight
