@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ import yaml
 from torch.utils.data import DistributedSampler
 
 from conftest import CONFIGS
+from test_resume import kill_after_next_checkpoint
 from rlhf_lightning.data.base import ResumableDistributedSampler, ResumableRandomSampler
 from rlhf_lightning.data.stratum_weights import StratumWeightedSampler
 
@@ -113,20 +113,6 @@ def finish(proc: subprocess.Popen) -> None:
     assert proc.returncode == 0, err[-3000:]
 
 
-def identity(path: Path) -> tuple[int, int] | None:
-    """Changes when a new folder (or file) is renamed onto `path`."""
-    return (path.stat().st_ino, path.stat().st_mtime_ns) if path.exists() else None
-
-
-def kill_after_next_checkpoint(proc: subprocess.Popen, last: Path) -> None:
-    """SIGKILL both ranks somewhere in the steps after the next last.ckpt lands."""
-    before, deadline = identity(last), time.monotonic() + 240
-    while identity(last) == before and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, proc.stderr.read()[-2000:]
-
-
 def train_order(last: Path) -> dict:
     """The training order a last.ckpt (folder of shards or single file) recorded."""
     meta = torch.load(last / "meta.pt" if last.is_dir() else last, weights_only=True)
@@ -150,7 +136,7 @@ def test_killed_mid_epoch_and_resumed_ends_equal_to_an_uninterrupted_run(strateg
         (tmp_path / name).mkdir()
     full = start(config, tmp_path / "full")  # the two runs side by side: one launch's start-up time, not two
     last = tmp_path / "killed" / "checkpoints" / "toy" / "sft_fsdp" / "last.ckpt"
-    kill_after_next_checkpoint(start(config, tmp_path / "killed"), last)
+    kill_after_next_checkpoint(start(config, tmp_path / "killed"), last, group=True)
     assert last.is_dir() == (strategy == "sharded")
     order = train_order(last)  # None at an epoch's end: this one was written mid-epoch, the resume continues inside it
     assert order["ranks"] == 2 and order["batches"] > 0
@@ -233,7 +219,7 @@ def test_sharded_ppo_killed_after_a_rollout_and_resumed_ends_equal_to_an_uninter
 
     full = ppo(tmp_path / "full")
     last = tmp_path / "killed" / "checkpoints" / "toy" / "ppo_fsdp" / "last.ckpt"
-    kill_after_next_checkpoint(ppo(tmp_path / "killed"), last)
+    kill_after_next_checkpoint(ppo(tmp_path / "killed"), last, group=True)
     meta = torch.load(last / "meta.pt", weights_only=True)
     assert 0 < meta["rlhf"]["rollouts"] < ROLLOUTS and len(meta["rlhf"]["sampling_generators"]) == 2
     finish(ppo(tmp_path / "killed", "--ckpt_path=last"))

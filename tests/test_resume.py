@@ -78,16 +78,20 @@ def start(config: Path, cwd: Path, *args: str, fault: str | None = None) -> subp
 
 
 def identity(path: Path) -> tuple[int, int] | None:
-    """Changes when a new file is renamed onto `path`."""
+    """Changes when a new file (or folder) is renamed onto `path`."""
     return (path.stat().st_ino, path.stat().st_mtime_ns) if path.exists() else None
 
 
-def kill_after_next_checkpoint(proc: subprocess.Popen, last: Path) -> None:
-    """SIGKILL somewhere in the steps after the next last.ckpt lands (a point in the middle of training)."""
+def kill_after_next_checkpoint(proc: subprocess.Popen, last: Path, group: bool = False) -> None:
+    """SIGKILL somewhere in the steps after the next last.ckpt lands (a point in the middle of training); `group`:
+    the whole process group `proc` leads (a run's other ranks too; start it with `start_new_session=True`)."""
     before, deadline = identity(last), time.monotonic() + 240
     while identity(last) == before and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
+    if group:
+        os.killpg(proc.pid, signal.SIGKILL)
+    else:
+        proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, proc.stderr.read()[-2000:]
 
 
