@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["gather_rows", "max_over_ranks", "min_over_ranks", "own_entry", "per_rank", "rank", "sum_over_ranks", "world_size"]
+__all__ = ["gather_rows", "gather_uneven_rows", "max_over_ranks", "min_over_ranks", "own_entry", "per_rank", "rank", "sum_over_ranks", "world_size"]
 
 
 def world_size() -> int:
@@ -44,6 +44,20 @@ def gather_rows(t: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(t) for _ in range(world_size())]
     dist.all_gather(parts, t.contiguous())
     return torch.cat(parts)
+
+
+def gather_uneven_rows(t: torch.Tensor) -> tuple[torch.Tensor, slice]:
+    """(every rank's rows of `t` concatenated, rank 0 first; this rank's slice of them), whatever each rank's number
+    of rows (dynamic sampling keeps each rank's informative groups): padded to the most for the all-gather, cut back
+    after. `t` itself and all of it in one process."""
+    if world_size() == 1:
+        return t, slice(0, t.size(0))
+    sizes = gather_rows(torch.tensor([t.size(0)], device=t.device)).tolist()  # (W,)
+    most = max(sizes)
+    padded = torch.cat([t, t.new_zeros(most - t.size(0), *t.shape[1:])])  # (most, ...)
+    parts = gather_rows(padded).split(most)  # W x (most, ...)
+    start = sum(sizes[: rank()])
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)]), slice(start, start + t.size(0))
 
 
 def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from rlhf_lightning.callbacks import log_samples, log_step_metrics, logging_step
 from rlhf_lightning.checkpoints import CheckpointError, sha256_file
 from rlhf_lightning.data.prompts import move_batch
-from rlhf_lightning.distributed import own_entry, per_rank, rank, world_size
+from rlhf_lightning.distributed import gather_uneven_rows, own_entry, per_rank, rank, world_size
 from rlhf_lightning.kl_control import make_kl_controller
 from rlhf_lightning.lora import BaseOfAdapters
 from rlhf_lightning.models import enable_gradient_checkpointing
@@ -45,7 +45,6 @@ from rlhf_lightning.optim import adamw, warmup_cosine
 from rlhf_lightning.options import ConfigError, check_choice, check_lora
 from rlhf_lightning.policy import base_record, context_length, load_policy
 from rlhf_lightning.rewards import Scorer
-from rlhf_lightning.rl.ranks import gather_uneven_rows
 from rlhf_lightning.rl.rollout import Drawn, Rollout, RolloutCollector, Samples, global_advantages, informative_groups, rollout_metrics
 from rlhf_lightning.rl.critic import build_critic, critic_metrics, read_values_as_forward
 from rlhf_lightning.rl.update import CriticUpdate, PPOConfig, clip_and_check, minibatch_loss, ppo_update

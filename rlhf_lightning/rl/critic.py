@@ -17,14 +17,13 @@ import torch
 import torch.nn as nn
 
 from rlhf_lightning.checkpoints import sha256_file
-from rlhf_lightning.distributed import max_over_ranks
+from rlhf_lightning.distributed import gather_uneven_rows, max_over_ranks
 from rlhf_lightning.lora import add_reward_adapters, lora_settings, require_peft
 from rlhf_lightning.losses import explained_variance, gae, logprobs_from_logits, masked_mean, masked_whiten, token_level_rewards
 from rlhf_lightning.models.reward import RewardModel
 from rlhf_lightning.option_groups import CriticConfig
 from rlhf_lightning.options import MODEL, ConfigError
 from rlhf_lightning.padding import pad_columns
-from rlhf_lightning.rl.ranks import gather_uneven_rows
 from rlhf_lightning.scoring import load_reward_model
 from rlhf_lightning.tokenizer import Tokenizer
 

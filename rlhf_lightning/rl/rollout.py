@@ -14,19 +14,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from rlhf_lightning.distributed import gather_rows, max_over_ranks, sum_over_ranks
+from rlhf_lightning.distributed import gather_rows, gather_uneven_rows, max_over_ranks, sum_over_ranks
 from rlhf_lightning.generation import Generation
 from rlhf_lightning.losses import compute_advantages, kl_in_reward, kl_penalty, masked_sum, rollout_is_weights
 from rlhf_lightning.option_groups import CriticConfig, KLConfig, RolloutConfig
 from rlhf_lightning.padding import pad_columns
 from rlhf_lightning.completions import complete
 from rlhf_lightning.rl.critic import completion_values, critic_advantages
-from rlhf_lightning.rl.ranks import gather_uneven_rows
 from rlhf_lightning.scoring import token_logprobs
 from rlhf_lightning.sharding import in_lockstep
 from rlhf_lightning.tokenizer import Tokenizer
 
-__all__ = ["Drawn", "Rollout", "RolloutCollector", "Samples", "gather_uneven_rows", "global_advantages", "informative_groups", "row_slices"]
+__all__ = ["Drawn", "Rollout", "RolloutCollector", "Samples", "global_advantages", "informative_groups", "row_slices"]
 
 #: (prompts, completions, EOS flags (B,), gold answers) -> rewards (B,), validated, penalties included
 ScoreFn = Callable[[list[str], list[str], torch.Tensor, list[str | None]], torch.Tensor]
